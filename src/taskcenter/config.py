@@ -1,0 +1,199 @@
+"""Settings, loaded once at the edge from ``taskcenter.toml`` and ``TASKCENTER_*`` variables (env wins)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.errors import ValidationError
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+class Settings(BaseSettings):
+    """Every setting taskcenter reads. Limits and host policies live in the database instead."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TASKCENTER_", toml_file="taskcenter.toml", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite:///taskcenter.db"
+    """SQLAlchemy URL: ``sqlite:///file.db`` (embedded) or ``postgresql://user@host/db`` (cluster)."""
+    operator_key: SecretStr | None = None
+    """Bootstrap operator key for the operator endpoints and CLI."""
+    secret_key: SecretStr | None = None
+    """Comma-separated Fernet keys (newest first) that encrypt sensitive headers at rest."""
+    host: str = "127.0.0.1"
+    """Address ``serve`` listens on."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port ``serve`` listens on."""
+    concurrency: int = Field(default=100, ge=1, le=10_000)
+    """Requests in flight per dispatcher process."""
+    claim_batch: int = Field(default=100, ge=1, le=5000)
+    """Most tasks claimed in one statement."""
+    poll_interval_s: float = Field(default=5.0, gt=0, le=300)
+    """Longest sleep between looks at the queue when no wake-up arrives."""
+    lease_margin_s: float = Field(default=30.0, ge=1, le=3600)
+    """A claim's lease lasts the task's timeout plus this margin."""
+    rescue_interval_s: float = Field(default=2.0, gt=0, le=300)
+    """How often expired leases are looked for."""
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
+    """On SIGTERM/SIGINT, how long in-flight requests may finish before the rest is released."""
+    max_response_bytes: int = Field(default=65536, ge=0, le=1 << 20)
+    """Response body kept per attempt; the rest is dropped and the attempt flagged truncated."""
+    max_request_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    """Largest API request body accepted."""
+    ssrf_guard: bool = True
+    """Refuse loopback, private, link-local and other internal destinations."""
+    allow_networks: str = ""
+    """Comma-separated CIDRs the SSRF guard lets through, e.g. ``127.0.0.0/8`` for local testing."""
+    allow_hosts: str = ""
+    """Comma-separated host names the SSRF guard lets through whatever they resolve to."""
+    deny_hosts: str = ""
+    """Comma-separated host names (``*.example.com`` allowed) that are always refused."""
+    retention_days: int = Field(default=90, ge=1)
+    """Finished tasks and their attempts older than this are purged."""
+    key_grace_hours: float = Field(default=24.0, ge=0)
+    """After a key rotation the old API key stays valid this long."""
+    default_retry: dict[str, Any] = Field(
+        default_factory=lambda: {"strategy": "exponential", "initial_delay": 1, "max_attempts": 5}
+    )
+    """Retry policy for tasks whose business and request give none."""
+    log_level: str = "INFO"
+    """Logging level."""
+    log_format: str = "auto"
+    """``json``, ``console`` or ``auto`` (JSON when not on a terminal)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @field_validator("default_retry")
+    @classmethod
+    def _retry_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        RetryPolicy.from_dict(value, field_="default_retry")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _url_is_known(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql", "postgres")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        return value
+
+    def dispatch(self) -> DispatchConfig:
+        """The dispatcher's part of the settings."""
+        return DispatchConfig(
+            concurrency=self.concurrency,
+            claim_batch=self.claim_batch,
+            poll_interval_s=self.poll_interval_s,
+            lease_margin_s=self.lease_margin_s,
+            rescue_interval_s=self.rescue_interval_s,
+            shutdown_grace_s=self.shutdown_grace_s,
+            max_response_bytes=self.max_response_bytes,
+        )
+
+    def guard(self) -> GuardConfig:
+        """The SSRF guard's global lists."""
+        return GuardConfig(
+            enabled=self.ssrf_guard,
+            allow_networks=_split(self.allow_networks),
+            allow_hosts=_split(self.allow_hosts),
+            deny_hosts=_split(self.deny_hosts),
+        )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The global default retry policy."""
+        return RetryPolicy.from_dict(self.default_retry, field_="default_retry")
+
+    def masked(self) -> dict[str, Any]:
+        """All settings with secrets masked, for ``taskcenter config show``."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif name == "database_url":
+                value = mask_url(value)
+            out[name] = value
+        return out
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password hidden."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """What a dispatcher needs to know."""
+
+    concurrency: int = 100
+    """Requests in flight at once."""
+    claim_batch: int = 100
+    """Most tasks claimed in one statement."""
+    poll_interval_s: float = 5.0
+    """Longest sleep without a wake-up."""
+    lease_margin_s: float = 30.0
+    """Lease = task timeout + this."""
+    rescue_interval_s: float = 2.0
+    """How often expired leases are rescued."""
+    shutdown_grace_s: float = 10.0
+    """Time in-flight requests get on shutdown."""
+    max_response_bytes: int = 65536
+    """Response body kept per attempt."""
+    write_batch: int = 500
+    """Most results written in one transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """Global SSRF guard lists (per-business lists add to them)."""
+
+    enabled: bool = True
+    allow_networks: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    deny_hosts: tuple[str, ...] = ()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings once, at the edge. Raises :class:`ValidationError` naming the bad setting."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    try:
+        if config_file is not None:
+
+            class _FileSettings(Settings):
+                model_config = SettingsConfigDict(toml_file=str(config_file))
+
+            return _FileSettings(**overrides)
+        return Settings(**overrides)
+    except PydanticValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ValidationError(f"setting {name}: {err['msg']}", field=name) from exc

@@ -1,0 +1,430 @@
+"""The dispatcher: claims due tasks, hands them to the sender or a processor, and writes results in batches.
+
+It only orchestrates: what an outcome means lives in ``domain``, HTTP in ``sender``, SQL in ``storage.queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from taskcenter.config import DispatchConfig
+from taskcenter.crypto import SecretBox, mask_headers
+from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
+from taskcenter.domain.request import delivery_headers
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.errors import PermanentFailure, StorageError
+from taskcenter.events import EventBus
+from taskcenter.processors import ProcessorRegistry
+from taskcenter.sender import OutboundRequest, Sender, SendResult
+from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
+from taskcenter.ssrf import GuardPolicy
+from taskcenter.storage import queue
+from taskcenter.storage.database import Database
+
+log = logging.getLogger("taskcenter.dispatcher")
+LEASE_S = 20.0
+MAX_STORED_REQUEST_BODY = 65536
+
+
+def worker_name() -> str:
+    """``host:pid:random`` — unique per dispatcher process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{random.randbytes(3).hex()}"
+
+
+@dataclass
+class Dispatcher:
+    """Runs the claim → send → record loop until :meth:`stop` is called."""
+
+    db: Database
+    sender: Sender
+    config: DispatchConfig = field(default_factory=DispatchConfig)
+    box: SecretBox = field(default_factory=SecretBox.disabled)
+    processors: ProcessorRegistry = field(default_factory=ProcessorRegistry)
+    events: EventBus = field(default_factory=EventBus)
+    notifier: Notifier | None = None
+    guard: Callable[[int], GuardPolicy | None] = lambda _pk: None
+    """The SSRF policy for a business's tasks (``None``: guard off)."""
+    signer: Callable[[int], Callable[[str, int, bytes], dict[str, str]] | None] = lambda _pk: None
+    """Signature headers for a business's deliveries, if it has a signing secret."""
+    user_agent: str = "taskcenter"
+    clock: Callable[[], datetime] = utcnow
+    rng: random.Random = field(default_factory=random.Random)
+    name: str = field(default_factory=worker_name)
+    lease_s: float = LEASE_S
+
+    def __post_init__(self) -> None:
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._results_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._sending: dict[int, asyncio.Task[None]] = {}
+        self._held: set[int] = set()  # claimed and not yet written back: their leases need heartbeats
+        self._results: list[queue.Finished] = []
+        self._pending_events: list[tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None]] = []
+        self.delivered = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look at the queue now (a task was created or changed)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight work finishes within the grace period, the rest is released."""
+        self._stopping.set()
+        self._wake.set()
+        self._slot_freed.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`. Safe to run several dispatchers (processes) on one database."""
+        if self.notifier is not None:
+            self.notifier.subscribe(self.wake)
+        helpers = [
+            asyncio.create_task(self._write_loop(), name="tc-writer"),
+            asyncio.create_task(self._rescue_loop(), name="tc-rescue"),
+            asyncio.create_task(self._heartbeat_loop(), name="tc-heartbeat"),
+        ]
+        if self.db.is_postgres:
+            helpers.append(asyncio.create_task(self._listen_loop(), name="tc-listen"))
+        log.info("dispatcher %s started (concurrency %d)", self.name, self.config.concurrency)
+        try:
+            await self._claim_loop()
+            await self._drain()
+        finally:
+            for helper in helpers[1:]:
+                helper.cancel()
+            self._results_ready.set()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if self.notifier is not None:
+                self.notifier.unsubscribe(self.wake)
+            log.info("dispatcher %s stopped", self.name)
+
+    async def _drain(self) -> None:
+        """Give in-flight sends the grace period, then release what is left unsent."""
+        pending = list(self._sending.values())
+        if pending:
+            done, not_done = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
+            for task in not_done:
+                task.cancel()
+            await asyncio.gather(*not_done, return_exceptions=True)
+        # Whatever was claimed but has no result goes back to the queue, due now, no attempt charged.
+        written = {r.task_id for r in self._results}
+        unsent = [i for i in self._held if i not in written]
+        if unsent:
+            with contextlib.suppress(StorageError):
+                await queue.release(self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent])
+            self._held.difference_update(unsent)
+
+    # -- claiming -------------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        cfg = self.config
+        # Claim in chunks: one statement per quarter of the slots, not one per freed slot.
+        low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
+        while not self._stopping.is_set():
+            free = cfg.concurrency - len(self._sending)
+            if free < low_water and self._sending:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            self._wake.clear()
+            limit = min(free, cfg.claim_batch)
+            try:
+                rows = await queue.claim(self.db, worker=self.name, now=self.clock(), limit=limit, lease_s=self.lease_s)
+            except StorageError as exc:
+                log.warning("claim failed, retrying: %s", exc)
+                await self._sleep(1.0)
+                continue
+            for row in rows:
+                self._start(row)
+            if len(rows) == limit:
+                continue
+            await self._sleep(await self._until_next_due())
+
+    async def _until_next_due(self) -> float:
+        try:
+            due = await queue.next_due(self.db)
+        except StorageError:
+            return 1.0
+        if due is None:
+            return self.config.poll_interval_s
+        return min(self.config.poll_interval_s, max(0.0, (due - self.clock()).total_seconds()))
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    def _start(self, row: Mapping[str, Any]) -> None:
+        task_id = row["id"]
+        self._held.add(task_id)
+        task = asyncio.create_task(self._attempt(row), name=f"tc-task-{task_id}")
+        self._sending[task_id] = task
+        task.add_done_callback(lambda _t, i=task_id: self._sent(i))
+
+    def _sent(self, task_id: int) -> None:
+        self._sending.pop(task_id, None)
+        self._slot_freed.set()
+
+    # -- one attempt ----------------------------------------------------------------------------------
+
+    async def _attempt(self, row: Mapping[str, Any]) -> None:
+        started = self.clock()
+        number = row["attempts"] + 1
+        request_record: dict[str, Any] | None = None
+        result_value: Any = None
+        try:
+            if row["type"] == "http":
+                outbound = self._outbound(row, number)
+                request_record = self._request_record(outbound)
+                sent = await self.sender.send(outbound)
+                attempt = AttemptResult(sent.status_code, sent.headers, sent.error_kind, sent.error)
+                response = _response_record(sent)
+                duration = sent.duration_ms
+            else:
+                attempt, result_value, duration = await self._process(row)
+                response = {"result": result_value} if result_value is not None else None
+        except Exception as exc:  # a bug must not leave the task leased forever: record it as a failed try
+            log.exception("attempt of task %s crashed", row["uuid"])
+            attempt = AttemptResult(error_kind="network_error", error=f"internal error: {exc!r}"[:500])
+            response, duration = None, None
+        self._record(row, number, started, attempt, request_record, response, duration, result_value)
+
+    def _outbound(self, row: Mapping[str, Any], number: int) -> OutboundRequest:
+        uuid = str(row["uuid"])
+        stored = row["headers"] or {}
+        headers = delivery_headers(
+            self.box.open_headers(stored) if stored else stored,
+            task_uuid=uuid,
+            attempt=number,
+            business_id=row["business_id"],
+            content_type=row["content_type"],
+            user_agent=self.user_agent,
+            traceparent=row["traceparent"],
+        )
+        body = row["body"].encode() if row["body"] is not None else None
+        sign = self.signer(row["business_pk"])
+        if sign is not None:
+            headers.update(sign(f"msg_{uuid}_{number}", int(time.time()), body or b""))
+        return OutboundRequest(
+            method=row["method"],
+            url=row["url"],
+            headers=headers,
+            body=body,
+            timeout_s=row["timeout"],
+            follow_redirects=row["follow_redirects"],
+            guard=self.guard(row["business_pk"]),
+        )
+
+    def _request_record(self, outbound: OutboundRequest) -> dict[str, Any]:
+        body = outbound.body.decode(errors="replace") if outbound.body else None
+        if body is not None and len(body) > MAX_STORED_REQUEST_BODY:
+            body = body[:MAX_STORED_REQUEST_BODY]
+        return {
+            "method": outbound.method,
+            "url": outbound.url,
+            "headers": mask_headers(outbound.headers),
+            "body": body,
+        }
+
+    async def _process(self, row: Mapping[str, Any]) -> tuple[AttemptResult, Any, int]:
+        processor = self.processors.get(row["type"])
+        t0 = time.perf_counter()
+        if processor is None:
+            return AttemptResult(error_kind="permanent_failure", error=f"no processor registered for {row['type']!r}"), None, 0
+        try:
+            if processor.is_async:
+                value = await asyncio.wait_for(processor.func(row["payload"]), timeout=row["timeout"])  # type: ignore[arg-type]
+            else:
+                value = await asyncio.wait_for(asyncio.to_thread(processor.func, row["payload"]), timeout=row["timeout"])
+            return AttemptResult(status_code=200), value, int((time.perf_counter() - t0) * 1000)
+        except PermanentFailure as exc:
+            kind, text = "permanent_failure", str(exc)
+        except TimeoutError:
+            kind, text = "timeout", f"processor took longer than {row['timeout']:g} s"
+        except Exception as exc:
+            kind, text = "processor_error", f"{type(exc).__name__}: {exc}"
+        return AttemptResult(error_kind=kind, error=text[:2000]), None, int((time.perf_counter() - t0) * 1000)
+
+    def _record(
+        self,
+        row: Mapping[str, Any],
+        number: int,
+        started: datetime,
+        attempt: AttemptResult,
+        request: dict[str, Any] | None,
+        response: dict[str, Any] | None,
+        duration_ms: int | None,
+        result_value: Any,
+    ) -> None:
+        now = self.clock()
+        policy = RetryPolicy.from_dict(row["retry"])
+        classification = classify(attempt, row["success_codes"], row["retry_on"] or ())
+        decision = decide(
+            # The n-th retry of the current budget (manual retries renew the budget on top of spent attempts).
+            attempt=number - (row["max_attempts"] - policy.max_attempts),
+            max_attempts=policy.max_attempts,
+            classification=classification,
+            policy=policy,
+            now=now,
+            headers=attempt.headers,
+            status_code=attempt.status_code,
+            rng=self.rng,
+        )
+        last_response = dict(response, duration_ms=duration_ms) if response is not None else None
+        self._results.append(
+            queue.Finished(
+                task_id=row["id"],
+                attempt=number,
+                status=decision.status.value,
+                outcome=decision.outcome.value,
+                started_at=started,
+                duration_ms=duration_ms,
+                next_attempt_at=decision.next_attempt_at,
+                finished_at=decision.finished_at,
+                request=request,
+                response=response,
+                error=attempt.error,
+                result=result_value,
+            )
+        )
+        self._pending_events.append((row, number, decision.status.value, decision.outcome.value, last_response))
+        self._results_ready.set()
+
+    # -- writing results ------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            while self._results:
+                batch = self._results[: self.config.write_batch]
+                events = self._pending_events[: len(batch)]
+                written = await self._write(batch)
+                del self._results[: len(batch)]
+                del self._pending_events[: len(batch)]
+                self._held.difference_update(r.task_id for r in batch)
+                self.delivered += len(written.landed)
+                if written.lost:
+                    log.warning("lost the lease of %d tasks before their results were written", len(written.lost))
+                if self.events:
+                    await self._emit(events, dict(written.landed))
+            if self._stopping.is_set() and not self._sending:
+                return
+
+    async def _write(self, batch: list[queue.Finished]) -> queue.Written:
+        """Write a batch; on repeated failure write one by one, and give up on results that cannot be written.
+
+        A result given up on keeps its lease until it expires; the rescue then records the attempt as interrupted
+        and the task is tried again, so nothing is lost, only repeated (delivery is at least once).
+        """
+        for pause in (0.2, 1.0, 3.0):
+            try:
+                return await queue.finish(self.db, worker=self.name, now=self.clock(), results=batch)
+            except StorageError as exc:
+                log.warning("writing %d results failed, retrying: %s", len(batch), exc)
+                await asyncio.sleep(pause)
+        landed: list[tuple[int, str]] = []
+        lost: list[int] = []
+        for result in batch:
+            try:
+                one = await queue.finish(self.db, worker=self.name, now=self.clock(), results=[result])
+            except StorageError as exc:
+                log.error("giving up on the result of task %s: %s", result.task_id, exc)
+                lost.append(result.task_id)
+                continue
+            landed += one.landed
+            lost += one.lost
+        return queue.Written(landed, lost)
+
+    async def _emit(self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]) -> None:
+        for row, number, _status, outcome, last_response in events:
+            final = landed.get(row["id"])
+            if final is None:
+                continue
+            data = {
+                "id": str(row["uuid"]),
+                "business_id": row["business_id"],
+                "attempt": number,
+                "status": final,
+                "outcome": outcome,
+                "last_response": last_response,
+            }
+            await self.events.emit("attempted", data)
+            if final in ("succeeded", "failed"):
+                await self.events.emit(final, data)
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    async def _rescue_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rescue_interval_s)
+            try:
+                rescued = await queue.rescue(self.db, now=self.clock())
+            except StorageError as exc:
+                log.warning("lease rescue failed: %s", exc)
+                continue
+            if rescued:
+                log.warning("rescued %d tasks whose lease expired", len(rescued))
+                self.wake()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 4)
+            if not self._held:
+                continue
+            try:
+                await queue.extend_leases(
+                    self.db,
+                    worker=self.name,
+                    ids=list(self._held),
+                    until=self.clock() + timedelta(seconds=self.lease_s),
+                )
+            except StorageError as exc:
+                log.warning("lease heartbeat failed: %s", exc)
+
+    async def _listen_loop(self) -> None:
+        """LISTEN on PostgreSQL so tasks created by other processes wake this dispatcher at once."""
+        import asyncpg
+
+        dsn = sa.make_url(self.db.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self.wake())
+                while not conn.is_closed():
+                    await asyncio.sleep(5)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("LISTEN connection failed, polling meanwhile: %s", exc)
+                await asyncio.sleep(2)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+
+
+def _response_record(sent: SendResult) -> dict[str, Any] | None:
+    if sent.status_code is None:
+        return None
+    return {
+        "status_code": sent.status_code,
+        "headers": sent.headers,
+        "body": sent.body,
+        "truncated": sent.truncated,
+    }
+
+
+__all__ = ["Dispatcher", "Outcome", "worker_name"]

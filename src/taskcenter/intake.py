@@ -1,0 +1,318 @@
+"""Turn a create (or update) request into a validated task row; the one place task input is checked."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from taskcenter.crypto import SecretBox
+from taskcenter.domain.request import MAX_TIMEOUT_S, build_request, validate_timeout, validate_url
+from taskcenter.domain.retry import MAX_ATTEMPTS, RetryPolicy
+from taskcenter.errors import ValidationError
+
+MAX_DELAY_S = 366 * 24 * 3600
+MAX_METADATA_BYTES = 16 * 1024
+MAX_PAYLOAD_BYTES = 1 << 20
+PRIORITY_RANGE = (-1000, 1000)
+NOTIFY_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+CREATE_FIELDS = frozenset(
+    {
+        "business_id", "type", "payload", "method", "url", "headers", "json", "form", "body", "content_type",
+        "delay", "scheduled_at", "retry", "timeout", "priority", "success_codes", "retry_on",
+        "follow_redirects", "notify", "metadata",
+    }
+)  # fmt: skip
+UPDATE_FIELDS = frozenset(
+    {
+        "method", "url", "headers", "json", "form", "body", "content_type", "retry", "timeout", "priority",
+        "delay", "scheduled_at", "payload", "success_codes", "retry_on", "follow_redirects", "notify", "metadata",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """What a task gets when it says nothing: the business's policy, else the global one."""
+
+    retry: RetryPolicy
+    max_timeout_s: float = MAX_TIMEOUT_S
+    timeout_s: float = 30.0
+
+
+def _int_list(value: Any, field: str, lo: int, hi: int) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or len(value) > 100:
+        raise ValidationError(f"{field} must be a non-empty list of status codes", field=field)
+    for code in value:
+        if isinstance(code, bool) or not isinstance(code, int) or not lo <= code <= hi:
+            raise ValidationError(f"{field} must hold status codes between {lo} and {hi}", field=field)
+    return sorted(set(value))
+
+
+def _json_object(value: Any, field: str, limit: int) -> Any:
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:
+        raise ValidationError(f"{field} is not JSON-serialisable: {exc}", field=field) from exc
+    if size > limit:
+        raise ValidationError(f"{field} is larger than {limit} bytes", field=field)
+    return value
+
+
+def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | None]:
+    """(next_attempt_at, scheduled_at) from ``delay`` or ``scheduled_at``."""
+    delay, at = data.get("delay"), data.get("scheduled_at")
+    if delay is not None and at is not None:
+        raise ValidationError("give delay or scheduled_at, not both", field="delay")
+    if delay is not None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_S:
+            raise ValidationError(f"delay must be seconds between 0 and {MAX_DELAY_S}", field="delay")
+        when = now + timedelta(seconds=delay)
+        return when, when if delay else None
+    if at is not None:
+        if isinstance(at, str):
+            try:
+                at = datetime.fromisoformat(at.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at") from exc
+        if not isinstance(at, datetime):
+            raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at")
+        if at.tzinfo is None:
+            raise ValidationError("scheduled_at needs a time zone (e.g. Z)", field="scheduled_at")
+        at = at.astimezone(UTC)
+        if at - now > timedelta(seconds=MAX_DELAY_S):
+            raise ValidationError("scheduled_at is more than a year ahead", field="scheduled_at")
+        return max(at, now), at
+    return now, None
+
+
+def _notify(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValidationError("notify must be an object with url and on", field="notify")
+    unknown = set(value) - {"url", "on", "email"}
+    if unknown:
+        raise ValidationError(f"notify.{sorted(unknown)[0]} is not a known field", field="notify")
+    out: dict[str, Any] = {}
+    if value.get("url") is not None:
+        out["url"] = validate_url(value["url"], field="notify.url")
+    if value.get("email") is not None:
+        email = value["email"]
+        if not isinstance(email, str) or "@" not in email or len(email) > 320:
+            raise ValidationError("notify.email must be an e-mail address", field="notify.email")
+        out["email"] = email
+    if not out:
+        raise ValidationError("notify needs a url or an email", field="notify")
+    on = value.get("on", ["succeeded", "failed"])
+    if not isinstance(on, list) or not on or not set(on) <= NOTIFY_EVENTS:
+        raise ValidationError(f"notify.on must list some of {', '.join(sorted(NOTIFY_EVENTS))}", field="notify.on")
+    out["on"] = sorted(set(on))
+    return out
+
+
+def _business_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ValidationError("business_id must be a string of 1 to 255 characters", field="business_id")
+    if any(ord(c) < 32 for c in value):
+        raise ValidationError("business_id contains control characters", field="business_id")
+    return value
+
+
+def _retry(value: Any, defaults: Defaults) -> RetryPolicy:
+    if value is None:
+        return defaults.retry
+    if isinstance(value, RetryPolicy):
+        return value
+    return RetryPolicy.from_dict(value)
+
+
+def _check_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValidationError(f"{unknown[0]} is not a known field", field=unknown[0])
+
+
+def new_task_row(
+    data: Mapping[str, Any],
+    *,
+    business_pk: int,
+    defaults: Defaults,
+    box: SecretBox,
+    now: datetime,
+    processors: frozenset[str] = frozenset(),
+    traceparent: str | None = None,
+) -> dict[str, Any]:
+    """Validate a create request and build the row to insert. Raises :class:`ValidationError` naming the field."""
+    _check_fields(data, CREATE_FIELDS)
+    task_type = data.get("type") or "http"
+    if not isinstance(task_type, str) or len(task_type) > 100:
+        raise ValidationError("type must be a string", field="type")
+    retry = _retry(data.get("retry"), defaults)
+    next_at, scheduled = _when(data, now)
+    priority = data.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not (
+        PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]
+    ):
+        raise ValidationError(f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}", field="priority")
+    timeout = data.get("timeout")
+    timeout_s = defaults.timeout_s if timeout is None else validate_timeout(timeout, cap=defaults.max_timeout_s)
+    follow = data.get("follow_redirects", False)
+    if not isinstance(follow, bool):
+        raise ValidationError("follow_redirects must be true or false", field="follow_redirects")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValidationError("metadata must be an object", field="metadata")
+    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+        traceparent = None  # a malformed header from the caller starts a new trace rather than failing the create
+    row: dict[str, Any] = {
+        "uuid": str(uuid.uuid4()),
+        "business_pk": business_pk,
+        "business_id": _business_id(data.get("business_id")),
+        "type": task_type,
+        "status": "pending",
+        "method": None,
+        "url": None,
+        "host": None,
+        "headers": None,
+        "body": None,
+        "content_type": None,
+        "payload": None,
+        "result": None,
+        "retry": retry.to_dict(),
+        "attempts": 0,
+        "max_attempts": retry.max_attempts,
+        "timeout": timeout_s,
+        "priority": priority,
+        "success_codes": _int_list(data.get("success_codes"), "success_codes", 100, 599),
+        "retry_on": _int_list(data.get("retry_on"), "retry_on", 400, 599),
+        "follow_redirects": follow,
+        "notify": _notify(data.get("notify")),
+        "metadata": _json_object(metadata, "metadata", MAX_METADATA_BYTES),
+        "traceparent": traceparent,
+        "scheduled_at": scheduled,
+        "next_attempt_at": next_at,
+        "last_attempt_at": None,
+        "finished_at": None,
+        "last_response": None,
+        "last_error": None,
+        "outcome": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if task_type == "http":
+        if "payload" in data and data["payload"] is not None:
+            raise ValidationError("payload is for processor tasks; an http task sends json, form or body", field="payload")
+        if data.get("url") is None:
+            raise ValidationError("url is required", field="url")
+        spec = build_request(
+            data.get("method", "POST"),
+            data.get("url"),
+            data.get("headers"),
+            json_body=data.get("json"),
+            has_json="json" in data and data["json"] is not None,
+            form=data.get("form"),
+            body=data.get("body"),
+            content_type=data.get("content_type"),
+        )
+        row.update(
+            method=spec.method,
+            url=spec.url,
+            host=spec.host,
+            headers=box.seal_headers(spec.headers),
+            body=spec.body,
+            content_type=spec.content_type,
+        )
+    else:
+        if task_type not in processors:
+            raise ValidationError(f"type {task_type!r} has no registered processor", field="type")
+        for name in ("url", "json", "form", "body", "headers"):
+            if data.get(name) is not None:
+                raise ValidationError(f"{name} is for http tasks; a {task_type} task takes payload", field=name)
+        row["payload"] = _json_object(data.get("payload"), "payload", MAX_PAYLOAD_BYTES)
+        row["host"] = f"processor:{task_type}"
+    return row
+
+
+def changed_values(
+    data: Mapping[str, Any], current: Mapping[str, Any], *, defaults: Defaults, box: SecretBox, now: datetime
+) -> dict[str, Any]:
+    """Validate a PATCH and return the column values to change (only for pending or retrying tasks)."""
+    _check_fields(data, UPDATE_FIELDS)
+    values: dict[str, Any] = {"updated_at": now}
+    if current["type"] == "http" and {"method", "url", "headers", "json", "form", "body", "content_type"} & set(data):
+        has_body = bool({"json", "form", "body"} & set(data))
+        spec = build_request(
+            data.get("method", current["method"]),
+            data.get("url", current["url"]),
+            data["headers"] if "headers" in data else box.open_headers(current["headers"] or {}),
+            json_body=data.get("json"),
+            has_json="json" in data and data["json"] is not None,
+            form=data.get("form"),
+            body=data.get("body") if has_body else current["body"],
+            content_type=data.get("content_type", None if has_body else current["content_type"]),
+        )
+        values.update(
+            method=spec.method,
+            url=spec.url,
+            host=spec.host,
+            headers=box.seal_headers(spec.headers),
+            body=spec.body,
+            content_type=spec.content_type,
+        )
+    elif current["type"] != "http" and {"method", "url", "headers", "json", "form", "body"} & set(data):
+        raise ValidationError("a processor task has no HTTP request to change", field="url")
+    if "payload" in data:
+        if current["type"] == "http":
+            raise ValidationError("payload is for processor tasks", field="payload")
+        values["payload"] = _json_object(data["payload"], "payload", MAX_PAYLOAD_BYTES)
+    if "retry" in data:
+        retry = _retry(data["retry"], defaults)
+        if retry.max_attempts <= current["attempts"] and current["attempts"] > 0:
+            raise ValidationError(
+                f"retry allows {retry.max_attempts} attempts but the task already made {current['attempts']}",
+                field="retry.max_attempts",
+            )
+        values.update(retry=retry.to_dict(), max_attempts=retry.max_attempts)
+    if "timeout" in data:
+        values["timeout"] = validate_timeout(data["timeout"], cap=defaults.max_timeout_s)
+    if "priority" in data:
+        p = data["priority"]
+        if isinstance(p, bool) or not isinstance(p, int) or not PRIORITY_RANGE[0] <= p <= PRIORITY_RANGE[1]:
+            raise ValidationError("priority must be an integer from -1000 to 1000", field="priority")
+        values["priority"] = p
+    if "delay" in data or "scheduled_at" in data:
+        next_at, scheduled = _when(data, now)
+        values.update(next_attempt_at=next_at, scheduled_at=scheduled)
+    if "success_codes" in data:
+        values["success_codes"] = _int_list(data["success_codes"], "success_codes", 100, 599)
+    if "retry_on" in data:
+        values["retry_on"] = _int_list(data["retry_on"], "retry_on", 400, 599)
+    if "follow_redirects" in data:
+        if not isinstance(data["follow_redirects"], bool):
+            raise ValidationError("follow_redirects must be true or false", field="follow_redirects")
+        values["follow_redirects"] = data["follow_redirects"]
+    if "notify" in data:
+        values["notify"] = _notify(data["notify"])
+    if "metadata" in data:
+        if data["metadata"] is not None and not isinstance(data["metadata"], Mapping):
+            raise ValidationError("metadata must be an object", field="metadata")
+        values["metadata"] = _json_object(data["metadata"], "metadata", MAX_METADATA_BYTES)
+    if len(values) == 1:
+        raise ValidationError("nothing to change", field="body")
+    return values
+
+
+__all__ = ["CREATE_FIELDS", "MAX_ATTEMPTS", "UPDATE_FIELDS", "Defaults", "changed_values", "new_task_row"]

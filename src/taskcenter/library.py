@@ -1,0 +1,314 @@
+"""``TaskCenter``: taskcenter inside a Python application, async first, with a sync surface over the same code.
+
+The sync methods run the async ones on a private event loop in a background thread, so Django, Flask and
+scripts get exactly the behaviour of the async API rather than a second implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskcenter.config import Settings, load_settings
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.domain.task import Attempt, Task
+from taskcenter.events import EventBus, Handler
+from taskcenter.processors import ProcessorFunc, ProcessorRegistry
+from taskcenter.runtime import Runtime
+from taskcenter.service import NOTIFY_CHANNEL, Business
+from taskcenter.storage import tasks as task_sql
+
+T = TypeVar("T")
+_UNSET: Any = object()
+
+
+def _task_data(
+    method: str | None,
+    url: str | None,
+    *,
+    business_id: str,
+    type: str | None,
+    payload: Any,
+    headers: Mapping[str, str] | None,
+    json: Any,
+    form: Mapping[str, Any] | None,
+    body: str | None,
+    content_type: str | None,
+    delay: float | timedelta | None,
+    scheduled_at: datetime | None,
+    retry: RetryPolicy | Mapping[str, Any] | None,
+    timeout: float | None,
+    priority: int | None,
+    success_codes: list[int] | None,
+    retry_on: list[int] | None,
+    follow_redirects: bool,
+    notify: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"business_id": business_id}
+    if type is not None and type != "http":
+        data.update(type=type, payload=payload)
+    else:
+        data.update(method=method or "POST", url=url)
+    optional = {
+        "headers": headers,
+        "form": form,
+        "body": body,
+        "content_type": content_type,
+        "delay": delay,
+        "scheduled_at": scheduled_at,
+        "retry": retry,
+        "timeout": timeout,
+        "priority": priority,
+        "success_codes": success_codes,
+        "retry_on": retry_on,
+        "notify": notify,
+        "metadata": metadata,
+    }
+    data.update({k: v for k, v in optional.items() if v is not None})
+    if json is not _UNSET:
+        data["json"] = json
+    if follow_redirects:
+        data["follow_redirects"] = True
+    return data
+
+
+class TaskCenter:
+    """taskcenter as a library.
+
+    Args:
+        database_url: ``sqlite:///file.db`` or ``postgresql://…``; defaults to the settings.
+        business: the business system (tenant) this instance creates tasks for; registered if missing.
+        settings: full settings; by default loaded from ``taskcenter.toml`` and ``TASKCENTER_*``.
+        **overrides: individual settings (e.g. ``concurrency=50``).
+
+    Use either the async methods (``a…``) from your event loop or the sync ones, not both on one instance:
+    database connections belong to the loop that opened them.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        business: str = "default",
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            if database_url is not None:
+                overrides["database_url"] = database_url
+            settings = load_settings(**overrides)
+        self.processors = ProcessorRegistry()
+        self.events = EventBus()
+        self.runtime = Runtime(settings, processors=self.processors, events=self.events)
+        self.business_code = business
+        self._business: Business | None = None
+        self._ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._dispatcher: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _biz(self) -> Business:
+        if not self._ready:
+            await self.runtime.start()
+            self._ready = True
+        if self._business is None:
+            self._business = await self.runtime.service.ensure_business(self.business_code)
+        return self._business
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="taskcenter-loop", daemon=True)
+            self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # -- registration ---------------------------------------------------------------------------------
+
+    def processor(
+        self, name: str, *, retry: RetryPolicy | None = None, priority: int = 0
+    ) -> Callable[[ProcessorFunc], ProcessorFunc]:
+        """Register a function as the processor of task type ``name`` (decorator)."""
+
+        def register(func: ProcessorFunc) -> ProcessorFunc:
+            self.processors.register(name, func, retry=retry, priority=priority)
+            return func
+
+        return register
+
+    def on(self, event: str, handler: Handler) -> None:
+        """Call ``handler(event, data)`` on a lifecycle event: created, attempted, succeeded, failed, cancelled."""
+        self.events.on(event, handler)
+
+    # -- async API ------------------------------------------------------------------------------------
+
+    async def acreate_task(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        *,
+        business_id: str,
+        type: str | None = None,
+        payload: Any = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = _UNSET,
+        form: Mapping[str, Any] | None = None,
+        body: str | None = None,
+        content_type: str | None = None,
+        delay: float | timedelta | None = None,
+        scheduled_at: datetime | None = None,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+        success_codes: list[int] | None = None,
+        retry_on: list[int] | None = None,
+        follow_redirects: bool = False,
+        notify: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        connection: AsyncConnection | None = None,
+    ) -> Task:
+        """Create a task. With ``connection``, it is stored inside that transaction (outbox)."""
+        data = _task_data(
+            method, url, business_id=business_id, type=type, payload=payload, headers=headers, json=json,
+            form=form, body=body, content_type=content_type, delay=delay, scheduled_at=scheduled_at,
+            retry=retry, timeout=timeout, priority=priority, success_codes=success_codes, retry_on=retry_on,
+            follow_redirects=follow_redirects, notify=notify, metadata=metadata,
+        )  # fmt: skip
+        return await self.runtime.service.create_task(await self._biz(), data, connection=connection)
+
+    async def aget_task(self, task_id: str | int) -> Task:
+        return await self.runtime.service.get_task(await self._biz(), task_id)
+
+    async def aget_by_business_id(self, business_id: str) -> Task:
+        return await self.runtime.service.get_by_business_id(await self._biz(), business_id)
+
+    async def alist_tasks(self, **filters: Any) -> tuple[list[Task], str | None]:
+        return await self.runtime.service.list_tasks(await self._biz(), **filters)
+
+    async def aattempts(self, task_id: str | int) -> list[Attempt]:
+        return await self.runtime.service.attempts(await self._biz(), task_id)
+
+    async def aupdate_task(self, task_id: str | int, **changes: Any) -> Task:
+        if isinstance(changes.get("retry"), RetryPolicy):
+            changes["retry"] = changes["retry"].to_dict()
+        return await self.runtime.service.update_task(await self._biz(), task_id, changes)
+
+    async def acancel(self, task_id: str | int) -> Task:
+        return await self.runtime.service.cancel(await self._biz(), task_id)
+
+    async def aretry(self, task_id: str | int) -> Task:
+        return await self.runtime.service.retry(await self._biz(), task_id)
+
+    async def arun_worker(self, *, concurrency: int | None = None, stop: asyncio.Event | None = None) -> None:
+        """Deliver tasks until ``stop`` is set (or the task is cancelled)."""
+        await self._biz()
+        dispatcher = self.runtime.dispatcher(concurrency=concurrency)
+        self._dispatcher = dispatcher
+        runner = asyncio.create_task(self.runtime.run_dispatcher(dispatcher))
+        try:
+            if stop is None:
+                await runner
+            else:
+                waiter = asyncio.create_task(stop.wait())
+                await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                dispatcher.stop()
+                await runner
+        except asyncio.CancelledError:
+            dispatcher.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            raise
+
+    async def aclose(self) -> None:
+        await self.runtime.close()
+
+    async def __aenter__(self) -> TaskCenter:
+        await self._biz()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- sync API (same code, run on the private loop) ------------------------------------------------
+
+    def create_task(self, method: str | None = None, url: str | None = None, **kwargs: Any) -> Task:
+        """Create a task (see :meth:`acreate_task`). ``connection`` may be a *sync* SQLAlchemy ``Connection``."""
+        connection = kwargs.pop("connection", None)
+        if isinstance(connection, sa.Connection):
+            return self._create_in(connection, method, url, **kwargs)
+        return self._sync(self.acreate_task(method, url, connection=connection, **kwargs))
+
+    def _create_in(self, conn: sa.Connection, method: str | None, url: str | None, **kwargs: Any) -> Task:
+        business = self._sync(self._biz())
+        service = self.runtime.service
+        data = _task_data(method, url, **{"type": None, "payload": None, "headers": None, "json": _UNSET,
+                                          "form": None, "body": None, "content_type": None, "delay": None,
+                                          "scheduled_at": None, "retry": None, "timeout": None, "priority": None,
+                                          "success_codes": None, "retry_on": None, "follow_redirects": False,
+                                          "notify": None, "metadata": None, **kwargs})  # fmt: skip
+        row = service.prepare(business, data)
+        row["id"] = task_sql.insert_row(conn, row, notify_channel=NOTIFY_CHANNEL)
+        # The dispatcher of this process learns of it when the caller commits; it also polls.
+        return service._task_from_new_row(business, row)
+
+    def get_task(self, task_id: str | int) -> Task:
+        return self._sync(self.aget_task(task_id))
+
+    def get_by_business_id(self, business_id: str) -> Task:
+        return self._sync(self.aget_by_business_id(business_id))
+
+    def list_tasks(self, **filters: Any) -> tuple[list[Task], str | None]:
+        return self._sync(self.alist_tasks(**filters))
+
+    def attempts(self, task_id: str | int) -> list[Attempt]:
+        return self._sync(self.aattempts(task_id))
+
+    def update_task(self, task_id: str | int, **changes: Any) -> Task:
+        return self._sync(self.aupdate_task(task_id, **changes))
+
+    def cancel(self, task_id: str | int) -> Task:
+        return self._sync(self.acancel(task_id))
+
+    def retry(self, task_id: str | int) -> Task:
+        return self._sync(self.aretry(task_id))
+
+    def run_worker(self, *, concurrency: int | None = None) -> None:
+        """Deliver tasks in this thread until SIGINT or SIGTERM, then shut down gracefully."""
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+            try:
+                await self.arun_worker(concurrency=concurrency, stop=stop)
+            finally:
+                await self.aclose()
+
+        asyncio.run(main())
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._sync(self.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._loop = None
+
+    def __enter__(self) -> TaskCenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,157 @@
+"""Wires the parts together from settings: database, secret box, service, sender, dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from taskcenter import __version__
+from taskcenter.config import GuardConfig, Settings
+from taskcenter.crypto import SecretBox
+from taskcenter.dispatcher import Dispatcher
+from taskcenter.events import EventBus
+from taskcenter.processors import ProcessorRegistry
+from taskcenter.sender import HttpConfig, Sender
+from taskcenter.service import Notifier, TaskService, utcnow
+from taskcenter.signing import Signer, signature_headers
+from taskcenter.ssrf import GuardPolicy
+from taskcenter.storage.database import Database
+from taskcenter.storage.schema import businesses
+
+log = logging.getLogger("taskcenter")
+USER_AGENT = f"taskcenter/{__version__}"
+SignFn = Callable[[str, int, bytes], dict[str, str]]
+
+
+@dataclass
+class BusinessPolicies:
+    """Per-business SSRF policy and signer, refreshed from the database every few seconds (live changes)."""
+
+    db: Database
+    box: SecretBox
+    global_guard: GuardConfig
+    refresh_s: float = 3.0
+    _guards: dict[int, GuardPolicy | None] = field(default_factory=dict)
+    _signers: dict[int, SignFn | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        g = self.global_guard
+        self._default: GuardPolicy | None = (
+            GuardPolicy.from_lists(g.allow_networks, g.allow_hosts, g.deny_hosts) if g.enabled else None
+        )
+
+    def guard(self, business_pk: int) -> GuardPolicy | None:
+        return self._guards.get(business_pk, self._default)
+
+    def signer(self, business_pk: int) -> SignFn | None:
+        return self._signers.get(business_pk)
+
+    async def load(self) -> None:
+        async with self.db.read() as conn:
+            rows = (await conn.execute(sa.select(businesses))).mappings().all()
+        guards: dict[int, GuardPolicy | None] = {}
+        signers: dict[int, SignFn | None] = {}
+        for row in rows:
+            if self._default is None:
+                guards[row["id"]] = None
+            elif row["allow_networks"] or row["allow_hosts"] or row["deny_hosts"]:
+                own = GuardPolicy.from_lists(row["allow_networks"] or (), row["allow_hosts"] or (), row["deny_hosts"] or ())
+                guards[row["id"]] = self._default.merged(own)
+            secrets = [self.box.open(s) for s in row["signing_secrets"] or ()]
+            if secrets:
+                signer = Signer.from_secrets(*secrets)
+                signers[row["id"]] = lambda msg_id, ts, body, s=signer: signature_headers(s, msg_id, ts, body)
+        self._guards, self._signers = guards, signers
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.load()
+            except Exception as exc:  # keep the last known policies; the database may be back soon
+                log.warning("reloading business policies failed: %s", exc)
+
+
+class Runtime:
+    """One process's taskcenter: everything built once from :class:`Settings`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        processors: ProcessorRegistry | None = None,
+        events: EventBus | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.box = SecretBox.from_setting(settings.secret_key.get_secret_value() if settings.secret_key else None)
+        self.processors = processors or ProcessorRegistry()
+        self.events = events or EventBus()
+        self.notifier = Notifier()
+        self.clock = clock
+        self.service = TaskService(
+            db=self.db,
+            box=self.box,
+            default_retry=settings.retry_policy(),
+            clock=clock,
+            notifier=self.notifier,
+            events=self.events,
+            processors=self.processors,
+            poll_interval_s=settings.poll_interval_s,
+        )
+        self.policies = BusinessPolicies(self.db, self.box, settings.guard())
+        self._background: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Check the schema: SQLite (embedded) migrates itself, PostgreSQL refuses an out-of-date schema."""
+        await self.db.check_schema(auto_migrate=self.db.dialect == "sqlite")
+
+    def dispatcher(self, *, concurrency: int | None = None, sender: Sender | None = None) -> Dispatcher:
+        cfg = self.settings.dispatch()
+        if concurrency is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, concurrency=concurrency)
+        sender = sender or Sender(
+            HttpConfig(
+                max_response_bytes=cfg.max_response_bytes,
+                pool_size=max(cfg.concurrency, 10),
+                user_agent=USER_AGENT,
+            )
+        )
+        return Dispatcher(
+            db=self.db,
+            sender=sender,
+            config=cfg,
+            box=self.box,
+            processors=self.processors,
+            events=self.events,
+            notifier=self.notifier,
+            guard=self.policies.guard,
+            signer=self.policies.signer,
+            user_agent=USER_AGENT,
+            clock=self.clock,
+        )
+
+    async def run_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Run a dispatcher with its sender and the policy refresher until it is stopped."""
+        await self.policies.load()
+        refresher = asyncio.create_task(self.policies.run(), name="tc-policies")
+        try:
+            async with dispatcher.sender:
+                await dispatcher.run()
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -1,0 +1,447 @@
+"""The application service: the one place the REST API, the console, the CLI and the library go through."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskcenter.crypto import SecretBox, mask_headers
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.domain.states import CANCELLABLE, EDITABLE, RETRYABLE_BY_HAND, TaskStatus
+from taskcenter.domain.task import Attempt, Task
+from taskcenter.errors import (
+    BusinessNotFound,
+    Conflict,
+    DuplicateTask,
+    Forbidden,
+    InvalidTransition,
+    LimitExceeded,
+    TaskNotFound,
+    ValidationError,
+)
+from taskcenter.events import EventBus
+from taskcenter.intake import Defaults, changed_values, new_task_row
+from taskcenter.processors import ProcessorRegistry
+from taskcenter.storage import tasks as task_sql
+from taskcenter.storage.database import Database
+from taskcenter.storage.schema import businesses
+
+Clock = Callable[[], datetime]
+NOTIFY_CHANNEL = "taskcenter_tasks"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Notifier:
+    """Wakes the dispatchers of this process when a task falls due soon (PostgreSQL's NOTIFY reaches the rest)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def wake(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+
+@dataclass(frozen=True, slots=True)
+class Business:
+    """A business system (tenant) as the service needs it."""
+
+    pk: int
+    code: str
+    name: str
+    status: str
+    rate_limit_per_minute: int
+    max_in_flight: int | None
+    max_active_tasks: int
+    retry: RetryPolicy | None
+    allow_networks: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    deny_hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Business:
+        return cls(
+            pk=row["id"],
+            code=row["code"],
+            name=row["name"],
+            status=row["status"],
+            rate_limit_per_minute=row["rate_limit_per_minute"],
+            max_in_flight=row["max_in_flight"],
+            max_active_tasks=row["max_active_tasks"],
+            retry=RetryPolicy.from_dict(row["retry"]) if row["retry"] else None,
+            allow_networks=tuple(row["allow_networks"] or ()),
+            allow_hosts=tuple(row["allow_hosts"] or ()),
+            deny_hosts=tuple(row["deny_hosts"] or ()),
+        )
+
+
+@dataclass(slots=True)
+class _ActiveCount:
+    """A per-business count of live tasks, re-read from the database only when it may be near the limit."""
+
+    value: int
+    read_at: float
+    added: int = 0
+
+
+@dataclass
+class TaskService:
+    """Create, read, change, cancel and retry tasks, scoped to a business system."""
+
+    db: Database
+    box: SecretBox = field(default_factory=SecretBox.disabled)
+    default_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Clock = utcnow
+    notifier: Notifier = field(default_factory=Notifier)
+    events: EventBus = field(default_factory=EventBus)
+    processors: ProcessorRegistry = field(default_factory=ProcessorRegistry)
+    poll_interval_s: float = 5.0
+    _businesses: dict[str, Business] = field(default_factory=dict, init=False)
+    _active: dict[int, _ActiveCount] = field(default_factory=dict, init=False)
+
+    # -- businesses -----------------------------------------------------------------------------------
+
+    async def business(self, code: str, *, refresh: bool = False) -> Business:
+        """A business by code (cached); raises :class:`BusinessNotFound`."""
+        if not refresh and code in self._businesses:
+            return self._businesses[code]
+        async with self.db.read() as conn:
+            row = (await conn.execute(sa.select(businesses).where(businesses.c.code == code))).mappings().first()
+        if row is None:
+            raise BusinessNotFound(f"no business system {code!r}", code=code)
+        found = Business.from_row(row)
+        self._businesses[code] = found
+        return found
+
+    def forget_business(self, code: str) -> None:
+        """Drop a cached business after it changed."""
+        self._businesses.pop(code, None)
+
+    async def ensure_business(self, code: str, name: str | None = None) -> Business:
+        """The business ``code``, registered with default limits if it does not exist (library mode)."""
+        try:
+            return await self.business(code)
+        except BusinessNotFound:
+            now = self.clock()
+            async with self.db.write() as conn:
+                exists = (await conn.execute(sa.select(businesses.c.id).where(businesses.c.code == code))).scalar()
+                if exists is None:
+                    await conn.execute(
+                        sa.insert(businesses).values(code=code, name=name or code, created_at=now, updated_at=now)
+                    )
+            return await self.business(code, refresh=True)
+
+    def defaults(self, business: Business) -> Defaults:
+        return Defaults(retry=business.retry or self.default_retry)
+
+    # -- create ---------------------------------------------------------------------------------------
+
+    def prepare(self, business: Business, data: Mapping[str, Any], *, traceparent: str | None = None) -> dict[str, Any]:
+        """Validate a create request into a row (no I/O): shared by every create path, sync or async."""
+        if business.status != "active":
+            raise Forbidden(f"business system {business.code!r} is disabled")
+        defaults = self.defaults(business)
+        processor = self.processors.get(data["type"]) if isinstance(data.get("type"), str) else None
+        if processor is not None:
+            # A processor's own retry policy and priority are its tasks' defaults.
+            if processor.retry is not None:
+                defaults = Defaults(retry=processor.retry)
+            if "priority" not in data and processor.priority:
+                data = {**data, "priority": processor.priority}
+        return new_task_row(
+            data,
+            business_pk=business.pk,
+            defaults=defaults,
+            box=self.box,
+            now=self.clock(),
+            processors=self.processors.names(),
+            traceparent=traceparent,
+        )
+
+    def needs_wakeup(self, row: Mapping[str, Any]) -> bool:
+        """A dispatcher may be asleep past this task's due time only if it is due within one poll interval."""
+        return bool((row["next_attempt_at"] - self.clock()).total_seconds() < self.poll_interval_s)
+
+    async def _check_active_limit(self, business: Business, adding: int) -> None:
+        loop = asyncio.get_running_loop()
+        cached = self._active.get(business.pk)
+        limit = business.max_active_tasks
+        fresh = cached is not None and loop.time() - cached.read_at < 2.0
+        if cached is not None and fresh and cached.value + cached.added + adding <= limit * 0.9:
+            cached.added += adding
+            return
+        async with self.db.read() as conn:
+            live = await task_sql.count_live(conn, business.pk)
+        self._active[business.pk] = _ActiveCount(live + adding, loop.time())
+        if live + adding > limit:
+            raise LimitExceeded(
+                f"business system {business.code!r} has {live} active tasks; its limit max_active_tasks is {limit}",
+                limit="max_active_tasks",
+            )
+
+    async def create_task(
+        self,
+        business: Business,
+        data: Mapping[str, Any],
+        *,
+        traceparent: str | None = None,
+        connection: AsyncConnection | None = None,
+    ) -> Task:
+        """Create one task. With ``connection``, the insert joins the caller's transaction (outbox)."""
+        row = self.prepare(business, data, traceparent=traceparent)
+        await self._check_active_limit(business, 1)
+        if connection is not None:
+            await self.insert_prepared(connection, row)
+        else:
+            async with self.db.write() as conn:
+                await self.insert_prepared(conn, row)
+            if self.needs_wakeup(row):
+                self.notifier.wake()
+        task = self._task_from_new_row(business, row)
+        if self.events.wants("created"):
+            await self.events.emit("created", task.to_dict())
+        return task
+
+    async def insert_prepared(self, conn: AsyncConnection, row: dict[str, Any]) -> None:
+        """Insert a prepared row on ``conn`` (see :func:`taskcenter.storage.tasks.insert_row`)."""
+        channel = NOTIFY_CHANNEL if self.needs_wakeup(row) else None
+        row["id"] = await conn.run_sync(task_sql.insert_row, row, notify_channel=channel)
+
+    async def create_tasks(
+        self, business: Business, items: Sequence[Mapping[str, Any]], *, traceparent: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Create up to 1,000 tasks in one transaction. Each item gets ``{"status": 201, "task": …}`` or an error.
+
+        Invalid items and duplicates are reported per item; the valid rest is stored all together.
+        """
+        if len(items) > 1000:
+            raise ValidationError("a batch holds at most 1000 tasks", field="tasks")
+        results: list[dict[str, Any]] = [{} for _ in items]
+        rows: list[tuple[int, dict[str, Any]]] = []
+        seen: dict[str, int] = {}
+        for n, item in enumerate(items):
+            try:
+                if not isinstance(item, Mapping):
+                    raise ValidationError(f"tasks[{n}] must be an object", field=f"tasks[{n}]")
+                row = self.prepare(business, item, traceparent=traceparent)
+            except ValidationError as exc:
+                results[n] = {"status": 422, "error": exc.message, "field": exc.field}
+                continue
+            if row["business_id"] in seen:
+                results[n] = {
+                    "status": 409,
+                    "error": f"business_id {row['business_id']!r} repeats item {seen[row['business_id']]}",
+                    "field": "business_id",
+                }
+                continue
+            seen[row["business_id"]] = n
+            rows.append((n, row))
+        if rows:
+            await self._check_active_limit(business, len(rows))
+            async with self.db.write() as conn:
+                stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, [r for _, r in rows]))).all()
+                ids = {s.business_id: s.id for s in stored}
+                for n, row in rows:
+                    if row["business_id"] in ids:
+                        row["id"] = ids[row["business_id"]]
+                        results[n] = {"status": 201, "task": self._task_from_new_row(business, row)}
+                    else:
+                        existing = await task_sql.live_task_uuid(conn, business.pk, row["business_id"])
+                        results[n] = {
+                            "status": 409,
+                            "error": f"business_id {row['business_id']!r} already has a live task {existing}",
+                            "field": "business_id",
+                            "existing_id": existing,
+                        }
+                if stored and self.db.is_postgres:
+                    await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+            self.notifier.wake()
+        return results
+
+    def _task_from_new_row(self, business: Business, row: Mapping[str, Any]) -> Task:
+        return Task.from_row({**row, "business_code": business.code}, mask_headers)
+
+    # -- read -----------------------------------------------------------------------------------------
+
+    async def _row(self, conn: AsyncConnection, business: Business | None, ref: str | int) -> sa.RowMapping:
+        pk = business.pk if business else None
+        row = None
+        text = str(ref).strip()
+        if text.isdigit():
+            row = await task_sql.get(conn, row_id=int(text), business_pk=pk)
+        elif len(text) <= 40:
+            try:
+                row = await task_sql.get(conn, uuid=_canonical_uuid(text), business_pk=pk)
+            except ValueError:
+                row = None
+        if row is None:
+            raise TaskNotFound(f"no task {text!r}", ref=text)
+        return row
+
+    def _task(self, row: Mapping[str, Any]) -> Task:
+        return Task.from_row(row, mask_headers)
+
+    async def get_task(self, business: Business | None, ref: str | int) -> Task:
+        """One task by UUID or numeric id; another business's task is :class:`TaskNotFound`."""
+        async with self.db.read() as conn:
+            return self._task(await self._row(conn, business, ref))
+
+    async def get_by_business_id(self, business: Business, business_id: str) -> Task:
+        async with self.db.read() as conn:
+            row = await task_sql.get_by_business_id(conn, business.pk, business_id)
+        if row is None:
+            raise TaskNotFound(f"no task with business_id {business_id!r}", business_id=business_id)
+        return self._task(row)
+
+    async def attempts(self, business: Business | None, ref: str | int) -> list[Attempt]:
+        async with self.db.read() as conn:
+            row = await self._row(conn, business, ref)
+            return [Attempt.from_row(a) for a in await task_sql.list_attempts(conn, row["id"])]
+
+    async def list_tasks(
+        self,
+        business: Business | None,
+        *,
+        status: Sequence[str] | None = None,
+        host: str | None = None,
+        business_id: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Task], str | None]:
+        """Newest first; returns the page and the cursor of the next page (``None`` at the end)."""
+        if not 1 <= limit <= 500:
+            raise ValidationError("limit must be between 1 and 500", field="limit")
+        for s in status or ():
+            if s not in TaskStatus.__members__.values():
+                raise ValidationError(f"status {s!r} is not a task status", field="status")
+        before = decode_cursor(cursor) if cursor else None
+        async with self.db.read() as conn:
+            rows = await task_sql.list_tasks(
+                conn,
+                business_pk=business.pk if business else None,
+                status=status,
+                host=host,
+                business_id=business_id,
+                created_after=created_after,
+                created_before=created_before,
+                before_id=before,
+                limit=limit + 1,
+            )
+        page = [self._task(r) for r in rows[:limit]]
+        return page, encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
+
+    # -- change ---------------------------------------------------------------------------------------
+
+    async def update_task(self, business: Business, ref: str | int, data: Mapping[str, Any]) -> Task:
+        """Change a ``pending`` or ``retrying`` task; any other state is :class:`InvalidTransition` (409)."""
+        async with self.db.write() as conn:
+            row = await self._row(conn, business, ref)
+            if row["status"] not in EDITABLE:
+                raise InvalidTransition(
+                    f"a {row['status']} task cannot be changed (only pending or retrying)",
+                    current=row["status"],
+                    target="updated",
+                )
+            values = changed_values(data, row, defaults=self.defaults(business), box=self.box, now=self.clock())
+            if not await task_sql.change(conn, row["id"], expected=sorted(EDITABLE), values=values):
+                raise InvalidTransition("the task changed state meanwhile; read it again", current=row["status"])
+            if "next_attempt_at" in values and self.db.is_postgres:
+                await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+            updated = await self._row(conn, business, row["id"])
+        self.notifier.wake()
+        return self._task(updated)
+
+    async def cancel(self, business: Business | None, ref: str | int) -> Task:
+        """Cancel a task that has not finished; an attempt in flight is still recorded, with no further try."""
+        now = self.clock()
+        async with self.db.write() as conn:
+            row = await self._row(conn, business, ref)
+            if row["status"] not in CANCELLABLE:
+                raise InvalidTransition(
+                    f"a {row['status']} task cannot be cancelled", current=row["status"], target="cancelled"
+                )
+            values = {"status": "cancelled", "finished_at": now, "updated_at": now}
+            if not await task_sql.change(conn, row["id"], expected=sorted(CANCELLABLE), values=values):
+                raise InvalidTransition("the task finished meanwhile", current=row["status"], target="cancelled")
+            task = self._task(await self._row(conn, business, row["id"]))
+        if self.events.wants("cancelled"):
+            await self.events.emit("cancelled", task.to_dict())
+        return task
+
+    async def retry(self, business: Business | None, ref: str | int) -> Task:
+        """Send a ``failed`` or ``cancelled`` task again now, with a renewed attempt budget."""
+        now = self.clock()
+        async with self.db.write() as conn:
+            row = await self._row(conn, business, ref)
+            if row["status"] not in RETRYABLE_BY_HAND:
+                raise InvalidTransition(
+                    f"a {row['status']} task cannot be retried (only failed or cancelled)",
+                    current=row["status"],
+                    target="pending",
+                )
+            if row["lease_owner"] is not None:
+                raise Conflict("the task's last attempt is still in flight; retry it in a moment")
+            live = await task_sql.live_task_uuid(conn, row["business_pk"], row["business_id"])
+            if live is not None:
+                raise DuplicateTask(
+                    f"business_id {row['business_id']!r} already has a live task {live}", existing_id=str(live)
+                )
+            policy = RetryPolicy.from_dict(row["retry"])
+            values = {
+                "status": "pending",
+                # Attempt numbers keep counting up; the budget is renewed on top of what was spent.
+                "max_attempts": row["attempts"] + policy.max_attempts,
+                "next_attempt_at": now,
+                "finished_at": None,
+                "updated_at": now,
+            }
+            if not await task_sql.change(conn, row["id"], expected=sorted(RETRYABLE_BY_HAND), values=values):
+                raise InvalidTransition("the task changed state meanwhile", current=row["status"], target="pending")
+            if self.db.is_postgres:
+                await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+            task = self._task(await self._row(conn, business, row["id"]))
+        self.notifier.wake()
+        return task
+
+
+def _canonical_uuid(text: str) -> str:
+    import uuid
+
+    return str(uuid.UUID(text))
+
+
+def encode_cursor(row_id: int) -> str:
+    """An opaque keyset cursor."""
+    return base64.urlsafe_b64encode(f"t1:{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The row id behind a cursor; :class:`ValidationError` on anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = raw.partition(":")
+        if prefix != "t1" or not value.isdigit():
+            raise ValueError(raw)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationError("cursor is not one this API returned", field="cursor") from exc

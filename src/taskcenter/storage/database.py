@@ -1,0 +1,172 @@
+"""Connections: one async engine per backend, SQLite tuned for a single writer, migrations on demand."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from taskcenter.errors import ConfigError, SchemaOutOfDate, StorageError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _json_dumps(value: Any) -> str:
+    # NON_STR_KEYS: header names arrive as str subclasses (multidict's istr), which orjson refuses otherwise.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def async_url(url: str) -> sa.URL:
+    """Turn a user-facing URL (``sqlite:///x.db``, ``postgresql://…``) into its async-driver form."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ConfigError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
+
+
+def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves so that write transactions take the write lock up front
+        # (BEGIN IMMEDIATE) instead of failing with SQLITE_BUSY when a reader upgrades.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """The storage backend: ``write()`` and ``read()`` transactions, the dialect, migrations.
+
+    On SQLite all writes go through one connection (one writer, BEGIN IMMEDIATE) while reads use a pool of
+    their own under WAL. On PostgreSQL both are the same pool.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        target = async_url(url)
+        self.dialect: str = target.get_backend_name()
+        common: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        if self.dialect == "sqlite":
+            database = target.database or ""
+            if database in ("", ":memory:"):
+                raise ConfigError("use a SQLite file, not an in-memory database: several connections share it")
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.write_engine = create_async_engine(target, pool_size=1, max_overflow=0, pool_timeout=60, **common)
+            self.read_engine = create_async_engine(target, pool_size=pool_size, max_overflow=0, **common)
+            _sqlite_pragmas(self.write_engine, immediate=True)
+            _sqlite_pragmas(self.read_engine, immediate=False)
+        else:
+            self.write_engine = create_async_engine(
+                target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **common
+            )
+            self.read_engine = self.write_engine
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; committed on success, rolled back on error."""
+        try:
+            async with self.write_engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {_short(exc)}") from exc
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction."""
+        try:
+            async with self.read_engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {_short(exc)}") from exc
+
+    async def ping(self) -> None:
+        """Raise :class:`StorageError` unless the database answers."""
+        async with self.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
+
+    # -- migrations -------------------------------------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def head_revision(self) -> str | None:
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    async def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        def _current(sync_conn: sa.Connection) -> str | None:
+            return MigrationContext.configure(sync_conn).get_current_revision()
+
+        async with self.write_engine.connect() as conn:
+            return await conn.run_sync(_current)
+
+    async def migrate(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Bring the schema to ``revision``; returns (before, after)."""
+        from alembic import command
+
+        before = await self.current_revision()
+        cfg = self._alembic_config()
+
+        def _upgrade(sync_conn: sa.Connection) -> None:
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, revision)
+
+        try:
+            async with self.write_engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"migration failed: {_short(exc)}") from exc
+        return before, await self.current_revision()
+
+    async def check_schema(self, *, auto_migrate: bool) -> None:
+        """Refuse to run on an out-of-date schema (SQLite embedded mode migrates itself when asked to)."""
+        current, head = await self.current_revision(), self.head_revision()
+        if current == head:
+            return
+        if auto_migrate:
+            await self.migrate()
+            return
+        raise SchemaOutOfDate(
+            f"database schema is at {current or 'nothing'}, this taskcenter needs {head}: "
+            "run `taskcenter migrate` first"
+        )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:300] if text else type(exc).__name__

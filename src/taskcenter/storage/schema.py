@@ -1,0 +1,186 @@
+"""The declared database schema (SQLAlchemy Core). Alembic migrations must build exactly this."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out: ``timestamptz`` on PostgreSQL, ISO text on SQLite."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+LIVE_SQL = "status IN ('pending', 'processing', 'retrying')"
+DUE_SQL = "status IN ('pending', 'retrying')"
+
+
+def _partial(where: str) -> dict[str, Any]:
+    clause = sa.text(where)
+    return {"postgresql_where": clause, "sqlite_where": clause}
+
+
+businesses = sa.Table(
+    "businesses",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("code", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="active"),
+    sa.Column("rate_limit_per_minute", sa.Integer, nullable=False, server_default="1000"),
+    sa.Column("max_in_flight", sa.Integer, nullable=True),
+    sa.Column("max_active_tasks", sa.Integer, nullable=False, server_default="10000"),
+    sa.Column("retry", JSON, nullable=True),
+    sa.Column("allow_networks", JSON, nullable=True),
+    sa.Column("allow_hosts", JSON, nullable=True),
+    sa.Column("deny_hosts", JSON, nullable=True),
+    sa.Column("signing_secrets", JSON, nullable=True),  # sealed, newest first; two during a rotation
+    sa.Column("jwt_secret", sa.Text, nullable=True),  # sealed
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("business_pk", sa.Integer, sa.ForeignKey("businesses.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("role", sa.String(16), nullable=False),  # business | operator
+    sa.Column("prefix", sa.String(16), nullable=False, index=True),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", BigID, primary_key=True),
+    sa.Column("uuid", sa.Uuid(as_uuid=False), nullable=False, unique=True),
+    sa.Column("business_pk", sa.Integer, sa.ForeignKey("businesses.id"), nullable=False),
+    sa.Column("business_id", sa.String(255), nullable=False),
+    sa.Column("type", sa.String(100), nullable=False, server_default="http"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("method", sa.String(10), nullable=True),
+    sa.Column("url", sa.Text, nullable=True),
+    sa.Column("host", sa.String(300), nullable=True),
+    sa.Column("headers", JSON, nullable=True),
+    sa.Column("body", sa.Text, nullable=True),
+    sa.Column("content_type", sa.String(255), nullable=True),
+    sa.Column("payload", JSON, nullable=True),
+    sa.Column("result", JSON, nullable=True),
+    sa.Column("retry", JSON, nullable=False),
+    sa.Column("attempts", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.SmallInteger, nullable=False),
+    sa.Column("timeout", sa.Float, nullable=False),
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("success_codes", JSON, nullable=True),
+    sa.Column("retry_on", JSON, nullable=True),
+    sa.Column("follow_redirects", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("notify", JSON, nullable=True),
+    sa.Column("metadata", JSON, nullable=True),
+    sa.Column("traceparent", sa.String(64), nullable=True),
+    sa.Column("scheduled_at", UTCDateTime, nullable=True),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=False),
+    sa.Column("last_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("lease_owner", sa.String(100), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("last_response", JSON, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("outcome", sa.String(20), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    # The claim walks this: due tasks, highest priority first, then oldest due.
+    sa.Index("ix_tasks_due", sa.text("priority DESC"), "next_attempt_at", **_partial(DUE_SQL)),
+    # The dispatcher's "when is the next task due" look-up.
+    sa.Index("ix_tasks_due_time", "next_attempt_at", **_partial(DUE_SQL)),
+    sa.Index("ix_tasks_lease", "lease_expires_at", **_partial("lease_owner IS NOT NULL")),
+    sa.Index("uq_tasks_live_business_id", "business_pk", "business_id", unique=True, **_partial(LIVE_SQL)),
+    sa.Index("ix_tasks_business_key", "business_pk", "business_id"),
+    sa.Index("ix_tasks_business_list", "business_pk", "id"),
+    sa.Index("ix_tasks_business_status", "business_pk", "status", "id"),
+    sa.Index("ix_tasks_status", "status", "id"),
+    sa.Index("ix_tasks_host", "host", "id"),
+    sa.Index("ix_tasks_created_at", "created_at"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", BigID, primary_key=True),
+    sa.Column("task_id", BigID, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("number", sa.SmallInteger, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=True),
+    sa.Column("request", JSON, nullable=True),
+    sa.Column("response", JSON, nullable=True),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("worker", sa.String(100), nullable=True),
+    sa.Index("ix_attempts_task", "task_id", "number"),
+)
+
+host_policies = sa.Table(
+    "host_policies",
+    metadata,
+    sa.Column("host", sa.String(300), primary_key=True),
+    sa.Column("rate_per_second", sa.Float, nullable=True),
+    sa.Column("burst", sa.Integer, nullable=True),
+    sa.Column("max_in_flight", sa.Integer, nullable=True),
+    sa.Column("breaker_failures", sa.Integer, nullable=True),
+    sa.Column("breaker_ratio", sa.Float, nullable=True),
+    sa.Column("breaker_window", sa.Integer, nullable=True),
+    sa.Column("breaker_cooldown", sa.Float, nullable=True),
+    sa.Column("paused_until", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", BigID, primary_key=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target_type", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(300), nullable=False),
+    sa.Column("business_pk", sa.Integer, nullable=True),
+    sa.Column("details", JSON, nullable=True),
+    sa.Index("ix_audit_log_at", "at"),
+)

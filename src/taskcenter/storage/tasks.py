@@ -1,0 +1,164 @@
+"""Task rows: insert (alone, in batches, or inside a caller's transaction), read, list, and guarded changes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskcenter.errors import DuplicateTask
+from taskcenter.storage.schema import LIVE_SQL, attempts, businesses, tasks
+
+_LIVE = sa.text(LIVE_SQL)
+
+
+def insert_statement(dialect: str, rows: Sequence[Mapping[str, Any]]) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING`` against the live-``business_id`` unique index.
+
+    Rows that collide with a live task come back missing from the RETURNING set instead of aborting the
+    transaction, which matters when the insert runs inside the caller's own transaction (outbox).
+    """
+    ins = postgresql.insert(tasks) if dialect == "postgresql" else sqlite.insert(tasks)
+    return (
+        ins.values(list(rows))
+        .on_conflict_do_nothing(index_elements=[tasks.c.business_pk, tasks.c.business_id], index_where=_LIVE)
+        .returning(tasks.c.id, tasks.c.uuid, tasks.c.business_id)
+    )
+
+
+def insert_one_statement(dialect: str) -> Any:
+    """The single-row form of :func:`insert_statement`, with bound parameters (one compiled statement, reused)."""
+    ins = postgresql.insert(tasks) if dialect == "postgresql" else sqlite.insert(tasks)
+    return ins.on_conflict_do_nothing(
+        index_elements=[tasks.c.business_pk, tasks.c.business_id], index_where=_LIVE
+    ).returning(tasks.c.id, tasks.c.uuid, tasks.c.business_id)
+
+
+def insert_row(conn: sa.Connection, row: dict[str, Any], *, notify_channel: str | None = None) -> int:
+    """Insert one prepared task row on a *sync* connection (async callers use ``run_sync``); returns its id.
+
+    One implementation for every create path: the API, the async library, and the sync library inside the
+    caller's own transaction (outbox). Raises :class:`DuplicateTask` if ``business_id`` is live already; the
+    transaction stays usable because the conflict is skipped, not raised by the database.
+    """
+    dialect = conn.dialect.name
+    inserted = conn.execute(insert_one_statement(dialect), row).first()
+    if inserted is None:
+        existing = conn.execute(
+            sa.select(tasks.c.uuid).where(
+                tasks.c.business_pk == row["business_pk"], tasks.c.business_id == row["business_id"], _LIVE
+            )
+        ).scalar()
+        raise DuplicateTask(
+            f"business_id {row['business_id']!r} already has a live task {existing}",
+            existing_id=str(existing) if existing else None,
+        )
+    if notify_channel and dialect == "postgresql":
+        # Delivered at commit, so a rolled-back outbox insert wakes nobody.
+        conn.execute(sa.select(sa.func.pg_notify(notify_channel, "")))
+    return int(inserted.id)
+
+
+async def live_task_uuid(conn: AsyncConnection, business_pk: int, business_id: str) -> str | None:
+    """The UUID of the live task holding ``business_id`` in this business, if any."""
+    return (  # type: ignore[no-any-return]
+        await conn.execute(
+            sa.select(tasks.c.uuid).where(tasks.c.business_pk == business_pk, tasks.c.business_id == business_id, _LIVE)
+        )
+    ).scalar()
+
+
+async def count_live(conn: AsyncConnection, business_pk: int) -> int:
+    """How many live (pending, processing, retrying) tasks a business has."""
+    return int(
+        (
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(tasks).where(tasks.c.business_pk == business_pk, _LIVE)
+            )
+        ).scalar_one()
+    )
+
+
+def _select_task() -> sa.Select[Any]:
+    return sa.select(tasks, businesses.c.code.label("business_code")).join(
+        businesses, businesses.c.id == tasks.c.business_pk
+    )
+
+
+async def get(
+    conn: AsyncConnection, *, uuid: str | None = None, row_id: int | None = None, business_pk: int | None = None
+) -> sa.RowMapping | None:
+    """One task by UUID or numeric id, optionally only within one business."""
+    stmt = _select_task()
+    if uuid is not None:
+        stmt = stmt.where(tasks.c.uuid == uuid)
+    elif row_id is not None:
+        stmt = stmt.where(tasks.c.id == row_id)
+    else:
+        raise ValueError("give uuid or row_id")
+    if business_pk is not None:
+        stmt = stmt.where(tasks.c.business_pk == business_pk)
+    return (await conn.execute(stmt)).mappings().first()
+
+
+async def get_by_business_id(conn: AsyncConnection, business_pk: int, business_id: str) -> sa.RowMapping | None:
+    """The task with this ``business_id``: the live one if any, else the newest."""
+    stmt = (
+        _select_task()
+        .where(tasks.c.business_pk == business_pk, tasks.c.business_id == business_id)
+        .order_by(sa.case((_LIVE, 0), else_=1), tasks.c.id.desc())
+        .limit(1)
+    )
+    return (await conn.execute(stmt)).mappings().first()
+
+
+async def list_tasks(
+    conn: AsyncConnection,
+    *,
+    business_pk: int | None = None,
+    status: Sequence[str] | None = None,
+    host: str | None = None,
+    business_id: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[sa.RowMapping]:
+    """Newest first by row id; ``before_id`` is the keyset cursor, stable under concurrent inserts."""
+    stmt = _select_task()
+    if business_pk is not None:
+        stmt = stmt.where(tasks.c.business_pk == business_pk)
+    if status:
+        stmt = stmt.where(tasks.c.status.in_(list(status)))
+    if host:
+        stmt = stmt.where(tasks.c.host == host)
+    if business_id:
+        stmt = stmt.where(tasks.c.business_id == business_id)
+    if created_after:
+        stmt = stmt.where(tasks.c.created_at >= created_after)
+    if created_before:
+        stmt = stmt.where(tasks.c.created_at < created_before)
+    if before_id is not None:
+        stmt = stmt.where(tasks.c.id < before_id)
+    stmt = stmt.order_by(tasks.c.id.desc()).limit(limit)
+    return list((await conn.execute(stmt)).mappings().all())
+
+
+async def list_attempts(conn: AsyncConnection, task_id: int) -> list[sa.RowMapping]:
+    """A task's attempts, oldest first."""
+    stmt = sa.select(attempts).where(attempts.c.task_id == task_id).order_by(attempts.c.number, attempts.c.id)
+    return list((await conn.execute(stmt)).mappings().all())
+
+
+async def change(
+    conn: AsyncConnection, task_id: int, *, expected: Sequence[str], values: Mapping[str, Any]
+) -> bool:
+    """Compare-and-set: apply ``values`` only if the task's status is still one of ``expected``."""
+    result = await conn.execute(
+        sa.update(tasks).where(tasks.c.id == task_id, tasks.c.status.in_(list(expected))).values(**values)
+    )
+    return bool(result.rowcount)

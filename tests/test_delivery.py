@@ -1,0 +1,121 @@
+"""End to end: tasks stored, claimed, sent to a real loopback receiver, retried, recorded — on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from taskcenter.dispatcher import Dispatcher
+from taskcenter.runtime import Runtime
+from taskcenter.service import Business
+from tests.receiver import Receiver, Reply
+
+
+@contextlib.asynccontextmanager
+async def running(rt: Runtime, **kwargs: object) -> AsyncIterator[Dispatcher]:
+    dispatcher = rt.dispatcher(**kwargs)  # type: ignore[arg-type]
+    task = asyncio.create_task(rt.run_dispatcher(dispatcher))
+    try:
+        yield dispatcher
+    finally:
+        dispatcher.stop()
+        await asyncio.wait_for(task, timeout=15)
+
+
+async def wait_status(rt: Runtime, biz: Business, task_id: str, *statuses: str, timeout: float = 10) -> str:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        task = await rt.service.get_task(biz, task_id)
+        if task.status in statuses:
+            return task.status
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"task stayed {task.status}, expected {statuses}")
+        await asyncio.sleep(0.05)
+
+
+async def test_task_is_delivered_with_the_added_headers(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    task = await runtime.service.create_task(
+        biz, {"business_id": "order-1", "url": receiver.url("/hook"), "json": {"order": 1}, "headers": {"X-A": "b"}}
+    )
+    async with running(runtime):
+        [req] = await receiver.wait_for(1, "/hook", timeout=10)
+        await wait_status(runtime, biz, task.id, "succeeded")
+    assert req.method == "POST"
+    assert req.json() == {"order": 1}
+    assert req.headers["Content-Type"] == "application/json"
+    assert req.headers["Idempotency-Key"] == task.id
+    assert req.headers["X-Task-Id"] == task.id
+    assert req.headers["X-Task-Attempt"] == "1"
+    assert req.headers["X-Business-Id"] == "order-1"
+    assert req.headers["X-A"] == "b"
+    assert req.headers["User-Agent"].startswith("taskcenter/")
+    done = await runtime.service.get_task(biz, task.id)
+    assert done.attempts == 1 and done.outcome == "success" and done.finished_at is not None
+    [attempt] = await runtime.service.attempts(biz, task.id)
+    assert attempt.outcome == "success" and attempt.response and attempt.response["status_code"] == 200
+
+
+async def test_server_error_is_retried_then_succeeds(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    receiver.script("/flaky", Reply(status=503), Reply(status=500), Reply(status=200))
+    task = await runtime.service.create_task(
+        biz,
+        {"business_id": "b1", "url": receiver.url("/flaky"), "retry": {"strategy": "intervals", "intervals": [0.1, 0.1]}},
+    )
+    async with running(runtime):
+        await wait_status(runtime, biz, task.id, "succeeded")
+    attempts = await runtime.service.attempts(biz, task.id)
+    assert [a.outcome for a in attempts] == ["server_error", "server_error", "success"]
+    assert [r.headers["X-Task-Attempt"] for r in receiver.requests_for("/flaky")] == ["1", "2", "3"]
+
+
+async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    receiver.set_default(Reply(status=502), "/down")
+    task = await runtime.service.create_task(
+        biz, {"business_id": "b2", "url": receiver.url("/down"), "retry": {"strategy": "intervals", "intervals": [0.05]}}
+    )
+    async with running(runtime):
+        await wait_status(runtime, biz, task.id, "failed")
+    done = await runtime.service.get_task(biz, task.id)
+    assert done.attempts == 2 and done.outcome == "server_error"
+    assert done.last_response is not None and done.last_response["status_code"] == 502
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        (Reply(status=404), "client_error"),
+        (Reply(status=410), "stopped"),
+        (Reply(status=500, headers={"X-Task-Retry": "stop"}), "stopped"),
+    ],
+)
+async def test_final_answers_fail_at_once(runtime: Runtime, receiver: Receiver, reply: Reply, outcome: str) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    receiver.script("/final", reply)
+    task = await runtime.service.create_task(biz, {"business_id": "f", "url": receiver.url("/final")})
+    async with running(runtime):
+        await wait_status(runtime, biz, task.id, "failed")
+    done = await runtime.service.get_task(biz, task.id)
+    assert done.attempts == 1 and done.outcome == outcome
+
+
+async def test_many_tasks_are_each_delivered_once(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    items = [{"business_id": f"k{i}", "url": receiver.url("/bulk"), "json": {"i": i}} for i in range(300)]
+    results = await runtime.service.create_tasks(biz, items)
+    assert all(r["status"] == 201 for r in results)
+    async with running(runtime, concurrency=20) as dispatcher:
+        await receiver.wait_for(300, "/bulk", timeout=30)
+        for _ in range(100):
+            if dispatcher.delivered == 300:
+                break
+            await asyncio.sleep(0.05)
+    seen = sorted(r.json()["i"] for r in receiver.requests_for("/bulk"))
+    assert seen == list(range(300))
+    page, _ = await runtime.service.list_tasks(biz, status=["succeeded"], limit=500)
+    assert len(page) == 300
