@@ -172,7 +172,6 @@ class Receiver:
         self._path_defaults: dict[str, Reply] = {}
         self._arrival = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self._open_transports: set[asyncio.BaseTransport] = set()
 
     async def start(self) -> None:
         """Bind and serve."""
@@ -189,9 +188,6 @@ class Receiver:
         """Stop serving; requests still held are cut off."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            # Handlers still holding a request would otherwise outlive the server with their sockets open.
-            for transport in self._open_transports:
-                transport.abort()  # type: ignore[attr-defined]
             await runner.cleanup()
 
     async def __aenter__(self) -> Self:
@@ -295,14 +291,10 @@ class Receiver:
         reply = self._next_reply(request.path)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        transport = request.transport
-        if transport is not None:
-            self._open_transports.add(transport)
         try:
             return await self._answer(request, reply)
         finally:
             self.in_flight -= 1
-            self._open_transports.discard(transport)  # type: ignore[arg-type]
 
     async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.delay_s:

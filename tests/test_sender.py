@@ -17,7 +17,6 @@ from taskcenter.errors import ValidationError
 from taskcenter.sender import HttpConfig, OutboundRequest, Sender
 from taskcenter.ssrf import GuardPolicy
 from tests.receiver import Receiver, Reply, StaticResolver
-from tests.receiver import receiver as receiver  # the fixture, until conftest.py provides it
 
 NAMES = ("hook.test", "other.test", "internal.test")
 LOOPBACK_ONLY = GuardPolicy.from_lists(["127.0.0.0/8"])
@@ -328,6 +327,7 @@ async def test_guard_blocks_redirect_hop_to_forbidden_name(sender: Sender, recei
     guard = GuardPolicy.from_lists(allow_hosts=["hook.test"])
     result = await sender.send(request(named_url(receiver, "/start"), guard=guard, follow_redirects=True))
     assert (result.status_code, result.error_kind) == (None, "blocked")
+    assert result.final_url == named_url(receiver, "/secret", "internal.test")
     assert [r.path for r in receiver.requests] == ["/start"]
 
 

@@ -26,6 +26,7 @@ from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.errors import PermanentFailure, StorageError
 from taskcenter.events import EventBus
+from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
@@ -63,6 +64,7 @@ class Dispatcher:
     rng: random.Random = field(default_factory=random.Random)
     name: str = field(default_factory=worker_name)
     lease_s: float = LEASE_S
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
@@ -147,8 +149,10 @@ class Dispatcher:
                 log.warning("claim failed, retrying: %s", exc)
                 await self._sleep(1.0)
                 continue
+            self.metrics.claimed.inc(len(rows))
             for row in rows:
                 self._start(row)
+            self.metrics.in_flight.set(len(self._sending))
             if len(rows) == limit:
                 continue
             await self._sleep(await self._until_next_due())
@@ -285,6 +289,11 @@ class Dispatcher:
             rng=self.rng,
         )
         last_response = dict(response, duration_ms=duration_ms) if response is not None else None
+        self.metrics.attempts.labels(decision.outcome.value).inc()
+        if duration_ms is not None:
+            self.metrics.attempt_seconds.observe(duration_ms / 1000)
+        if decision.finished_at is not None:
+            self.metrics.finished.labels(decision.status.value).inc()
         self._results.append(
             queue.Finished(
                 task_id=row["id"],

@@ -17,6 +17,7 @@ from taskcenter.config import GuardConfig, Settings
 from taskcenter.crypto import SecretBox
 from taskcenter.dispatcher import Dispatcher
 from taskcenter.events import EventBus
+from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import HttpConfig, Sender
 from taskcenter.service import Notifier, TaskService, utcnow
@@ -96,6 +97,7 @@ class Runtime:
         self.processors = processors or ProcessorRegistry()
         self.events = events or EventBus()
         self.notifier = Notifier()
+        self.metrics = Metrics()
         self.clock = clock
         self.service = TaskService(
             db=self.db,
@@ -139,6 +141,7 @@ class Runtime:
             signer=self.policies.signer,
             user_agent=USER_AGENT,
             clock=self.clock,
+            metrics=self.metrics,
         )
 
     async def run_dispatcher(self, dispatcher: Dispatcher) -> None:

@@ -51,7 +51,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # bytes, Content-Type: application/octet-stream.
 _SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type"})
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "transfer-encoding"})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HTTP_SCHEMES = frozenset({"http", "https"})
 _TIMEOUT_CACHE_SIZE = 64
 
 
@@ -245,17 +245,17 @@ class Sender:
                         target = url.join(URL(location))
                     except ValueError:
                         target = None
-                    if target is None or target.scheme not in _DEFAULT_PORTS or not target.raw_host:
+                    if target is None or target.scheme not in _HTTP_SCHEMES or not target.raw_host:
                         error = f"redirect not followed: unsupported location {location!r}"
                         return _result(resp, raw, truncated, started, error, url)
+                previous, url = url, target
                 if guard is not None:
-                    check_url(target, guard)
+                    check_url(url, guard)
                 if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
                     method, body = "GET", None
                     headers = {k: v for k, v in headers.items() if k.lower() not in _BODY_HEADERS}
-                if _origin_changed(url, target):
+                if _origin_changed(previous, url):
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-                url = target
                 redirects += 1
                 timeout = ClientTimeout(
                     total=max(deadline - time.perf_counter(), 0.001),

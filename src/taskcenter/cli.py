@@ -1,0 +1,367 @@
+"""The ``taskcenter`` command line: run the service and the dispatcher, migrate, and manage tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from taskcenter import __version__
+from taskcenter.config import Settings, load_settings
+from taskcenter.domain.task import Task, rfc3339
+from taskcenter.errors import TaskCenterError
+from taskcenter.logs import setup_logging
+from taskcenter.runtime import Runtime
+
+T = TypeVar("T")
+app = typer.Typer(
+    name="taskcenter",
+    help="Reliable, scheduled, throttled delivery of outbound HTTP requests.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+task_app = typer.Typer(help="Create, inspect, cancel and retry tasks.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+app.add_typer(config_app, name="config")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="A taskcenter.toml file (default: ./taskcenter.toml).")
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    if config is not None and not config.is_file():
+        err.print(f"[red]error:[/red] config file {config} does not exist", highlight=False)
+        raise typer.Exit(2)
+    try:
+        return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except TaskCenterError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when available; TaskCenterError becomes one line and exit code 1."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we run on
+        factory = None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+    except TaskCenterError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _with_runtime(settings: Settings, work: Callable[[Runtime], Coroutine[Any, Any, T]]) -> T:
+    rt = Runtime(settings)
+    try:
+        await rt.start()
+        return await work(rt)
+    finally:
+        await rt.close()
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"taskcenter {__version__}")
+        raise typer.Exit()
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (TASKCENTER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (TASKCENTER_PORT).")] = None,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="API only: run no dispatcher here.")] = False,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the REST API and (unless --no-worker) the dispatcher in one process."""
+    settings = _settings(config, host=host, port=port, concurrency=concurrency)
+    setup_logging(settings.log_level, settings.log_format)
+    _run(_serve(settings, with_worker=not no_worker))
+
+
+class _Server:
+    """uvicorn without its own signal handling: this process decides how to shut down (dispatcher first)."""
+
+    def __init__(self, app_: Any, settings: Settings) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Any:
+                yield
+
+        self.server = Server(
+            uvicorn.Config(
+                app_, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="off"
+            )
+        )
+
+    async def serve(self) -> None:
+        await self.server.serve()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+async def _serve(settings: Settings, *, with_worker: bool) -> None:
+    from taskcenter.api import create_app
+
+    async def work(rt: Runtime) -> None:
+        server = _Server(create_app(rt), settings)
+        dispatcher = rt.dispatcher() if with_worker else None
+
+        def stop() -> None:
+            server.stop()
+            if dispatcher is not None:
+                dispatcher.stop()
+
+        _stop_on_signals(stop)
+        jobs = [asyncio.create_task(server.serve())]
+        if dispatcher is not None:
+            jobs.append(asyncio.create_task(rt.run_dispatcher(dispatcher)))
+        err.print(
+            f"taskcenter {__version__} serving on http://{settings.host}:{settings.port} "
+            f"({'API + dispatcher' if with_worker else 'API only'}, {rt.db.dialect})",
+            highlight=False,
+        )
+        done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.gather(*jobs)
+        for job in done:
+            job.result()
+
+    await _with_runtime(settings, work)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a dispatcher only (scale out: any number of these on one PostgreSQL database)."""
+    settings = _settings(config, concurrency=concurrency)
+    setup_logging(settings.log_level, settings.log_format)
+
+    async def work(rt: Runtime) -> None:
+        dispatcher = rt.dispatcher()
+        _stop_on_signals(dispatcher.stop)
+        err.print(f"taskcenter worker {dispatcher.name} on {rt.db.dialect}", highlight=False)
+        await rt.run_dispatcher(dispatcher)
+
+    _run(_with_runtime(settings, work))
+
+
+@app.command()
+def migrate(config: ConfigOpt = None) -> None:
+    """Bring the database schema up to date."""
+    settings = _settings(config)
+
+    async def work() -> tuple[str | None, str | None]:
+        rt = Runtime(settings)
+        try:
+            return await rt.db.migrate()
+        finally:
+            await rt.close()
+
+    before, after = _run(work())
+    if before == after:
+        out.print(f"schema already at {after}")
+    else:
+        out.print(f"schema migrated from {before or 'nothing'} to {after}")
+
+
+# -- tasks ----------------------------------------------------------------------------------------------
+
+
+def _task_table(tasks: list[Task]) -> Table:
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("id", "business", "business_id", "status", "attempts", "target", "next attempt", "created"):
+        table.add_column(col, overflow="fold")
+    colours = {"succeeded": "green", "failed": "red", "cancelled": "dim", "retrying": "yellow"}
+    for t in tasks:
+        target = t.request["url"] if t.request else t.type
+        table.add_row(
+            str(t.row_id),
+            t.business_code,
+            t.business_id,
+            f"[{colours.get(t.status, 'cyan')}]{t.status}[/]",
+            f"{t.attempts}/{t.max_attempts}",
+            target,
+            rfc3339(t.next_attempt_at) or "-",
+            rfc3339(t.created_at) or "",
+        )
+    return table
+
+
+def _print_task(task: Task, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(task.to_dict()))
+        return
+    data = task.to_dict()
+    for key in ("id", "row_id", "business_code", "business_id", "type", "status", "outcome", "attempts",
+                "max_attempts", "priority", "next_attempt_at", "last_attempt_at", "finished_at", "last_error"):  # fmt: skip
+        out.print(f"[bold]{key:>16}[/] {data[key] if data[key] is not None else '-'}", highlight=False)
+    if task.request:
+        out.print(f"[bold]{'request':>16}[/] {task.request['method']} {task.request['url']}", highlight=False)
+    if task.last_response:
+        out.print(f"[bold]{'last response':>16}[/] {task.last_response.get('status_code')}", highlight=False)
+
+
+@task_app.command("create")
+def task_create(
+    url: Annotated[str, typer.Argument(help="Where to send the request.")],
+    business: Annotated[str, typer.Option("--business", "-b", help="Business system code.")],
+    business_id: Annotated[str, typer.Option("--business-id", "-k", help="Your unique key for the task.")],
+    method: Annotated[str, typer.Option("--method", "-X")] = "POST",
+    json_body: Annotated[str | None, typer.Option("--json", help="JSON body.")] = None,
+    header: Annotated[list[str] | None, typer.Option("--header", "-H", help="'Name: value', repeatable.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Seconds to wait before the first attempt.")] = None,
+    priority: Annotated[int | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--output-json", help="Print the task as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a task."""
+    data: dict[str, Any] = {"business_id": business_id, "method": method, "url": url}
+    if json_body is not None:
+        try:
+            data["json"] = json.loads(json_body)
+        except json.JSONDecodeError as exc:
+            err.print(f"[red]error:[/red] --json is not valid JSON: {exc}", highlight=False)
+            raise typer.Exit(2) from None
+    if header:
+        headers = {}
+        for h in header:
+            name, sep, value = h.partition(":")
+            if not sep:
+                err.print(f"[red]error:[/red] header {h!r} must look like 'Name: value'", highlight=False)
+                raise typer.Exit(2)
+            headers[name.strip()] = value.strip()
+        data["headers"] = headers
+    if delay is not None:
+        data["delay"] = delay
+    if priority is not None:
+        data["priority"] = priority
+
+    async def work(rt: Runtime) -> Task:
+        return await rt.service.create_task(await rt.service.business(business), data)
+
+    _print_task(_run(_with_runtime(_settings(config), work)), as_json)
+
+
+@task_app.command("show")
+def task_show(
+    task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")],
+    attempts: Annotated[bool, typer.Option("--attempts", "-a", help="Also list the attempts.")] = False,
+    as_json: Annotated[bool, typer.Option("--output-json", help="Print as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show one task (and its attempts)."""
+
+    async def work(rt: Runtime) -> tuple[Task, list[Any]]:
+        task = await rt.service.get_task(None, task_id)
+        return task, (await rt.service.attempts(None, task_id) if attempts else [])
+
+    task, tries = _run(_with_runtime(_settings(config), work))
+    if as_json:
+        data = task.to_dict()
+        if attempts:
+            data["attempts_list"] = [a.to_dict() for a in tries]
+        out.print_json(json.dumps(data))
+        return
+    _print_task(task, False)
+    if tries:
+        table = Table("#", "started", "ms", "outcome", "status", "error", show_edge=False, header_style="bold")
+        for a in tries:
+            code = a.response.get("status_code") if a.response else None
+            table.add_row(str(a.number), rfc3339(a.started_at) or "", str(a.duration_ms or ""), a.outcome,
+                          str(code or "-"), a.error or "")  # fmt: skip
+        out.print(table)
+
+
+@task_app.command("list")
+def task_list(
+    status: Annotated[str | None, typer.Option(help="Comma-separated statuses.")] = None,
+    business: Annotated[str | None, typer.Option("--business", "-b")] = None,
+    host: Annotated[str | None, typer.Option(help="host:port")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List tasks, newest first."""
+
+    async def work(rt: Runtime) -> tuple[list[Task], str | None]:
+        biz = await rt.service.business(business) if business else None
+        statuses = [s.strip() for s in status.split(",")] if status else None
+        return await rt.service.list_tasks(biz, status=statuses, host=host, cursor=cursor, limit=limit)
+
+    tasks, next_cursor = _run(_with_runtime(_settings(config), work))
+    out.print(_task_table(tasks))
+    if next_cursor:
+        out.print(f"more: --cursor {next_cursor}", highlight=False)
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")], config: ConfigOpt = None
+) -> None:
+    """Cancel a task that has not finished."""
+    task = _run(_with_runtime(_settings(config), lambda rt: rt.service.cancel(None, task_id)))
+    out.print(f"task {task.id} is {task.status}", highlight=False)
+
+
+@task_app.command("retry")
+def task_retry(
+    task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")], config: ConfigOpt = None
+) -> None:
+    """Send a failed or cancelled task again, with a renewed attempt budget (was http-request-task:retry)."""
+    task = _run(_with_runtime(_settings(config), lambda rt: rt.service.retry(None, task_id)))
+    out.print(f"task {task.id} is {task.status} again ({task.max_attempts - task.attempts} attempts)", highlight=False)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective settings, secrets masked."""
+    out.print_json(json.dumps(_settings(config).masked(), default=str))
+
+
+def main() -> None:
+    """Entry point of the ``taskcenter`` script."""
+    try:
+        app()
+    except TaskCenterError as exc:  # e.g. a bad setting found while loading
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        sys.exit(1)
