@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from taskcenter.config import Settings
 from taskcenter.runtime import Runtime
@@ -44,8 +45,12 @@ async def _pg_reachable(url: str) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
-    """The PostgreSQL test database, migrated once per session. Skips without one, fails if CI requires it."""
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of this test session's own, migrated once, dropped at the end.
+
+    It is made next to the one TASKCENTER_TEST_PG_URL names, so concurrent test runs never share tables.
+    Skips without TASKCENTER_TEST_PG_URL, fails instead when TASKCENTER_REQUIRE_PG=1 (CI).
+    """
     if not PG_URL:
         if REQUIRE_PG:
             pytest.fail("TASKCENTER_REQUIRE_PG=1 but TASKCENTER_TEST_PG_URL is not set")
@@ -55,17 +60,27 @@ def pg_url() -> str:
         if REQUIRE_PG:
             pytest.fail(f"PostgreSQL required but unreachable: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")
+    base = sa.make_url(PG_URL)
+    name = f"{base.database}_s{os.getpid()}"
+    admin_url = base.set(drivername="postgresql+asyncpg", database="postgres")
 
-    async def reset() -> None:
-        db = Database(PG_URL)
-        async with db.write() as conn:
-            await conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
-            await conn.execute(sa.text("CREATE SCHEMA public"))
+    async def admin(sql: str) -> None:
+        engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(sql))
+        await engine.dispose()
+
+    async def create() -> None:
+        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin(f'CREATE DATABASE "{name}"')
+        db = Database(url)
         await db.migrate()
         await db.close()
 
-    asyncio.run(reset())
-    return PG_URL
+    url = base.set(database=name).render_as_string(hide_password=False)
+    asyncio.run(create())
+    yield url
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     """Most tasks claimed in one statement."""
     poll_interval_s: float = Field(default=5.0, gt=0, le=300)
     """Longest sleep between looks at the queue when no wake-up arrives."""
-    lease_margin_s: float = Field(default=30.0, ge=1, le=3600)
-    """A claim's lease lasts the task's timeout plus this margin."""
+    lease_s: float = Field(default=20.0, ge=1, le=3600)
+    """A claim's lease; a running dispatcher renews it every quarter of that while the attempt is in flight.
+    A dispatcher that dies leaves its tasks to be rescued this long after its last renewal."""
     rescue_interval_s: float = Field(default=2.0, gt=0, le=300)
     """How often expired leases are looked for."""
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
             concurrency=self.concurrency,
             claim_batch=self.claim_batch,
             poll_interval_s=self.poll_interval_s,
-            lease_margin_s=self.lease_margin_s,
+            lease_s=self.lease_s,
             rescue_interval_s=self.rescue_interval_s,
             shutdown_grace_s=self.shutdown_grace_s,
             max_response_bytes=self.max_response_bytes,
@@ -159,8 +160,8 @@ class DispatchConfig:
     """Most tasks claimed in one statement."""
     poll_interval_s: float = 5.0
     """Longest sleep without a wake-up."""
-    lease_margin_s: float = 30.0
-    """Lease = task timeout + this."""
+    lease_s: float = 20.0
+    """Lease of a claim, renewed by heartbeats."""
     rescue_interval_s: float = 2.0
     """How often expired leases are rescued."""
     shutdown_grace_s: float = 10.0

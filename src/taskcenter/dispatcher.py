@@ -35,7 +35,6 @@ from taskcenter.storage import queue
 from taskcenter.storage.database import Database
 
 log = logging.getLogger("taskcenter.dispatcher")
-LEASE_S = 20.0
 MAX_STORED_REQUEST_BODY = 65536
 
 
@@ -63,7 +62,6 @@ class Dispatcher:
     clock: Callable[[], datetime] = utcnow
     rng: random.Random = field(default_factory=random.Random)
     name: str = field(default_factory=worker_name)
-    lease_s: float = LEASE_S
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
@@ -121,9 +119,9 @@ class Dispatcher:
             for task in not_done:
                 task.cancel()
             await asyncio.gather(*not_done, return_exceptions=True)
-        # Whatever was claimed but has no result goes back to the queue, due now, no attempt charged.
-        written = {r.task_id for r in self._results}
-        unsent = [i for i in self._held if i not in written]
+        # Whatever was claimed but never started goes back to the queue, due now, no attempt charged.
+        recorded = {r.task_id for r in self._results}
+        unsent = [i for i in self._held if i not in recorded]
         if unsent:
             with contextlib.suppress(StorageError):
                 await queue.release(self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent])
@@ -144,7 +142,7 @@ class Dispatcher:
             self._wake.clear()
             limit = min(free, cfg.claim_batch)
             try:
-                rows = await queue.claim(self.db, worker=self.name, now=self.clock(), limit=limit, lease_s=self.lease_s)
+                rows = await queue.claim(self.db, worker=self.name, now=self.clock(), limit=limit, lease_s=self.config.lease_s)
             except StorageError as exc:
                 log.warning("claim failed, retrying: %s", exc)
                 await self._sleep(1.0)
@@ -201,6 +199,14 @@ class Dispatcher:
             else:
                 attempt, result_value, duration = await self._process(row)
                 response = {"result": result_value} if result_value is not None else None
+        except asyncio.CancelledError:
+            # Shutdown cut this attempt off after the grace period: the receiver may have got it, so it counts.
+            self._record(
+                row, number, started,
+                AttemptResult(error_kind="interrupted", error="worker shut down before the response arrived"),
+                request_record, None, None, None,
+            )  # fmt: skip
+            raise
         except Exception as exc:  # a bug must not leave the task leased forever: record it as a failed try
             log.exception("attempt of task %s crashed", row["uuid"])
             attempt = AttemptResult(error_kind="network_error", error=f"internal error: {exc!r}"[:500])
@@ -392,7 +398,7 @@ class Dispatcher:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_s / 4)
+            await asyncio.sleep(self.config.lease_s / 4)
             if not self._held:
                 continue
             try:
@@ -400,7 +406,7 @@ class Dispatcher:
                     self.db,
                     worker=self.name,
                     ids=list(self._held),
-                    until=self.clock() + timedelta(seconds=self.lease_s),
+                    until=self.clock() + timedelta(seconds=self.config.lease_s),
                 )
             except StorageError as exc:
                 log.warning("lease heartbeat failed: %s", exc)

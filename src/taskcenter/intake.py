@@ -89,7 +89,10 @@ def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | 
             raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at")
         if at.tzinfo is None:
             raise ValidationError("scheduled_at needs a time zone (e.g. Z)", field="scheduled_at")
-        at = at.astimezone(UTC)
+        try:
+            at = at.astimezone(UTC)
+        except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC form
+            raise ValidationError("scheduled_at is out of range", field="scheduled_at") from exc
         if at - now > timedelta(seconds=MAX_DELAY_S):
             raise ValidationError("scheduled_at is more than a year ahead", field="scheduled_at")
         return max(at, now), at
@@ -115,7 +118,8 @@ def _notify(value: Any) -> dict[str, Any] | None:
     if not out:
         raise ValidationError("notify needs a url or an email", field="notify")
     on = value.get("on", ["succeeded", "failed"])
-    if not isinstance(on, list) or not on or not set(on) <= NOTIFY_EVENTS:
+    # Each entry checked on its own: set(on) would raise TypeError on an unhashable one.
+    if not isinstance(on, list) or not on or not all(isinstance(e, str) and e in NOTIFY_EVENTS for e in on):
         raise ValidationError(f"notify.on must list some of {', '.join(sorted(NOTIFY_EVENTS))}", field="notify.on")
     out["on"] = sorted(set(on))
     return out
@@ -124,7 +128,7 @@ def _notify(value: Any) -> dict[str, Any] | None:
 def _business_id(value: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > 255:
         raise ValidationError("business_id must be a string of 1 to 255 characters", field="business_id")
-    if any(ord(c) < 32 for c in value):
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
         raise ValidationError("business_id contains control characters", field="business_id")
     return value
 

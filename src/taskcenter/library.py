@@ -1,4 +1,5 @@
-"""``TaskCenter``: taskcenter inside a Python application, async first, with a sync surface over the same code.
+"""``TaskCenter``: taskcenter inside a Python application, async first, with a sync surface over the same
+code.
 
 The sync methods run the async ones on a private event loop in a background thread, so Django, Flask and
 scripts get exactly the behaviour of the async API rather than a second implementation.
@@ -126,12 +127,15 @@ class TaskCenter:
             self._business = await self.runtime.service.ensure_business(self.business_code)
         return self._business
 
-    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="taskcenter-loop", daemon=True)
             self._thread.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._running_loop()).result()
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -147,7 +151,7 @@ class TaskCenter:
         return register
 
     def on(self, event: str, handler: Handler) -> None:
-        """Call ``handler(event, data)`` on a lifecycle event: created, attempted, succeeded, failed, cancelled."""
+        """Call ``handler(event, data)`` on an event: created, attempted, succeeded, failed, cancelled."""
         self.events.on(event, handler)
 
     # -- async API ------------------------------------------------------------------------------------
@@ -243,24 +247,40 @@ class TaskCenter:
     # -- sync API (same code, run on the private loop) ------------------------------------------------
 
     def create_task(self, method: str | None = None, url: str | None = None, **kwargs: Any) -> Task:
-        """Create a task (see :meth:`acreate_task`). ``connection`` may be a *sync* SQLAlchemy ``Connection``."""
+        """Create a task (see :meth:`acreate_task`); ``connection`` may be a *sync* SQLAlchemy ``Connection``.
+
+        With a sync ``Connection`` the row is inserted on the caller's thread, inside its transaction.
+        """
         connection = kwargs.pop("connection", None)
         if isinstance(connection, sa.Connection):
             return self._create_in(connection, method, url, **kwargs)
         return self._sync(self.acreate_task(method, url, connection=connection, **kwargs))
 
     def _create_in(self, conn: sa.Connection, method: str | None, url: str | None, **kwargs: Any) -> Task:
-        business = self._sync(self._biz())
+        given: dict[str, Any] = {
+            "type": None, "payload": None, "headers": None, "json": _UNSET, "form": None, "body": None,
+            "content_type": None, "delay": None, "scheduled_at": None, "retry": None, "timeout": None,
+            "priority": None, "success_codes": None, "retry_on": None, "follow_redirects": False, "notify": None,
+            "metadata": None, **kwargs,
+        }  # fmt: skip
+        data = _task_data(method, url, **given)
+        business, row = self._sync(self._prepare(data))
         service = self.runtime.service
-        data = _task_data(method, url, **{"type": None, "payload": None, "headers": None, "json": _UNSET,
-                                          "form": None, "body": None, "content_type": None, "delay": None,
-                                          "scheduled_at": None, "retry": None, "timeout": None, "priority": None,
-                                          "success_codes": None, "retry_on": None, "follow_redirects": False,
-                                          "notify": None, "metadata": None, **kwargs})  # fmt: skip
-        row = service.prepare(business, data)
-        row["id"] = task_sql.insert_row(conn, row, notify_channel=NOTIFY_CHANNEL)
+        # The insert runs here, on the caller's thread and connection; only the I/O-free parts share the loop.
+        channel = NOTIFY_CHANNEL if service.needs_wakeup(row) else None
+        row["id"] = task_sql.insert_row(conn, row, notify_channel=channel)
         # The dispatcher of this process learns of it when the caller commits; it also polls.
-        return service._task_from_new_row(business, row)
+        task = service._task_from_new_row(business, row)
+        if self.events.wants("created"):
+            self._sync(self.events.emit("created", task.to_dict()))
+        return task
+
+    async def _prepare(self, data: dict[str, Any]) -> tuple[Business, dict[str, Any]]:
+        """Validate a create and check the active-task limit, as :meth:`TaskService.create_task` does."""
+        business = await self._biz()
+        row = self.runtime.service.prepare(business, data)
+        await self.runtime.service._check_active_limit(business, 1)
+        return business, row
 
     def get_task(self, task_id: str | int) -> Task:
         return self._sync(self.aget_task(task_id))
@@ -284,30 +304,47 @@ class TaskCenter:
         return self._sync(self.aretry(task_id))
 
     def run_worker(self, *, concurrency: int | None = None) -> None:
-        """Deliver tasks in this thread until SIGINT or SIGTERM, then shut down gracefully."""
+        """Deliver tasks until SIGINT or SIGTERM, then shut down gracefully and :meth:`close`.
 
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
+        The worker runs on the same private loop as the other sync methods: database connections opened by
+        an earlier ``create_task`` belong to that loop and cannot move to another. Signals are caught only
+        when called from the main thread (Python delivers them there).
+        """
+        stop = asyncio.Event()
+        loop = self._running_loop()
+
+        def on_signal(_signum: int, _frame: object) -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, stop.set)
-            try:
-                await self.arun_worker(concurrency=concurrency, stop=stop)
-            finally:
-                await self.aclose()
-
-        asyncio.run(main())
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self._sync(self.arun_worker(concurrency=concurrency, stop=stop))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
 
     def close(self) -> None:
+        """Close the database connections and stop the private loop (a later sync call starts a new one)."""
         if self._loop is not None:
-            self._sync(self.aclose())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._loop = None
+            loop, thread = self._loop, self._thread
+            try:
+                self._sync(self.aclose())
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                if thread is not None:
+                    thread.join(timeout=5)
+                if not loop.is_running():
+                    loop.close()
+                self._loop = self._thread = None
 
     def __enter__(self) -> TaskCenter:
+        # Start now (schema check, business registered), before the caller opens its own transactions: on
+        # SQLite a first use inside a transaction that already holds the write lock would wait for itself.
+        self._sync(self._biz())
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -37,7 +37,7 @@ class AttemptResult:
     """What an attempt produced, as the sender or a processor reports it.
 
     ``error_kind`` is ``None`` when a response arrived, else one of ``timeout``, ``network_error``,
-    ``blocked``, ``processor_error``, ``permanent_failure``.
+    ``blocked``, ``processor_error``, ``permanent_failure``, ``interrupted``.
     """
 
     status_code: int | None = None
@@ -88,6 +88,8 @@ def classify(
             return Classification(Outcome.STOPPED, False)
         if kind == "processor_error":
             return Classification(Outcome.SERVER_ERROR, True)
+        if kind == "interrupted":
+            return Classification(Outcome.INTERRUPTED, True)
         return Classification(Outcome.NETWORK_ERROR, True)
     code = result.status_code
     if code is None:
@@ -110,7 +112,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isdigit() alone also accepts digits such as "²" that float() refuses; delta-seconds are ASCII (RFC 9110).
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -150,6 +153,9 @@ def decide(
     outcome = classification.outcome
     if outcome is Outcome.SUCCESS:
         return Decision(TaskStatus.SUCCEEDED, outcome, None, now)
+    if outcome is Outcome.INTERRUPTED:
+        # Cut off by a shutdown or a lost worker: never the reason a task fails; it goes again at once.
+        return Decision(TaskStatus.RETRYING, outcome, now, None)
     pause: float | None = None
     if status_code in (429, 503):
         after = parse_retry_after(_header(headers, "Retry-After"), now)

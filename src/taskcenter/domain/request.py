@@ -65,7 +65,9 @@ def validate_url(url: Any, field: str = "url") -> str:
         raise ValidationError(f"{field} must be a non-empty string", field=field)
     if len(url) > MAX_URL_LENGTH:
         raise ValidationError(f"{field} is longer than {MAX_URL_LENGTH} characters", field=field)
-    if any(c in url for c in "\r\n\t\x00 "):
+    # Any C0 control or DEL, not only CR/LF/TAB/NUL: urlsplit silently drops some of them, so what is checked
+    # would differ from what is sent.
+    if any(c == " " or c == "\x7f" or c < " " for c in url):
         raise ValidationError(f"{field} contains whitespace or control characters", field=field)
     try:
         parts = urlsplit(url)
@@ -112,7 +114,13 @@ def encode_body(
     ``json`` is sent as ``application/json``; ``form`` as ``application/x-www-form-urlencoded``; ``body`` as raw
     text with ``content_type`` (XML fits here). ``has_json`` tells an explicit JSON ``null`` from no JSON.
     """
-    given = [n for n, v in (("json", has_json or json_body is not None), ("form", form), ("body", body)) if v]
+    # "is not None", not truthiness: an empty form {} or body "" is still a body that excludes the others.
+    present = (
+        ("json", has_json or json_body is not None),
+        ("form", form is not None),
+        ("body", body is not None),
+    )
+    given = [n for n, v in present if v]
     if len(given) > 1:
         raise ValidationError(f"give only one of json, form, body (got {', '.join(given)})", field=given[1])
     if content_type is not None and (not isinstance(content_type, str) or any(c in content_type for c in "\r\n")):

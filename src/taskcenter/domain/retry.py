@@ -17,11 +17,13 @@ Strategy = Literal["exponential", "fixed", "intervals"]
 
 
 def _number(data: Mapping[str, Any], key: str, default: float, *, lo: float, hi: float, field_: str) -> float:
+    """``data[key]`` as a float in ``[lo, hi]``; errors name ``field_.key`` (``field_`` if key is "")."""
     value = data.get(key, default)
+    where = f"{field_}.{key}" if key else field_
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{field_}.{key} must be a number", field=f"{field_}.{key}")
+        raise ValidationError(f"{where} must be a number", field=where)
     if not lo <= value <= hi:
-        raise ValidationError(f"{field_}.{key} must be between {lo:g} and {hi:g}", field=f"{field_}.{key}")
+        raise ValidationError(f"{where} must be between {lo:g} and {hi:g}", field=where)
     return float(value)
 
 
@@ -29,7 +31,9 @@ def _count(value: Any, *, field_: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(f"{field_} must be an integer", field=field_)
     if not 1 <= value <= MAX_ATTEMPTS:
-        raise ValidationError(f"{field_} must be between 1 and {MAX_ATTEMPTS} (at most 10 retries)", field=field_)
+        raise ValidationError(
+            f"{field_} must be between 1 and {MAX_ATTEMPTS} (at most 10 retries)", field=field_
+        )
     return value
 
 
@@ -58,16 +62,26 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.strategy not in ("exponential", "fixed", "intervals"):
-            raise ValidationError("retry.strategy must be exponential, fixed or intervals", field="retry.strategy")
+            raise ValidationError(
+                "retry.strategy must be exponential, fixed or intervals", field="retry.strategy"
+            )
         _count(self.max_attempts, field_="retry.max_attempts")
         if self.strategy == "intervals" and self.max_attempts != len(self.intervals) + 1:
             raise ValidationError(
                 "retry.max_attempts must equal len(intervals) + 1", field="retry.max_attempts"
             )
-        if not 0 <= self.jitter <= 1:
-            raise ValidationError("retry.jitter must be between 0 and 1", field="retry.jitter")
-        if not 0 <= self.max_delay <= MAX_DELAY_S:
-            raise ValidationError("retry.max_delay out of range", field="retry.max_delay")
+        # Built directly (not through from_dict) the numbers must hold the same bounds, or delay() could go
+        # negative or overflow.
+        for name, lo, hi in (
+            ("initial_delay", 0.0, MAX_DELAY_S),
+            ("multiplier", 1.0, 100.0),
+            ("max_delay", 0.0, MAX_DELAY_S),
+            ("jitter", 0.0, 1.0),
+            ("interval", 0.0, MAX_DELAY_S),
+        ):
+            _number({name: getattr(self, name)}, name, 0.0, lo=lo, hi=hi, field_="retry")
+        for n, value in enumerate(self.intervals):
+            _number({"": value}, "", 0.0, lo=0, hi=MAX_DELAY_S, field_=f"retry.intervals[{n}]")
 
     # -- constructors ---------------------------------------------------------------------------------
 
@@ -113,17 +127,24 @@ class RetryPolicy:
         if not isinstance(data, Mapping):
             raise ValidationError(f"{field_} must be an object", field=field_)
         strategy = data.get("strategy", "exponential")
+        if not isinstance(strategy, str):  # an unhashable value would make the lookup below raise TypeError
+            raise ValidationError(
+                f"{field_}.strategy must be exponential, fixed or intervals", field=f"{field_}.strategy"
+            )
         known = {
             "exponential": {"strategy", "initial_delay", "multiplier", "max_delay", "jitter", "max_attempts"},
             "fixed": {"strategy", "interval", "max_attempts", "max_delay"},
             "intervals": {"strategy", "intervals", "max_attempts", "max_delay"},
         }
         if strategy not in known:
-            raise ValidationError(f"{field_}.strategy must be exponential, fixed or intervals", field=f"{field_}.strategy")
+            raise ValidationError(
+                f"{field_}.strategy must be exponential, fixed or intervals", field=f"{field_}.strategy"
+            )
         unknown = sorted(set(data) - known[strategy])
         if unknown:
             raise ValidationError(
-                f"{field_}.{unknown[0]} is not a field of the {strategy} strategy", field=f"{field_}.{unknown[0]}"
+                f"{field_}.{unknown[0]} is not a field of the {strategy} strategy",
+                field=f"{field_}.{unknown[0]}",
             )
         max_delay = _number(data, "max_delay", 3600.0, lo=0, hi=MAX_DELAY_S, field_=field_)
         if strategy == "exponential":
@@ -144,18 +165,24 @@ class RetryPolicy:
             )
         raw = data.get("intervals", [])
         if not isinstance(raw, list | tuple):
-            raise ValidationError(f"{field_}.intervals must be a list of seconds", field=f"{field_}.intervals")
+            raise ValidationError(
+                f"{field_}.intervals must be a list of seconds", field=f"{field_}.intervals"
+            )
         if len(raw) > MAX_ATTEMPTS - 1:
-            raise ValidationError(f"{field_}.intervals allows at most 10 retries", field=f"{field_}.intervals")
+            raise ValidationError(
+                f"{field_}.intervals allows at most 10 retries", field=f"{field_}.intervals"
+            )
         intervals = tuple(
-            _number({"i": v}, "i", 0, lo=0, hi=MAX_DELAY_S, field_=f"{field_}.intervals[{n}]")
+            _number({"": v}, "", 0, lo=0, hi=MAX_DELAY_S, field_=f"{field_}.intervals[{n}]")
             for n, v in enumerate(raw)
         )
         if "max_attempts" in data and data["max_attempts"] != len(intervals) + 1:
             raise ValidationError(
                 f"{field_}.max_attempts must equal len(intervals) + 1", field=f"{field_}.max_attempts"
             )
-        return cls(strategy="intervals", intervals=intervals, max_attempts=len(intervals) + 1, max_delay=max_delay)
+        return cls(
+            strategy="intervals", intervals=intervals, max_attempts=len(intervals) + 1, max_delay=max_delay
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, with only the fields of this strategy."""
@@ -168,9 +195,20 @@ class RetryPolicy:
                 "jitter": self.jitter,
                 "max_attempts": self.max_attempts,
             }
+        # max_delay also caps a receiver's Retry-After, so it belongs to every strategy's stored form.
         if self.strategy == "fixed":
-            return {"strategy": "fixed", "interval": self.interval, "max_attempts": self.max_attempts}
-        return {"strategy": "intervals", "intervals": list(self.intervals), "max_attempts": self.max_attempts}
+            return {
+                "strategy": "fixed",
+                "interval": self.interval,
+                "max_attempts": self.max_attempts,
+                "max_delay": self.max_delay,
+            }
+        return {
+            "strategy": "intervals",
+            "intervals": list(self.intervals),
+            "max_attempts": self.max_attempts,
+            "max_delay": self.max_delay,
+        }
 
     # -- arithmetic -----------------------------------------------------------------------------------
 
@@ -179,9 +217,11 @@ class RetryPolicy:
         if retry < 1:
             raise ValueError("retry numbers start at 1")
         if self.strategy == "exponential":
-            # Cap the exponent so huge retry numbers never overflow a float.
-            raw = self.initial_delay * self.multiplier ** min(retry - 1, 1000)
-            return min(self.max_delay, raw)
+            try:
+                growth = self.multiplier ** (retry - 1)
+            except OverflowError:  # past ~1e308 only the cap matters (and 0 times anything stays 0)
+                growth = float("inf")
+            return min(self.max_delay, self.initial_delay * growth if self.initial_delay else 0.0)
         if self.strategy == "fixed":
             return self.interval
         return self.intervals[min(retry, len(self.intervals)) - 1] if self.intervals else 0.0

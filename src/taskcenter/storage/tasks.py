@@ -14,6 +14,8 @@ from taskcenter.errors import DuplicateTask
 from taskcenter.storage.schema import LIVE_SQL, attempts, businesses, tasks
 
 _LIVE = sa.text(LIVE_SQL)
+# Qualified form for queries that join businesses (which has a status column of its own).
+_LIVE_Q = sa.text("tasks." + LIVE_SQL)
 
 
 def insert_statement(dialect: str, rows: Sequence[Mapping[str, Any]]) -> Any:
@@ -110,7 +112,7 @@ async def get_by_business_id(conn: AsyncConnection, business_pk: int, business_i
     stmt = (
         _select_task()
         .where(tasks.c.business_pk == business_pk, tasks.c.business_id == business_id)
-        .order_by(sa.case((_LIVE, 0), else_=1), tasks.c.id.desc())
+        .order_by(sa.case((_LIVE_Q, 0), else_=1), tasks.c.id.desc())
         .limit(1)
     )
     return (await conn.execute(stmt)).mappings().first()

@@ -1,0 +1,177 @@
+"""The dispatcher as a process: several workers on one database, a killed worker's leases, graceful shutdown,
+and wake-ups that do not wait for the poll interval."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+import sqlalchemy as sa
+
+from taskcenter.runtime import Runtime
+from taskcenter.storage.schema import attempts as attempts_table
+from taskcenter.storage.schema import tasks as tasks_table
+from tests.conftest import make_settings
+from tests.processes import WorkerProcess
+from tests.receiver import Receiver, Reply
+from tests.test_delivery import running, wait_status
+
+
+async def _count(rt: Runtime, status: str) -> int:
+    async with rt.db.read() as conn:
+        return int(
+            (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(tasks_table).where(tasks_table.c.status == status)
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_worker_processes_never_send_the_same_attempt_twice(
+    runtime: Runtime, receiver: Receiver, db_url: str, workers: int
+) -> None:
+    """Several real worker processes share one PostgreSQL queue: each (task, attempt) arrives exactly once."""
+    receiver.set_default(Reply(status=200, delay_s=0.005))
+    biz = await runtime.service.ensure_business("shop")
+    total = 900
+    for start in range(0, total, 300):
+        items = [{"business_id": f"k{i}", "url": receiver.url("/multi")} for i in range(start, start + 300)]
+        await runtime.service.create_tasks(biz, items)
+    procs = [WorkerProcess(db_url, concurrency=20) for _ in range(workers)]
+    try:
+        await receiver.wait_for(total, "/multi", timeout=60)
+        for _ in range(200):
+            if await _count(runtime, "succeeded") == total:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # anything sent twice would have arrived by now
+    finally:
+        codes = [p.terminate() for p in procs]
+    pairs = collections.Counter(
+        (r.headers["X-Task-Id"], r.headers["X-Task-Attempt"]) for r in receiver.requests_for("/multi")
+    )
+    assert len(pairs) == total
+    assert max(pairs.values()) == 1, [p for p, n in pairs.items() if n > 1][:5]
+    async with runtime.db.read() as conn:
+        by_worker = (
+            await conn.execute(
+                sa.select(attempts_table.c.worker, sa.func.count()).group_by(attempts_table.c.worker)
+            )
+        ).all()
+    assert len(by_worker) >= 2, "the work should have been shared between processes"
+    assert sum(n for _, n in by_worker) == total
+    assert await _count(runtime, "succeeded") == total
+    assert codes == [0] * workers
+
+
+async def test_killed_worker_leases_are_rescued_and_the_attempt_recorded_as_interrupted(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    hold = asyncio.Event()
+    receiver.set_default(Reply(status=200, hold=hold), "/slow")
+    biz = await runtime.service.ensure_business("shop")
+    await runtime.service.create_tasks(
+        biz, [{"business_id": f"r{i}", "url": receiver.url("/slow")} for i in range(5)]
+    )
+    victim = WorkerProcess(db_url, lease_s=2, rescue_interval_s=0.5)
+    try:
+        await receiver.wait_for(5, "/slow", timeout=20)
+    finally:
+        victim.kill()  # SIGKILL: no goodbye, leases stay behind
+    hold.set()
+    receiver.set_default(Reply(status=200), "/slow")
+    rt = Runtime(make_settings(db_url, lease_s=2, rescue_interval_s=0.3))
+    await rt.start()
+    try:
+        async with running(rt):
+            await receiver.wait_for(10, "/slow", timeout=20)
+            for n in range(5):
+                task = await rt.service.get_by_business_id(biz, f"r{n}")
+                await wait_status(rt, biz, task.id, "succeeded", timeout=10)
+        task = await rt.service.get_by_business_id(biz, "r0")
+        tries = await rt.service.attempts(biz, task.id)
+        assert [a.outcome for a in tries] == ["interrupted", "success"]
+        assert task.attempts == 2
+        second = [r for r in receiver.requests_for("/slow") if r.headers["X-Task-Id"] == task.id]
+        assert [r.headers["X-Task-Attempt"] for r in second] == ["1", "2"]
+    finally:
+        await rt.close()
+
+
+async def test_sigterm_lets_in_flight_requests_finish(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    receiver.set_default(Reply(status=200, delay_s=1.0), "/finish")
+    biz = await runtime.service.ensure_business("shop")
+    await runtime.service.create_tasks(
+        biz, [{"business_id": f"g{i}", "url": receiver.url("/finish")} for i in range(4)]
+    )
+    proc = WorkerProcess(db_url, shutdown_grace_s=10)
+    await receiver.wait_for(4, "/finish", timeout=20)
+    code = await asyncio.to_thread(proc.terminate)
+    assert code == 0, proc.output()
+    assert await _count(runtime, "succeeded") == 4
+
+
+async def test_sigterm_past_the_grace_period_records_interrupted_and_requeues(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    hold = asyncio.Event()
+    receiver.set_default(Reply(status=200, hold=hold), "/stuck")
+    biz = await runtime.service.ensure_business("shop")
+    await runtime.service.create_tasks(
+        biz, [{"business_id": f"s{i}", "url": receiver.url("/stuck")} for i in range(3)]
+    )
+    proc = WorkerProcess(db_url, shutdown_grace_s=0.5)
+    try:
+        await receiver.wait_for(3, "/stuck", timeout=20)
+        code = await asyncio.to_thread(proc.terminate)
+    finally:
+        hold.set()
+    assert code == 0, proc.output()
+    page, _ = await runtime.service.list_tasks(None, limit=10)
+    assert {t.status for t in page} == {"retrying"}
+    assert {t.outcome for t in page} == {"interrupted"}
+    assert all(t.attempts == 1 for t in page)
+
+
+async def test_a_new_task_wakes_a_sleeping_dispatcher_at_once(db_url: str, receiver: Receiver) -> None:
+    """With a 30 s poll interval, delivery within a few seconds proves the wake-up, not the poll, found it."""
+    rt = Runtime(make_settings(db_url, poll_interval_s=30))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop")
+        async with running(rt):
+            await asyncio.sleep(0.3)  # let it fall asleep on an empty queue
+            await rt.service.create_task(biz, {"business_id": "w", "url": receiver.url("/wake")})
+            await receiver.wait_for(1, "/wake", timeout=5)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_task_created_elsewhere_wakes_a_worker_process_through_notify(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    proc = WorkerProcess(db_url, poll_interval_s=30)
+    try:
+        await asyncio.sleep(2.0)  # started and asleep on the empty queue
+        await runtime.service.create_task(biz, {"business_id": "n", "url": receiver.url("/notify")})
+        await receiver.wait_for(1, "/notify", timeout=5)
+    finally:
+        proc.terminate()
+
+
+async def test_a_delayed_task_is_not_sent_before_its_time(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop")
+    task = await runtime.service.create_task(
+        biz, {"business_id": "d", "url": receiver.url("/later"), "delay": 1.0}
+    )
+    async with running(runtime):
+        [req] = await receiver.wait_for(1, "/later", timeout=10)
+    assert req.arrived_at >= task.created_at.timestamp() + 1.0
