@@ -37,7 +37,7 @@ async def wait_status(rt: Runtime, biz: Business, task_id: str, *statuses: str, 
 
 
 async def test_task_is_delivered_with_the_added_headers(runtime: Runtime, receiver: Receiver) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     task = await runtime.service.create_task(
         biz, {"business_id": "order-1", "url": receiver.url("/hook"), "json": {"order": 1}, "headers": {"X-A": "b"}}
     )
@@ -60,7 +60,7 @@ async def test_task_is_delivered_with_the_added_headers(runtime: Runtime, receiv
 
 
 async def test_server_error_is_retried_then_succeeds(runtime: Runtime, receiver: Receiver) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     receiver.script("/flaky", Reply(status=503), Reply(status=500), Reply(status=200))
     task = await runtime.service.create_task(
         biz,
@@ -74,7 +74,7 @@ async def test_server_error_is_retried_then_succeeds(runtime: Runtime, receiver:
 
 
 async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Receiver) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     receiver.set_default(Reply(status=502), "/down")
     task = await runtime.service.create_task(
         biz, {"business_id": "b2", "url": receiver.url("/down"), "retry": {"strategy": "intervals", "intervals": [0.05]}}
@@ -95,7 +95,7 @@ async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Recei
     ],
 )
 async def test_final_answers_fail_at_once(runtime: Runtime, receiver: Receiver, reply: Reply, outcome: str) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     receiver.script("/final", reply)
     task = await runtime.service.create_task(biz, {"business_id": "f", "url": receiver.url("/final")})
     async with running(runtime):
@@ -105,7 +105,7 @@ async def test_final_answers_fail_at_once(runtime: Runtime, receiver: Receiver, 
 
 
 async def test_many_tasks_are_each_delivered_once(runtime: Runtime, receiver: Receiver) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     items = [{"business_id": f"k{i}", "url": receiver.url("/bulk"), "json": {"i": i}} for i in range(300)]
     results = await runtime.service.create_tasks(biz, items)
     assert all(r["status"] == 201 for r in results)

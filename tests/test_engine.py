@@ -36,7 +36,7 @@ async def test_worker_processes_never_send_the_same_attempt_twice(
 ) -> None:
     """Several real worker processes share one PostgreSQL queue: each (task, attempt) arrives exactly once."""
     receiver.set_default(Reply(status=200, delay_s=0.005))
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     total = 900
     for start in range(0, total, 300):
         items = [{"business_id": f"k{i}", "url": receiver.url("/multi")} for i in range(start, start + 300)]
@@ -73,7 +73,7 @@ async def test_killed_worker_leases_are_rescued_and_the_attempt_recorded_as_inte
 ) -> None:
     hold = asyncio.Event()
     receiver.set_default(Reply(status=200, hold=hold), "/slow")
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     await runtime.service.create_tasks(
         biz, [{"business_id": f"r{i}", "url": receiver.url("/slow")} for i in range(5)]
     )
@@ -106,7 +106,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
     runtime: Runtime, receiver: Receiver, db_url: str
 ) -> None:
     receiver.set_default(Reply(status=200, delay_s=1.0), "/finish")
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     await runtime.service.create_tasks(
         biz, [{"business_id": f"g{i}", "url": receiver.url("/finish")} for i in range(4)]
     )
@@ -122,7 +122,7 @@ async def test_sigterm_past_the_grace_period_records_interrupted_and_requeues(
 ) -> None:
     hold = asyncio.Event()
     receiver.set_default(Reply(status=200, hold=hold), "/stuck")
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     await runtime.service.create_tasks(
         biz, [{"business_id": f"s{i}", "url": receiver.url("/stuck")} for i in range(3)]
     )
@@ -144,7 +144,7 @@ async def test_a_new_task_wakes_a_sleeping_dispatcher_at_once(db_url: str, recei
     rt = Runtime(make_settings(db_url, poll_interval_s=30))
     await rt.start()
     try:
-        biz = await rt.service.ensure_business("shop")
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
         async with running(rt):
             await asyncio.sleep(0.3)  # let it fall asleep on an empty queue
             await rt.service.create_task(biz, {"business_id": "w", "url": receiver.url("/wake")})
@@ -157,7 +157,7 @@ async def test_a_new_task_wakes_a_sleeping_dispatcher_at_once(db_url: str, recei
 async def test_a_task_created_elsewhere_wakes_a_worker_process_through_notify(
     runtime: Runtime, receiver: Receiver, db_url: str
 ) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     proc = WorkerProcess(db_url, poll_interval_s=30)
     try:
         await asyncio.sleep(2.0)  # started and asleep on the empty queue
@@ -168,7 +168,7 @@ async def test_a_task_created_elsewhere_wakes_a_worker_process_through_notify(
 
 
 async def test_a_delayed_task_is_not_sent_before_its_time(runtime: Runtime, receiver: Receiver) -> None:
-    biz = await runtime.service.ensure_business("shop")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     task = await runtime.service.create_task(
         biz, {"business_id": "d", "url": receiver.url("/later"), "delay": 1.0}
     )

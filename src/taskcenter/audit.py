@@ -123,7 +123,7 @@ class AuditLog:
         async with self.db.write() as own:
             await own.execute(sa.insert(audit_log).values(**values))
 
-    async def list(
+    async def list_entries(
         self,
         *,
         actor: str | None = None,

@@ -7,13 +7,16 @@ import contextlib
 import json
 import signal
 import sys
+import tomllib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from taskcenter import __version__
 from taskcenter.config import Settings, load_settings
@@ -34,23 +37,33 @@ task_app = typer.Typer(help="Create, inspect, cancel and retry tasks.", no_args_
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 app.add_typer(config_app, name="config")
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a long line stays one line (errors must be one line; long URLs stay greppable).
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="A taskcenter.toml file (default: ./taskcenter.toml).")
 ]
 
 
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; return the exit to raise.
+
+    The message is escaped: it may quote user input (a task id, a business_id) that looks like Rich markup.
+    """
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False)
+    return typer.Exit(code)
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     if config is not None and not config.is_file():
-        err.print(f"[red]error:[/red] config file {config} does not exist", highlight=False)
-        raise typer.Exit(2)
+        raise _fail(f"config file {config} does not exist", 2)
     try:
         return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
     except TaskCenterError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(exc.message, 2) from None
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"config file {config or 'taskcenter.toml'} cannot be read: {exc}", 2) from None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -65,8 +78,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(coro)
     except TaskCenterError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(exc.message, 1) from None
+    except SQLAlchemyError as exc:  # e.g. the database does not exist: an operational error, not a bug
+        raise _fail(f"database error: {getattr(exc, 'orig', None) or exc}", 1) from None
+    except OSError as exc:  # e.g. the database server refuses connections, or a path cannot be created
+        raise _fail(f"database unreachable: {exc}", 1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -87,13 +103,21 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
             loop.add_signal_handler(sig, stop)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"taskcenter {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    # Eager: handled before Click insists on a command, so `taskcenter --version` works on its own.
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
 ) -> None:
-    if version:
-        out.print(f"taskcenter {__version__}")
-        raise typer.Exit()
+    """Reliable, scheduled, throttled delivery of outbound HTTP requests."""
 
 
 # -- running ------------------------------------------------------------------------------------------
@@ -104,7 +128,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Listen address (TASKCENTER_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (TASKCENTER_PORT).")] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="API only: run no dispatcher here.")] = False,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the REST API and (unless --no-worker) the dispatcher in one process."""
@@ -126,7 +152,12 @@ class _Server:
 
         self.server = Server(
             uvicorn.Config(
-                app_, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="off"
+                app_,
+                host=settings.host,
+                port=settings.port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
             )
         )
 
@@ -169,7 +200,9 @@ async def _serve(settings: Settings, *, with_worker: bool) -> None:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a dispatcher only (scale out: any number of these on one PostgreSQL database)."""
@@ -216,11 +249,11 @@ def _task_table(tasks: list[Task]) -> Table:
         target = t.request["url"] if t.request else t.type
         table.add_row(
             str(t.row_id),
-            t.business_code,
-            t.business_id,
+            escape(t.business_code),
+            escape(t.business_id),
             f"[{colours.get(t.status, 'cyan')}]{t.status}[/]",
             f"{t.attempts}/{t.max_attempts}",
-            target,
+            escape(target),
             rfc3339(t.next_attempt_at) or "-",
             rfc3339(t.created_at) or "",
         )
@@ -234,9 +267,11 @@ def _print_task(task: Task, as_json: bool) -> None:
     data = task.to_dict()
     for key in ("id", "row_id", "business_code", "business_id", "type", "status", "outcome", "attempts",
                 "max_attempts", "priority", "next_attempt_at", "last_attempt_at", "finished_at", "last_error"):  # fmt: skip
-        out.print(f"[bold]{key:>16}[/] {data[key] if data[key] is not None else '-'}", highlight=False)
+        value = escape(str(data[key])) if data[key] is not None else "-"
+        out.print(f"[bold]{key:>16}[/] {value}", highlight=False)
     if task.request:
-        out.print(f"[bold]{'request':>16}[/] {task.request['method']} {task.request['url']}", highlight=False)
+        request = escape(f"{task.request['method']} {task.request['url']}")
+        out.print(f"[bold]{'request':>16}[/] {request}", highlight=False)
     if task.last_response:
         out.print(f"[bold]{'last response':>16}[/] {task.last_response.get('status_code')}", highlight=False)
 
@@ -248,7 +283,9 @@ def task_create(
     business_id: Annotated[str, typer.Option("--business-id", "-k", help="Your unique key for the task.")],
     method: Annotated[str, typer.Option("--method", "-X")] = "POST",
     json_body: Annotated[str | None, typer.Option("--json", help="JSON body.")] = None,
-    header: Annotated[list[str] | None, typer.Option("--header", "-H", help="'Name: value', repeatable.")] = None,
+    header: Annotated[
+        list[str] | None, typer.Option("--header", "-H", help="'Name: value', repeatable.")
+    ] = None,
     delay: Annotated[float | None, typer.Option(help="Seconds to wait before the first attempt.")] = None,
     priority: Annotated[int | None, typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--output-json", help="Print the task as JSON.")] = False,
@@ -260,15 +297,13 @@ def task_create(
         try:
             data["json"] = json.loads(json_body)
         except json.JSONDecodeError as exc:
-            err.print(f"[red]error:[/red] --json is not valid JSON: {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            raise _fail(f"--json is not valid JSON: {exc}", 2) from None
     if header:
         headers = {}
         for h in header:
             name, sep, value = h.partition(":")
             if not sep:
-                err.print(f"[red]error:[/red] header {h!r} must look like 'Name: value'", highlight=False)
-                raise typer.Exit(2)
+                raise _fail(f"header {h!r} must look like 'Name: value'", 2)
             headers[name.strip()] = value.strip()
         data["headers"] = headers
     if delay is not None:
@@ -304,11 +339,13 @@ def task_show(
         return
     _print_task(task, False)
     if tries:
-        table = Table("#", "started", "ms", "outcome", "status", "error", show_edge=False, header_style="bold")
+        table = Table(
+            "#", "started", "ms", "outcome", "status", "error", show_edge=False, header_style="bold"
+        )
         for a in tries:
             code = a.response.get("status_code") if a.response else None
             table.add_row(str(a.number), rfc3339(a.started_at) or "", str(a.duration_ms or ""), a.outcome,
-                          str(code or "-"), a.error or "")  # fmt: skip
+                          str(code or "-"), escape(a.error or ""))  # fmt: skip
         out.print(table)
 
 
@@ -349,7 +386,10 @@ def task_retry(
 ) -> None:
     """Send a failed or cancelled task again, with a renewed attempt budget (was http-request-task:retry)."""
     task = _run(_with_runtime(_settings(config), lambda rt: rt.service.retry(None, task_id)))
-    out.print(f"task {task.id} is {task.status} again ({task.max_attempts - task.attempts} attempts)", highlight=False)
+    out.print(
+        f"task {task.id} is {task.status} again ({task.max_attempts - task.attempts} attempts)",
+        highlight=False,
+    )
 
 
 @config_app.command("show")
@@ -363,5 +403,5 @@ def main() -> None:
     try:
         app()
     except TaskCenterError as exc:  # e.g. a bad setting found while loading
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        _fail(exc.message, 1)
         sys.exit(1)

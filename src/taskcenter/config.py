@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from taskcenter.domain.retry import RetryPolicy
+from taskcenter.domain.traffic import Limits
 from taskcenter.errors import ValidationError
 
 
@@ -64,6 +65,20 @@ class Settings(BaseSettings):
     """Comma-separated host names the SSRF guard lets through whatever they resolve to."""
     deny_hosts: str = ""
     """Comma-separated host names (``*.example.com`` allowed) that are always refused."""
+    host_rate_per_second: float = Field(default=0.0, ge=0)
+    """Default request rate for hosts without a policy (0 = unlimited)."""
+    host_burst: int = Field(default=0, ge=0)
+    """Default burst for hosts without a policy (0 = one second's worth of the rate)."""
+    host_max_in_flight: int = Field(default=0, ge=0)
+    """Default cap on requests in flight per host across the cluster (0 = unlimited)."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """A host's circuit opens after this many consecutive failures (5xx, timeouts, network errors)."""
+    breaker_ratio: float = Field(default=0.0, ge=0, le=1)
+    """...or when this share of the last ``breaker_window`` attempts failed (0 = off)."""
+    breaker_window: int = Field(default=20, ge=1, le=100)
+    """Attempts the failure ratio looks at."""
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    """How long an open circuit defers its host's tasks before a probe is let through."""
     retention_days: int = Field(default=90, ge=1)
     """Finished tasks and their attempts older than this are purged."""
     key_grace_hours: float = Field(default=24.0, ge=0)
@@ -120,6 +135,18 @@ class Settings(BaseSettings):
             allow_networks=_split(self.allow_networks),
             allow_hosts=_split(self.allow_hosts),
             deny_hosts=_split(self.deny_hosts),
+        )
+
+    def host_defaults(self) -> Limits:
+        """Traffic limits for hosts without a policy of their own."""
+        return Limits(
+            rate_per_second=self.host_rate_per_second or None,
+            burst=self.host_burst or None,
+            max_in_flight=self.host_max_in_flight or None,
+            breaker_failures=self.breaker_failures,
+            breaker_ratio=self.breaker_ratio or None,
+            breaker_window=self.breaker_window,
+            breaker_cooldown_s=self.breaker_cooldown_s,
         )
 
     def retry_policy(self) -> RetryPolicy:

@@ -32,6 +32,7 @@ from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import queue
+from taskcenter.storage.traffic import TrafficControl
 from taskcenter.storage.database import Database
 
 log = logging.getLogger("taskcenter.dispatcher")
@@ -63,6 +64,10 @@ class Dispatcher:
     rng: random.Random = field(default_factory=random.Random)
     name: str = field(default_factory=worker_name)
     metrics: Metrics = field(default_factory=Metrics)
+    traffic: TrafficControl | None = None
+    """Rate limits, in-flight caps, breakers and pauses; ``None`` sends everything due."""
+    businesses: Callable[[], list[int]] = list
+    """The known business pks, for the fair (round-robin) claim."""
 
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
@@ -74,6 +79,7 @@ class Dispatcher:
         self._results: list[queue.Finished] = []
         self._pending_events: list[tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None]] = []
         self.delivered = 0
+        self._claimed_last = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -140,9 +146,18 @@ class Dispatcher:
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
+            self._claimed_last = 0
             limit = min(free, cfg.claim_batch)
             try:
-                rows = await queue.claim(self.db, worker=self.name, now=self.clock(), limit=limit, lease_s=self.config.lease_s)
+                rows = await queue.claim(
+                    self.db,
+                    worker=self.name,
+                    now=self.clock(),
+                    limit=limit,
+                    lease_s=self.config.lease_s,
+                    businesses=self.businesses(),
+                    admission=self._admit if self.traffic is not None else None,
+                )
             except StorageError as exc:
                 log.warning("claim failed, retrying: %s", exc)
                 await self._sleep(1.0)
@@ -151,9 +166,26 @@ class Dispatcher:
             for row in rows:
                 self._start(row)
             self.metrics.in_flight.set(len(self._sending))
-            if len(rows) == limit:
+            if max(self._claimed_last, len(rows)) == limit:
+                # A full batch (even if traffic control held some back): more may be due right now.
                 continue
             await self._sleep(await self._until_next_due())
+
+    async def _admit(
+        self, conn: Any, rows: Any, now: datetime
+    ) -> tuple[list[Mapping[str, Any]], list[tuple[int, datetime]]]:
+        self._claimed_last = len(rows)
+        if self.traffic is None:
+            return list(rows), []
+        return await self.traffic.admit(conn, rows, now)
+
+    async def _record_traffic(
+        self, conn: Any, outcomes: dict[str, list[str]], pauses: dict[str, float], now: datetime
+    ) -> None:
+        if self.traffic is None or not self.traffic.needs_record(outcomes, pauses):
+            return
+        for host, state in (await self.traffic.record(conn, outcomes, pauses, now)).items():
+            log.warning("circuit of %s is now %s", host, state)
 
     async def _until_next_due(self) -> float:
         try:
@@ -314,6 +346,8 @@ class Dispatcher:
                 response=response,
                 error=attempt.error,
                 result=result_value,
+                host=row["host"],
+                pause_until=now.timestamp() + decision.host_pause_s if decision.host_pause_s else None,
             )
         )
         self._pending_events.append((row, number, decision.status.value, decision.outcome.value, last_response))
@@ -348,7 +382,9 @@ class Dispatcher:
         """
         for pause in (0.2, 1.0, 3.0):
             try:
-                return await queue.finish(self.db, worker=self.name, now=self.clock(), results=batch)
+                return await queue.finish(
+                    self.db, worker=self.name, now=self.clock(), results=batch, recorder=self._record_traffic
+                )
             except StorageError as exc:
                 log.warning("writing %d results failed, retrying: %s", len(batch), exc)
                 await asyncio.sleep(pause)
@@ -356,7 +392,13 @@ class Dispatcher:
         lost: list[int] = []
         for result in batch:
             try:
-                one = await queue.finish(self.db, worker=self.name, now=self.clock(), results=[result])
+                one = await queue.finish(
+                    self.db,
+                    worker=self.name,
+                    now=self.clock(),
+                    results=[result],
+                    recorder=self._record_traffic,
+                )
             except StorageError as exc:
                 log.error("giving up on the result of task %s: %s", result.task_id, exc)
                 lost.append(result.task_id)

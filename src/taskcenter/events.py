@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from taskcenter.errors import ValidationError
+
 log = logging.getLogger("taskcenter.events")
 
 EVENTS = frozenset({"created", "attempted", "succeeded", "failed", "cancelled"})
@@ -24,7 +26,9 @@ class EventBus:
     def on(self, event: str, handler: Handler) -> None:
         """Register ``handler(event, data)``; it may be a plain function or a coroutine function."""
         if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r}; one of {', '.join(sorted(EVENTS))}")
+            raise ValidationError(
+                f"unknown event {event!r}; one of {', '.join(sorted(EVENTS))}", field="event"
+            )
         self._handlers[event].append(handler)
 
     def __bool__(self) -> bool:

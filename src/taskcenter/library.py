@@ -1,5 +1,4 @@
-"""``TaskCenter``: taskcenter inside a Python application, async first, with a sync surface over the same
-code.
+"""``TaskCenter``: taskcenter inside a Python application, async first, with a sync surface on top.
 
 The sync methods run the async ones on a private event loop in a background thread, so Django, Flask and
 scripts get exactly the behaviour of the async API rather than a second implementation.
@@ -88,6 +87,8 @@ class TaskCenter:
     Args:
         database_url: ``sqlite:///file.db`` or ``postgresql://…``; defaults to the settings.
         business: the business system (tenant) this instance creates tasks for; registered if missing.
+        business_limits: limits to register it with, e.g. ``{"rate_limit_per_minute": 60000}`` (default 1,000
+            callbacks per minute, DESIGN "Traffic control").
         settings: full settings; by default loaded from ``taskcenter.toml`` and ``TASKCENTER_*``.
         **overrides: individual settings (e.g. ``concurrency=50``).
 
@@ -100,6 +101,7 @@ class TaskCenter:
         database_url: str | None = None,
         *,
         business: str = "default",
+        business_limits: Mapping[str, Any] | None = None,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -107,10 +109,13 @@ class TaskCenter:
             if database_url is not None:
                 overrides["database_url"] = database_url
             settings = load_settings(**overrides)
-        self.processors = ProcessorRegistry()
-        self.events = EventBus()
-        self.runtime = Runtime(settings, processors=self.processors, events=self.events)
+        self.runtime = Runtime(settings, processors=ProcessorRegistry(), events=EventBus())
+        # Register on the runtime's own registry and bus: an empty EventBus is falsy, so a bus handed in
+        # can be swapped for a fresh one and handlers added to it would never be called.
+        self.processors = self.runtime.processors
+        self.events = self.runtime.events
         self.business_code = business
+        self.business_limits = dict(business_limits or {})
         self._business: Business | None = None
         self._ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,7 +129,7 @@ class TaskCenter:
             await self.runtime.start()
             self._ready = True
         if self._business is None:
-            self._business = await self.runtime.service.ensure_business(self.business_code)
+            self._business = await self.runtime.service.ensure_business(self.business_code, **self.business_limits)
         return self._business
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -172,7 +177,7 @@ class TaskCenter:
         delay: float | timedelta | None = None,
         scheduled_at: datetime | None = None,
         retry: RetryPolicy | Mapping[str, Any] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the task's request timeout, not this call's deadline
         priority: int | None = None,
         success_codes: list[int] | None = None,
         retry_on: list[int] | None = None,
@@ -260,8 +265,8 @@ class TaskCenter:
         given: dict[str, Any] = {
             "type": None, "payload": None, "headers": None, "json": _UNSET, "form": None, "body": None,
             "content_type": None, "delay": None, "scheduled_at": None, "retry": None, "timeout": None,
-            "priority": None, "success_codes": None, "retry_on": None, "follow_redirects": False, "notify": None,
-            "metadata": None, **kwargs,
+            "priority": None, "success_codes": None, "retry_on": None, "follow_redirects": False,
+            "notify": None, "metadata": None, **kwargs,
         }  # fmt: skip
         data = _task_data(method, url, **given)
         business, row = self._sync(self._prepare(data))

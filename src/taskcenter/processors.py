@@ -5,15 +5,49 @@ An exception means "retry by policy"; :class:`~taskcenter.errors.PermanentFailur
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from taskcenter.domain.retry import RetryPolicy
-from taskcenter.errors import ValidationError
+from taskcenter.errors import ProcessorError, ValidationError
 
 ProcessorFunc = Callable[[Any], Awaitable[Any] | Any]
+
+
+def _json_result(name: str, value: Any) -> Any:
+    """``value`` if the database can store it as JSON, else :class:`ProcessorError` (an ordinary retry).
+
+    Checked while the attempt is still running: a result that cannot be written would otherwise only fail
+    when the dispatcher writes the batch, leaving the task leased until its lease expires, again and again.
+    The options match the database's JSON serialiser.
+    """
+    try:
+        orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise ProcessorError(f"processor {name!r} returned a result that is not JSON: {exc}") from exc
+    return value
+
+
+def _checked(name: str, func: ProcessorFunc) -> ProcessorFunc:
+    """Wrap ``func`` so its result is checked as JSON, keeping it a coroutine function if it was one."""
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def run_async(payload: Any) -> Any:
+            return _json_result(name, await func(payload))
+
+        return run_async
+
+    @functools.wraps(func)
+    def run(payload: Any) -> Any:
+        return _json_result(name, func(payload))
+
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +75,7 @@ class ProcessorRegistry:
     ) -> Processor:
         if not name or name == "http" or len(name) > 100:
             raise ValidationError(f"processor name {name!r} is not allowed", field="type")
-        processor = Processor(name, func, retry, priority)
+        processor = Processor(name, _checked(name, func), retry, priority)
         self._by_name[name] = processor
         return processor
 

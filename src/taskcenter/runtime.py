@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from taskcenter import __version__
 from taskcenter.config import GuardConfig, Settings
+from taskcenter.domain.traffic import Limits
 from taskcenter.crypto import SecretBox
 from taskcenter.dispatcher import Dispatcher
 from taskcenter.events import EventBus
@@ -24,7 +25,8 @@ from taskcenter.service import Notifier, TaskService, utcnow
 from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage.database import Database
-from taskcenter.storage.schema import businesses
+from taskcenter.storage.schema import businesses, host_policies
+from taskcenter.storage.traffic import TrafficControl
 
 log = logging.getLogger("taskcenter")
 USER_AGENT = f"taskcenter/{__version__}"
@@ -33,14 +35,18 @@ SignFn = Callable[[str, int, bytes], dict[str, str]]
 
 @dataclass
 class BusinessPolicies:
-    """Per-business SSRF policy and signer, refreshed from the database every few seconds (live changes)."""
+    """What dispatchers need of businesses and hosts — SSRF policy, signer, limits, host policies — refreshed
+    from the database every few seconds, so changes reach running workers without a restart."""
 
     db: Database
     box: SecretBox
     global_guard: GuardConfig
-    refresh_s: float = 3.0
+    host_defaults: Limits = field(default_factory=Limits)
+    refresh_s: float = 2.0
     _guards: dict[int, GuardPolicy | None] = field(default_factory=dict)
     _signers: dict[int, SignFn | None] = field(default_factory=dict)
+    _limits: dict[int, Limits] = field(default_factory=dict)
+    _hosts: dict[str, Limits] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         g = self.global_guard
@@ -54,9 +60,23 @@ class BusinessPolicies:
     def signer(self, business_pk: int) -> SignFn | None:
         return self._signers.get(business_pk)
 
+    def business_limits(self, business_pk: int) -> Limits:
+        return self._limits.get(business_pk) or _business_limits(1000, None)
+
+    def host_limits(self, host: str) -> Limits:
+        return self._hosts.get(host, self.host_defaults)
+
+    def business_pks(self) -> list[int]:
+        return list(self._limits)
+
     async def load(self) -> None:
         async with self.db.read() as conn:
             rows = (await conn.execute(sa.select(businesses))).mappings().all()
+            host_rows = (await conn.execute(sa.select(host_policies))).mappings().all()
+        self._hosts = {r["host"]: _host_limits(r, self.host_defaults) for r in host_rows}
+        self._limits = {
+            r["id"]: _business_limits(r["rate_limit_per_minute"], r["max_in_flight"]) for r in rows
+        }
         guards: dict[int, GuardPolicy | None] = {}
         signers: dict[int, SignFn | None] = {}
         for row in rows:
@@ -78,6 +98,29 @@ class BusinessPolicies:
                 await self.load()
             except Exception as exc:  # keep the last known policies; the database may be back soon
                 log.warning("reloading business policies failed: %s", exc)
+
+
+def _business_limits(per_minute: int, max_in_flight: int | None) -> Limits:
+    rate = per_minute / 60.0
+    # One second's worth of burst: a per-minute budget is not meant to be spent in one go.
+    return Limits(rate_per_second=rate, burst=max(1, round(rate)), max_in_flight=max_in_flight)
+
+
+def _host_limits(row: Any, defaults: Limits) -> Limits:
+    def pick(name: str, default: Any) -> Any:
+        return row[name] if row[name] is not None else default
+
+    paused = row["paused_until"]
+    return Limits(
+        rate_per_second=pick("rate_per_second", defaults.rate_per_second),
+        burst=pick("burst", defaults.burst),
+        max_in_flight=pick("max_in_flight", defaults.max_in_flight),
+        breaker_failures=pick("breaker_failures", defaults.breaker_failures),
+        breaker_ratio=pick("breaker_ratio", defaults.breaker_ratio),
+        breaker_window=pick("breaker_window", defaults.breaker_window),
+        breaker_cooldown_s=pick("breaker_cooldown", defaults.breaker_cooldown_s),
+        paused_until=paused.timestamp() if paused is not None else 0.0,
+    )
 
 
 class Runtime:
@@ -109,7 +152,7 @@ class Runtime:
             processors=self.processors,
             poll_interval_s=settings.poll_interval_s,
         )
-        self.policies = BusinessPolicies(self.db, self.box, settings.guard())
+        self.policies = BusinessPolicies(self.db, self.box, settings.guard(), settings.host_defaults())
         self._background: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -142,6 +185,8 @@ class Runtime:
             user_agent=USER_AGENT,
             clock=self.clock,
             metrics=self.metrics,
+            traffic=TrafficControl(self.policies.host_limits, self.policies.business_limits),
+            businesses=self.policies.business_pks,
         )
 
     async def run_dispatcher(self, dispatcher: Dispatcher) -> None:

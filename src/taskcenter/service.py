@@ -135,8 +135,9 @@ class TaskService:
         """Drop a cached business after it changed."""
         self._businesses.pop(code, None)
 
-    async def ensure_business(self, code: str, name: str | None = None) -> Business:
-        """The business ``code``, registered with default limits if it does not exist (library mode)."""
+    async def ensure_business(self, code: str, name: str | None = None, **limits: Any) -> Business:
+        """The business ``code``, registered if it does not exist (library mode); ``limits`` are columns such as
+        ``rate_limit_per_minute`` used only when registering."""
         try:
             return await self.business(code)
         except BusinessNotFound:
@@ -145,7 +146,9 @@ class TaskService:
                 exists = (await conn.execute(sa.select(businesses.c.id).where(businesses.c.code == code))).scalar()
                 if exists is None:
                     await conn.execute(
-                        sa.insert(businesses).values(code=code, name=name or code, created_at=now, updated_at=now)
+                        sa.insert(businesses).values(
+                            code=code, name=name or code, created_at=now, updated_at=now, **limits
+                        )
                     )
             return await self.business(code, refresh=True)
 
@@ -257,7 +260,12 @@ class TaskService:
         if rows:
             await self._check_active_limit(business, len(rows))
             async with self.db.write() as conn:
-                stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, [r for _, r in rows]))).all()
+                # PostgreSQL takes at most 32767 bound parameters per statement: insert in slices, one transaction.
+                step = max(1, 32000 // len(rows[0][1]))
+                stored: list[Any] = []
+                for start in range(0, len(rows), step):
+                    part = [r for _, r in rows[start : start + step]]
+                    stored += (await conn.execute(task_sql.insert_statement(self.db.dialect, part))).all()
                 ids = {s.business_id: s.id for s in stored}
                 for n, row in rows:
                     if row["business_id"] in ids:

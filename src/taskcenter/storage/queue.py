@@ -6,7 +6,7 @@ that another worker now holds (compare-and-set; the loser's row count is simply 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +20,8 @@ from taskcenter.storage.schema import DUE_SQL, attempts, businesses, tasks
 # Literal predicates (not bound parameters) so PostgreSQL's generic plans can still use the partial indexes.
 _DUE = sa.text(DUE_SQL)
 _LEASED = sa.text("lease_owner IS NOT NULL")
+#: The attempt being rescued was the last one the task's budget allows.
+_EXHAUSTED = tasks.c.attempts + 1 >= tasks.c.max_attempts
 
 CLAIM_COLUMNS = (
     tasks.c.id,
@@ -64,6 +66,9 @@ class Finished:
     response: dict[str, Any] | None
     error: str | None
     result: Any = None
+    host: str | None = None
+    pause_until: float | None = None
+    """Epoch seconds until which the receiver asked the whole host to wait (``Retry-After``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,23 +79,81 @@ class Written:
     lost: list[int]
 
 
-async def claim(
-    db: Database, *, worker: str, now: datetime, limit: int, lease_s: float
-) -> Sequence[sa.RowMapping]:
-    """Claim up to ``limit`` due tasks, highest priority first, then oldest due, in one statement.
+def _due_ids(now: datetime, limit: int, businesses: Sequence[int]) -> Any:
+    """The ids to claim: with known businesses, round-robin across them (fairness), else one global order.
 
-    PostgreSQL skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``); SQLite has one writer.
+    Each business contributes its own first ``limit`` due tasks (its own priority, then due-time order), and the
+    batch takes the first of every business, then the second of every business, and so on — so a business's
+    backlog can delay another business's due tasks by at most one batch. Businesses registered after the caller's
+    list was read are picked up by the last branch (``business_pk`` above the highest known one).
     """
-    due = (
-        sa.select(tasks.c.id)
-        .where(_DUE, tasks.c.next_attempt_at <= now)
-        .order_by(tasks.c.priority.desc(), tasks.c.next_attempt_at)
+    order = (tasks.c.priority.desc(), tasks.c.next_attempt_at)
+    if not businesses:
+        return (
+            sa.select(tasks.c.id)
+            .where(_DUE, tasks.c.next_attempt_at <= now)
+            .order_by(*order)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    cols = (tasks.c.id, tasks.c.business_pk, tasks.c.priority, tasks.c.next_attempt_at)
+    branches = [
+        sa.select(*cols)
+        .where(_DUE, tasks.c.business_pk == pk, tasks.c.next_attempt_at <= now)
+        .order_by(*order)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .subquery(f"b{n}")
+        for n, pk in enumerate(businesses)
+    ]
+    branches.append(
+        sa.select(*cols)
+        .where(_DUE, tasks.c.business_pk > max(businesses), tasks.c.next_attempt_at <= now)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .subquery("bnew")
     )
+    union = sa.union_all(*(sa.select(b) for b in branches)).subquery("due")
+    rank = sa.func.row_number().over(
+        partition_by=union.c.business_pk, order_by=(union.c.priority.desc(), union.c.next_attempt_at)
+    )
+    ranked = sa.select(union.c.id, union.c.priority, union.c.next_attempt_at, rank.label("rn")).subquery(
+        "ranked"
+    )
+    return (
+        sa.select(ranked.c.id)
+        .order_by(ranked.c.rn, ranked.c.priority.desc(), ranked.c.next_attempt_at)
+        .limit(limit)
+        .scalar_subquery()
+    )
+
+
+Admission = Callable[
+    [AsyncConnection, Sequence[sa.RowMapping], datetime],
+    Awaitable[tuple[list[Mapping[str, Any]], list[tuple[int, datetime]]]],
+]
+
+
+async def claim(
+    db: Database,
+    *,
+    worker: str,
+    now: datetime,
+    limit: int,
+    lease_s: float,
+    businesses: Sequence[int] = (),
+    admission: Admission | None = None,
+) -> list[Mapping[str, Any]]:
+    """Claim up to ``limit`` due tasks in one statement, then let ``admission`` hold some back, in one transaction.
+
+    PostgreSQL skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``); SQLite has one writer.
+    Held-back tasks are put straight back with a later due time: no attempt charged, no slot occupied.
+    """
     stmt = (
         sa.update(tasks)
-        .where(tasks.c.id.in_(due.scalar_subquery()))
+        .where(tasks.c.id.in_(_due_ids(now, limit, sorted(businesses))))
         .values(
             status="processing",
             lease_owner=worker,
@@ -100,7 +163,14 @@ async def claim(
         .returning(*CLAIM_COLUMNS)
     )
     async with db.write() as conn:
-        rows = (await conn.execute(stmt)).mappings().all()
+        rows: Sequence[Mapping[str, Any]] = (await conn.execute(stmt)).mappings().all()
+        if admission is not None and rows:
+            rows, deferred = await admission(conn, rows, now)
+            if deferred:
+                await conn.execute(
+                    _RELEASE,
+                    [{"b_id": i, "b_worker": worker, "b_at": at, "b_now": now} for i, at in deferred],
+                )
     # RETURNING has no order; the dispatcher starts them in claim order.
     return sorted(rows, key=lambda r: (-r["priority"], r["next_attempt_at"]))
 
@@ -185,8 +255,16 @@ async def _held(conn: AsyncConnection, worker: str, ids: list[int]) -> dict[int,
     return {row.id: row.status for row in rows}
 
 
-async def finish(db: Database, *, worker: str, now: datetime, results: Sequence[Finished]) -> Written:
-    """Write a batch of attempt results in one transaction: attempts inserted, tasks moved, leases dropped."""
+Recorder = Callable[[AsyncConnection, dict[str, list[str]], dict[str, float], datetime], Awaitable[Any]]
+
+
+async def finish(
+    db: Database, *, worker: str, now: datetime, results: Sequence[Finished], recorder: Recorder | None = None
+) -> Written:
+    """Write a batch of attempt results in one transaction: attempts inserted, tasks moved, leases dropped.
+
+    ``recorder`` folds the outcomes into the host breakers inside the same transaction.
+    """
     if not results:
         return Written([], [])
     async with db.write() as conn:
@@ -236,6 +314,15 @@ async def finish(db: Database, *, worker: str, now: datetime, results: Sequence[
                     _FINISH_CANCELLED,
                     [{k: v for k, v in p.items() if k not in ("b_status", "b_next", "b_finished", "b_result")} for p in cancelled],
                 )
+        if recorder is not None and mine:
+            outcomes: dict[str, list[str]] = {}
+            pauses: dict[str, float] = {}
+            for r in mine:
+                if r.host is not None:
+                    outcomes.setdefault(r.host, []).append(r.outcome)
+                    if r.pause_until:
+                        pauses[r.host] = max(pauses.get(r.host, 0.0), r.pause_until)
+            await recorder(conn, outcomes, pauses, now)
     landed = [(r.task_id, held[r.task_id] if held[r.task_id] == "cancelled" else r.status) for r in mine]
     return Written(landed, [r.task_id for r in results if r.task_id not in held])
 
@@ -307,7 +394,20 @@ async def rescue(db: Database, *, now: datetime, limit: int = 500) -> list[int]:
             sa.update(tasks)
             .where(tasks.c.id == sa.bindparam("b_id"), tasks.c.lease_owner.is_not(None))
             .values(
-                status=sa.case((tasks.c.status == "processing", "retrying"), else_=tasks.c.status),
+                # The interrupted attempt is charged; with the budget spent the task fails rather than being
+                # sent once more than max_attempts allows. (SET expressions all read the row before the update.)
+                status=sa.case(
+                    (sa.and_(tasks.c.status == "processing", _EXHAUSTED), "failed"),
+                    (tasks.c.status == "processing", "retrying"),
+                    else_=tasks.c.status,
+                ),
+                finished_at=sa.case(
+                    (
+                        sa.and_(tasks.c.status == "processing", _EXHAUSTED),
+                        sa.bindparam("b_now", type_=tasks.c.finished_at.type),
+                    ),
+                    else_=tasks.c.finished_at,
+                ),
                 attempts=tasks.c.attempts + 1,
                 outcome="interrupted",
                 last_attempt_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),

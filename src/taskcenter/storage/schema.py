@@ -138,6 +138,17 @@ tasks = sa.Table(
     sa.Index("ix_tasks_status", "status", "id"),
     sa.Index("ix_tasks_host", "host", "id"),
     sa.Index("ix_tasks_created_at", "created_at"),
+    # Fair claim: each business's due tasks in its own order, so one backlog cannot starve another business.
+    sa.Index(
+        "ix_tasks_due_business",
+        "business_pk",
+        sa.text("priority DESC"),
+        "next_attempt_at",
+        **_partial(DUE_SQL),
+    ),
+    # In-flight counts for the per-host and per-business caps.
+    sa.Index("ix_tasks_processing_host", "host", **_partial("status = 'processing'")),
+    sa.Index("ix_tasks_processing_business", "business_pk", **_partial("status = 'processing'")),
 )
 
 attempts = sa.Table(
@@ -169,6 +180,30 @@ host_policies = sa.Table(
     sa.Column("breaker_cooldown", sa.Float, nullable=True),
     sa.Column("paused_until", UTCDateTime, nullable=True),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Shared limiter and breaker state: one row per host / business, updated under row locks by every dispatcher.
+# Times here are epoch seconds (float): the token arithmetic is the same on both backends.
+host_state = sa.Table(
+    "host_state",
+    metadata,
+    sa.Column("host", sa.String(300), primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False, server_default="0"),
+    sa.Column("refilled_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("breaker", sa.String(10), nullable=False, server_default="closed"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("window", sa.String(100), nullable=False, server_default=""),
+    sa.Column("open_until", sa.Float, nullable=False, server_default="0"),
+    sa.Column("probe_until", sa.Float, nullable=False, server_default="0"),
+    sa.Column("paused_until", sa.Float, nullable=False, server_default="0"),
+)
+
+business_state = sa.Table(
+    "business_state",
+    metadata,
+    sa.Column("business_pk", sa.Integer, primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False, server_default="0"),
+    sa.Column("refilled_at", sa.Float, nullable=False, server_default="0"),
 )
 
 audit_log = sa.Table(

@@ -1,0 +1,186 @@
+"""Traffic control arithmetic: token buckets, circuit breakers, and the admission of a claimed batch.
+
+Pure: the state comes in as values, the new state and the decisions go out. The SQL layer persists the state under
+row locks, which is what makes one limit hold across every dispatcher of a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+#: Outcomes that count against a host's health. Client errors mean the host is alive and answering.
+HOST_FAILURES = frozenset({"server_error", "timeout", "network_error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits of one host (from its policy, else the defaults) or one business. ``None`` means unlimited."""
+
+    rate_per_second: float | None = None
+    burst: int | None = None
+    max_in_flight: int | None = None
+    breaker_failures: int = 5
+    breaker_ratio: float | None = None
+    breaker_window: int = 20
+    breaker_cooldown_s: float = 30.0
+    paused_until: float = 0.0
+    """An operator's pause of the host (epoch seconds), on top of any ``Retry-After`` pause in the state."""
+
+    @property
+    def capacity(self) -> float:
+        if self.rate_per_second is None:
+            return math.inf
+        return float(self.burst if self.burst is not None else max(1.0, self.rate_per_second))
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The shared state of one host or business, as stored. Times are epoch seconds."""
+
+    tokens: float
+    refilled_at: float
+    breaker: str = "closed"  # closed | open | half_open
+    failures: int = 0  # consecutive
+    window: tuple[bool, ...] = ()  # recent outcomes, True = failure, newest last
+    open_until: float = 0.0
+    probe_until: float = 0.0  # a half-open probe is in flight until then
+    paused_until: float = 0.0
+
+
+def refill(state: State, limits: Limits, now: float) -> State:
+    """Add the tokens earned since the last refill, up to the bucket's capacity."""
+    if limits.rate_per_second is None:
+        return replace(state, tokens=0.0, refilled_at=now)
+    earned = max(0.0, now - state.refilled_at) * limits.rate_per_second
+    return replace(state, tokens=min(limits.capacity, state.tokens + earned), refilled_at=now)
+
+
+def next_token_at(state: State, limits: Limits, now: float, position: int) -> float:
+    """When the ``position``-th (1-based) request waiting behind the current tokens may go."""
+    rate = limits.rate_per_second or math.inf
+    missing = position - state.tokens
+    return now + max(0.0, missing) / rate
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """For one task: go now (``defer_until is None``), or wait until then. ``reason`` names what held it."""
+
+    defer_until: float | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A claimed task asking to go: its host key and business."""
+
+    task_id: int
+    host: str
+    business: int
+
+
+def admit(
+    candidates: Sequence[Candidate],
+    *,
+    hosts: Mapping[str, tuple[State, Limits, int]],
+    businesses: Mapping[int, tuple[State, Limits, int]],
+    now: float,
+) -> tuple[dict[int, Verdict], dict[str, State], dict[int, State]]:
+    """Decide which claimed tasks go now. ``hosts``/``businesses`` give (state, limits, in flight elsewhere).
+
+    A task goes only if its host is not paused, its breaker lets it through, and both its host and its business
+    have a token and an in-flight slot. Held tasks get the earliest time worth looking again, spread out by the
+    rate so a backlog comes back at the pace it can be sent, not all at once.
+    """
+    host_state = {h: refill(s, lim, now) for h, (s, lim, _n) in hosts.items()}
+    biz_state = {b: refill(s, lim, now) for b, (s, lim, _n) in businesses.items()}
+    host_busy = {h: n for h, (_s, _l, n) in hosts.items()}
+    biz_busy = {b: n for b, (_s, _l, n) in businesses.items()}
+    gated_hosts = {h for h in hosts if not h.startswith("processor:")}
+    waiting_host: dict[str, int] = {}
+    waiting_biz: dict[int, int] = {}
+    verdicts: dict[int, Verdict] = {}
+    for c in candidates:
+        hs, hl = host_state[c.host], hosts[c.host][1]
+        bs, bl = biz_state[c.business], businesses[c.business][1]
+        held = _host_gate(hs, hl, now) if c.host in gated_hosts else None
+        if held is not None:
+            verdicts[c.task_id] = held
+            continue
+        if hl.max_in_flight is not None and host_busy[c.host] >= hl.max_in_flight:
+            verdicts[c.task_id] = Verdict(now + 0.05, "host_in_flight")
+            continue
+        if bl.max_in_flight is not None and biz_busy[c.business] >= bl.max_in_flight:
+            verdicts[c.task_id] = Verdict(now + 0.05, "business_in_flight")
+            continue
+        if hl.rate_per_second is not None and hs.tokens < 1:
+            waiting_host[c.host] = waiting_host.get(c.host, 0) + 1
+            verdicts[c.task_id] = Verdict(next_token_at(hs, hl, now, waiting_host[c.host]), "host_rate")
+            continue
+        if bl.rate_per_second is not None and bs.tokens < 1:
+            waiting_biz[c.business] = waiting_biz.get(c.business, 0) + 1
+            verdicts[c.task_id] = Verdict(
+                next_token_at(bs, bl, now, waiting_biz[c.business]), "business_rate"
+            )
+            continue
+        if hl.rate_per_second is not None:
+            hs = replace(hs, tokens=hs.tokens - 1)
+        if bl.rate_per_second is not None:
+            bs = replace(bs, tokens=bs.tokens - 1)
+        if hs.breaker == "open":  # cool-down over: this task is the half-open probe
+            hs = replace(hs, breaker="half_open", probe_until=now + 60.0)
+        host_state[c.host], biz_state[c.business] = hs, bs
+        host_busy[c.host] += 1
+        biz_busy[c.business] += 1
+        verdicts[c.task_id] = Verdict(None)
+    return verdicts, host_state, biz_state
+
+
+def _host_gate(state: State, limits: Limits, now: float) -> Verdict | None:
+    paused = max(state.paused_until, limits.paused_until)
+    if paused > now:
+        return Verdict(paused, "host_paused")
+    if state.breaker == "open" and state.open_until > now:
+        return Verdict(state.open_until, "circuit_open")
+    if state.breaker == "half_open" and state.probe_until > now:
+        # One probe at a time; the others look again shortly after it should have answered.
+        return Verdict(min(state.probe_until, now + 1.0), "circuit_half_open")
+    return None
+
+
+def record(
+    state: State, limits: Limits, outcomes: Sequence[str], now: float, pause_until: float = 0.0
+) -> State:
+    """Fold a host's attempt outcomes (oldest first) into its breaker; ``pause_until`` from ``Retry-After``."""
+    for outcome in outcomes:
+        if outcome == "interrupted":
+            continue
+        failed = outcome in HOST_FAILURES
+        window = (*state.window, failed)[-limits.breaker_window :]
+        failures = state.failures + 1 if failed else 0
+        state = replace(state, window=window, failures=failures)
+        if state.breaker == "half_open":
+            state = (
+                _opened(state, limits, now)
+                if failed
+                else replace(state, breaker="closed", failures=0, window=())
+            )
+        elif state.breaker == "closed" and failed and _should_open(state, limits):
+            state = _opened(state, limits, now)
+    if pause_until > state.paused_until:
+        state = replace(state, paused_until=pause_until)
+    return state
+
+
+def _should_open(state: State, limits: Limits) -> bool:
+    if state.failures >= limits.breaker_failures:
+        return True
+    if limits.breaker_ratio is None or len(state.window) < limits.breaker_window:
+        return False
+    return sum(state.window) / len(state.window) >= limits.breaker_ratio
+
+
+def _opened(state: State, limits: Limits, now: float) -> State:
+    return replace(state, breaker="open", open_until=now + limits.breaker_cooldown_s, probe_until=0.0)

@@ -1,0 +1,190 @@
+"""Every error is problem+json with a stable type and the field named; bad input is a 4xx, never a 500,
+and never leaves half a task behind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from taskcenter.storage.schema import tasks
+from tests.test_api_support import OPERATOR, PROBLEM, Api, api, open_api, task_body  # noqa: F401  (fixture)
+
+BASE = "https://taskcenter.dev/problems/"
+
+
+async def _stored(api: Api) -> int:
+    async with api.runtime.db.read() as conn:
+        return int((await conn.execute(sa.select(sa.func.count()).select_from(tasks))).scalar_one())
+
+
+def _problem(response: Any, status: int, slug: str, field: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert body["type"] == BASE + slug and body["status"] == status and body["title"] and body["detail"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+async def test_malformed_json_is_400(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.post("/tasks", content=b'{"business_id": ', headers={**key, "content-type": "application/json"})
+    _problem(response, 400, "malformed-json")
+    assert await _stored(api) == 0
+
+
+async def test_a_lone_surrogate_is_malformed_json(api: Api) -> None:
+    key = await api.business_key("shop")
+    raw = b'{"business_id": "\\ud800", "url": "https://a.example.com"}'
+    response = await api.client.post("/tasks", content=raw, headers={**key, "content-type": "application/json"})
+    _problem(response, 400, "malformed-json")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"business_id": "a", "url": "https://a.example.com", "priority": "high"}, "priority"),
+        ({"business_id": "a", "url": "https://a.example.com", "timeout": "5"}, "timeout"),
+        ({"business_id": 7, "url": "https://a.example.com"}, "business_id"),
+        ({"business_id": "a", "url": "https://a.example.com", "headers": {"X": 1}}, "headers.X"),
+        ({"business_id": "a", "url": "https://a.example.com", "retry": {"max_attempts": "x"}}, "retry.max_attempts"),
+        ({"url": "https://a.example.com"}, "business_id"),
+        ({"business_id": "a", "url": "https://a.example.com", "bogus": 1}, "bogus"),
+        ({"business_id": "a", "url": "https://a.example.com", "retry": {"bogus": 1}}, "retry.bogus"),
+        ({"business_id": "a", "url": "https://a.example.com", "retry": {"strategy": "fixed", "jitter": 0.5}},
+         "retry.jitter"),
+        ({"business_id": "a", "url": "ftp://a.example.com/file"}, "url"),
+        ({"business_id": "a", "url": "javascript:alert(1)"}, "url"),
+        ({"business_id": "a", "url": "https://"}, "url"),
+        ({"business_id": "a", "url": "https://user:pw@a.example.com/"}, "url"),
+        ({"business_id": "a", "url": "https://a.example.com", "json": {}, "body": "x"}, "body"),
+        ({"business_id": "a", "url": "https://a.example.com", "scheduled_at": "2030-01-01T00:00:00"}, "scheduled_at"),
+        ({"business_id": "a", "url": "https://a.example.com", "scheduled_at": "9999-12-31T23:59:59-14:00"},
+         "scheduled_at"),
+        ({"business_id": "a", "url": "https://a.example.com", "headers": {"X-Task-Id": "forged"}}, "headers.X-Task-Id"),
+    ],
+)  # fmt: skip
+async def test_invalid_create_requests_are_422_naming_the_field(api: Api, body: dict[str, Any], field: str) -> None:
+    key = await api.business_key("shop")
+    _problem(await api.client.post("/tasks", json=body, headers=key), 422, "validation", field)
+    assert await _stored(api) == 0
+
+
+async def test_a_body_that_is_not_an_object_is_422(api: Api) -> None:
+    key = await api.business_key("shop")
+    _problem(await api.client.post("/tasks", json=[1, 2], headers=key), 422, "validation", "body")
+    _problem(await api.client.post("/tasks", content=b"hello", headers={**key, "content-type": "text/plain"}), 422,
+             "validation", "body")  # fmt: skip
+
+
+async def test_a_missing_body_is_422(api: Api) -> None:
+    key = await api.business_key("shop")
+    _problem(await api.client.post("/tasks", headers=key), 422, "validation", "body")
+
+
+async def test_an_oversized_body_is_413_by_content_length(api: Api) -> None:
+    key = await api.business_key("shop")
+    big = task_body("a", metadata={"pad": "x" * (1 << 20)})
+    _problem(await api.client.post("/tasks", json=big, headers=key), 413, "too-large")
+    assert await _stored(api) == 0
+
+
+async def test_an_oversized_streamed_body_without_length_is_413(api: Api) -> None:
+    key = await api.business_key("shop")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"business_id": "a", "url": "https://a.example.com", "metadata": {"pad": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}}'
+
+    response = await api.client.post("/tasks", content=chunks(), headers={**key, "content-type": "application/json"})
+    _problem(response, 413, "too-large")
+    assert await _stored(api) == 0
+
+
+async def test_the_body_cap_is_configurable(db_url: str) -> None:
+    small, runtime = await open_api(db_url, max_request_bytes=2048)
+    try:
+        key = await small.business_key("shop")
+        fits = await small.client.post("/tasks", json=task_body("a", metadata={"pad": "x" * 1000}), headers=key)
+        assert fits.status_code == 201
+        too_big = await small.client.post("/tasks", json=task_body("b", metadata={"pad": "x" * 3000}), headers=key)
+        _problem(too_big, 413, "too-large")
+    finally:
+        await small.client.aclose()
+        await runtime.close()
+
+
+@pytest.mark.parametrize(
+    "ref", ["0b6f5d4e-7a5b-4a2e-9d1c-3f2a1b0c9d8e", "nope", "99999999999999999999999", "12345", "²", "%00", "a" * 300]
+)
+async def test_unknown_task_ids_are_404_on_every_task_endpoint(api: Api, ref: str) -> None:
+    key = await api.business_key("shop")
+    calls = [
+        api.client.get(f"/tasks/{ref}", headers=key),
+        api.client.get(f"/tasks/{ref}/attempts", headers=key),
+        api.client.patch(f"/tasks/{ref}", json={"priority": 1}, headers=key),
+        api.client.delete(f"/tasks/{ref}", headers=key),
+        api.client.post(f"/tasks/{ref}/retry", headers=key),
+        api.client.get(f"/tasks/business/{ref}", headers=key),
+        api.client.delete(f"/tasks/business/{ref}", headers=key),
+    ]
+    for call in calls:
+        _problem(await call, 404, "not-found")
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"cursor": "garbage"}, "cursor"),
+        ({"cursor": "dDE6YWJj"}, "cursor"),
+        ({"status": "pending,lost"}, "status"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 501}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"created_after": "yesterday"}, "created_after"),
+        ({"created_after": "2026-01-01T00:00:00"}, "created_after"),
+        ({"host": "a\x00b"}, "host"),
+    ],
+)
+async def test_bad_list_parameters_are_422_naming_them(api: Api, params: dict[str, Any], field: str) -> None:
+    key = await api.business_key("shop")
+    _problem(await api.client.get("/tasks", params=params, headers=key), 422, "validation", field)
+
+
+async def test_missing_or_wrong_credentials_are_401_with_a_challenge(api: Api) -> None:
+    for headers in ({}, {"Authorization": "Bearer tc_not-a-real-key-at-all"}, {"Authorization": "Bearer x.y.z"},
+                    {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer nothing"}):  # fmt: skip
+        response = await api.client.get("/tasks", headers=headers)
+        _problem(response, 401, "unauthenticated")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_operator_keys_cannot_use_task_endpoints_nor_business_keys_operator_ones(api: Api) -> None:
+    key = await api.business_key("shop")
+    _problem(await api.client.get("/tasks", headers=OPERATOR), 403, "forbidden")
+    _problem(await api.client.post("/tasks", json=task_body("a"), headers=OPERATOR), 403, "forbidden")
+    _problem(await api.client.get("/stats", headers=key), 403, "forbidden")
+    _problem(await api.client.get("/audit", headers=key), 403, "forbidden")
+    _problem(await api.client.post("/businesses", json={"code": "x"}, headers=key), 403, "forbidden")
+
+
+async def test_unknown_routes_are_404_and_wrong_methods_405(api: Api) -> None:
+    _problem(await api.client.get("/nowhere"), 404, "not-found")
+    response = await api.client.put("/health")
+    _problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == "GET"
+
+
+async def test_problem_responses_are_declared_in_the_openapi_document(api: Api) -> None:
+    spec = (await api.client.get("/openapi.json")).json()
+    create = spec["paths"]["/api/v1/tasks"]["post"]
+    for code in ("400", "401", "403", "409", "413", "422", "429", "503"):
+        assert "application/problem+json" in create["responses"][code]["content"], code
+    assert spec["components"]["schemas"]["TaskCreate"]["examples"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

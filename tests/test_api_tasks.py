@@ -1,0 +1,285 @@
+"""Task endpoints over the real app and database: create, read, list, change, cancel, retry, batch, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.receiver import Receiver, Reply
+from tests.test_api_support import OPERATOR, PROBLEM, Api, api, task_body  # noqa: F401  (fixture)
+from tests.test_delivery import running
+
+
+async def test_create_answers_201_with_the_task_representation(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.post(
+        "/tasks", json=task_body("order-1", headers={"Authorization": "Bearer s3cret-value"}), headers=key
+    )
+    assert response.status_code == 201
+    task = response.json()
+    assert response.headers["location"] == f"/api/v1/tasks/{task['id']}"
+    assert task["business_code"] == "shop" and task["business_id"] == "order-1"
+    assert task["status"] == "pending" and task["attempts"] == 0 and task["type"] == "http"
+    assert task["request"]["method"] == "POST" and task["request"]["url"] == "https://api.example.com/hook"
+    assert task["request"]["content_type"] == "application/json"
+    assert "s3cret-value" not in response.text
+    assert task["created_at"].endswith("Z") and task["next_attempt_at"].endswith("Z")
+    for name in ("retry", "timeout", "priority", "max_attempts", "scheduled_at", "last_attempt_at", "finished_at",
+                 "last_response", "last_error", "outcome", "metadata", "updated_at"):  # fmt: skip
+        assert name in task
+
+
+async def test_business_default_retry_policy_applies_when_the_task_gives_none(api: Api) -> None:
+    policy = {"strategy": "fixed", "interval": 5, "max_attempts": 3}
+    key = await api.business_key("shop", retry=policy)
+    task = await api.create(key, "a")
+    assert task["retry"]["strategy"] == "fixed" and task["retry"]["interval"] == 5
+    assert task["max_attempts"] == 3
+
+
+async def test_a_task_retry_policy_overrides_the_business_default(api: Api) -> None:
+    key = await api.business_key("shop", retry={"strategy": "fixed", "interval": 5, "max_attempts": 3})
+    task = await api.create(key, "a", retry={"strategy": "intervals", "intervals": [1, 2]})
+    assert task["retry"]["strategy"] == "intervals" and task["max_attempts"] == 3
+
+
+async def test_a_live_duplicate_business_id_answers_409_naming_the_existing_task(api: Api) -> None:
+    key = await api.business_key("shop")
+    first = await api.create(key, "order-1")
+    response = await api.client.post("/tasks", json=task_body("order-1"), headers=key)
+    assert response.status_code == 409
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "https://taskcenter.dev/problems/duplicate"
+    assert problem["existing_id"] == first["id"] and problem["field"] == "business_id"
+    assert first["id"] in problem["detail"]
+
+
+async def test_a_business_id_is_free_again_once_its_task_is_cancelled(api: Api) -> None:
+    key = await api.business_key("shop")
+    first = await api.create(key, "order-1")
+    assert (await api.client.delete(f"/tasks/{first['id']}", headers=key)).status_code == 200
+    second = await api.create(key, "order-1")
+    assert second["id"] != first["id"]
+
+
+async def test_get_by_id_numeric_id_and_business_id_return_the_same_task(api: Api) -> None:
+    key = await api.business_key("shop")
+    task = await api.create(key, "order/7 ü")
+    by_id = await api.client.get(f"/tasks/{task['id']}", headers=key)
+    by_key = await api.client.get("/tasks/business/order/7 ü", headers=key)
+    assert by_id.status_code == by_key.status_code == 200
+    assert by_id.json() == by_key.json() == task
+
+
+async def test_attempts_are_listed_oldest_first(api: Api, receiver: Receiver) -> None:
+    key = await api.business_key("shop")
+    receiver.script("/flaky", Reply(status=503), Reply(status=200))
+    task = await api.create(key, "f", url=receiver.url("/flaky"), retry={"strategy": "intervals", "intervals": [0.05]})
+    async with running(api.runtime):
+        await _wait_status(api, key, task["id"], "succeeded")
+    response = await api.client.get(f"/tasks/{task['id']}/attempts", headers=key)
+    attempts = response.json()["attempts"]
+    assert [a["number"] for a in attempts] == [1, 2]
+    assert [a["outcome"] for a in attempts] == ["server_error", "success"]
+    assert attempts[1]["response"]["status_code"] == 200 and attempts[0]["started_at"].endswith("Z")
+    done = (await api.client.get(f"/tasks/{task['id']}", headers=key)).json()
+    assert done["last_response"]["status_code"] == 200 and done["attempts"] == 2
+
+
+async def _wait_status(api: Api, key: dict[str, str], task_id: str, status: str) -> None:
+    for _ in range(200):
+        if (await api.client.get(f"/tasks/{task_id}", headers=key)).json()["status"] == status:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task never became {status}")
+
+
+async def _ids(api: Api, key: dict[str, str], **params: Any) -> list[str]:
+    response = await api.client.get("/tasks", params=params, headers=key)
+    assert response.status_code == 200, response.text
+    return [t["business_id"] for t in response.json()["tasks"]]
+
+
+async def test_list_is_newest_first_and_pages_with_a_cursor(api: Api) -> None:
+    key = await api.business_key("shop")
+    for n in range(7):
+        await api.create(key, f"t{n}")
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        body = (await api.client.get("/tasks", params=params, headers=key)).json()
+        seen += [t["business_id"] for t in body["tasks"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"t{n}" for n in range(6, -1, -1)]
+    assert pages == 3
+
+
+async def test_pages_stay_stable_when_tasks_are_inserted_between_them(api: Api) -> None:
+    key = await api.business_key("shop")
+    for n in range(4):
+        await api.create(key, f"old{n}")
+    first = (await api.client.get("/tasks", params={"limit": 2}, headers=key)).json()
+    for n in range(3):
+        await api.create(key, f"new{n}")
+    second = (await api.client.get("/tasks", params={"limit": 2, "cursor": first["next_cursor"]}, headers=key)).json()
+    assert [t["business_id"] for t in first["tasks"]] == ["old3", "old2"]
+    assert [t["business_id"] for t in second["tasks"]] == ["old1", "old0"]
+
+
+async def test_list_filters_by_status_host_business_id_and_creation_time(api: Api) -> None:
+    key = await api.business_key("shop")
+    await api.create(key, "a")
+    await api.create(key, "b", url="https://other.example.org:8443/x")
+    c = await api.create(key, "c")
+    await api.client.delete(f"/tasks/{c['id']}", headers=key)
+    assert await _ids(api, key, status="cancelled") == ["c"]
+    assert await _ids(api, key, status="pending,cancelled") == ["c", "b", "a"]
+    assert await _ids(api, key, host="other.example.org:8443") == ["b"]
+    assert await _ids(api, key, business_id="a") == ["a"]
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert await _ids(api, key, created_after=future) == []
+    assert await _ids(api, key, created_before=future) == ["c", "b", "a"]
+
+
+async def test_patch_changes_a_pending_task_and_put_is_accepted_too(api: Api) -> None:
+    key = await api.business_key("shop")
+    task = await api.create(key, "a")
+    patched = await api.client.patch(
+        f"/tasks/{task['id']}", json={"url": "https://api.example.com/v2", "priority": 5, "timeout": 12}, headers=key
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["request"]["url"] == "https://api.example.com/v2" and patched.json()["priority"] == 5
+    put = await api.client.put(f"/tasks/{task['id']}", json={"delay": 600}, headers=key)
+    assert put.status_code == 200 and put.json()["scheduled_at"] is not None
+
+
+async def test_changing_a_task_that_is_not_pending_or_retrying_answers_409(api: Api) -> None:
+    key = await api.business_key("shop")
+    task = await api.create(key, "a")
+    await api.client.delete(f"/tasks/{task['id']}", headers=key)
+    response = await api.client.patch(f"/tasks/{task['id']}", json={"priority": 1}, headers=key)
+    assert response.status_code == 409
+    assert response.json()["type"] == "https://taskcenter.dev/problems/invalid-transition"
+
+
+async def test_cancel_by_id_and_by_business_id(api: Api) -> None:
+    key = await api.business_key("shop")
+    a, _ = await api.create(key, "a"), await api.create(key, "b")
+    assert (await api.client.delete(f"/tasks/{a['id']}", headers=key)).json()["status"] == "cancelled"
+    by_key = await api.client.delete("/tasks/business/b", headers=key)
+    assert by_key.status_code == 200 and by_key.json()["status"] == "cancelled"
+    again = await api.client.delete(f"/tasks/{a['id']}", headers=key)
+    assert again.status_code == 409
+
+
+async def test_manual_retry_renews_a_cancelled_task_and_refuses_a_pending_one(api: Api) -> None:
+    key = await api.business_key("shop")
+    task = await api.create(key, "a")
+    refused = await api.client.post(f"/tasks/{task['id']}/retry", headers=key)
+    assert refused.status_code == 409
+    await api.client.delete(f"/tasks/{task['id']}", headers=key)
+    retried = await api.client.post(f"/tasks/{task['id']}/retry", headers=key)
+    assert retried.status_code == 200 and retried.json()["status"] == "pending"
+    assert retried.json()["finished_at"] is None
+
+
+async def test_batch_stores_the_valid_items_and_reports_every_item(api: Api) -> None:
+    key = await api.business_key("shop")
+    existing = await api.create(key, "taken")
+    items = [
+        task_body("b0"),
+        {"business_id": "b1", "url": 5},
+        task_body("b2", url="ftp://files.example.com/x"),
+        task_body("b0"),
+        task_body("taken"),
+        task_body("b5", surprise=True),
+        task_body("b6"),
+    ]
+    response = await api.client.post("/tasks/batch", json={"tasks": items}, headers=key)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(7))
+    assert [r["status"] for r in results] == [201, 422, 422, 409, 409, 422, 201]
+    assert body["created"] == 2 and body["failed"] == 5
+    assert results[0]["task"]["business_id"] == "b0"
+    assert results[1]["field"] == "url" and results[2]["field"] == "url" and results[5]["field"] == "surprise"
+    assert results[4]["existing_id"] == existing["id"]
+    assert sorted(await _ids(api, key)) == ["b0", "b6", "taken"]
+
+
+async def test_a_batch_of_more_than_1000_tasks_is_refused_whole(api: Api) -> None:
+    key = await api.business_key("shop")
+    items = [task_body(f"k{n}") for n in range(1001)]
+    response = await api.client.post("/tasks/batch", json={"tasks": items}, headers=key)
+    assert response.status_code == 422 and response.json()["field"] == "tasks"
+    assert await _ids(api, key) == []
+
+
+async def test_a_batch_of_1000_is_stored(api: Api) -> None:
+    key = await api.business_key("shop")
+    items = [task_body(f"k{n}") for n in range(1000)]
+    response = await api.client.post("/tasks/batch", json={"tasks": items}, headers=key)
+    assert response.status_code == 200 and response.json()["created"] == 1000
+
+
+async def test_creating_past_max_active_tasks_answers_429_naming_the_limit(api: Api) -> None:
+    key = await api.business_key("small", max_active_tasks=3)
+    for n in range(3):
+        await api.create(key, f"t{n}")
+    response = await api.client.post("/tasks", json=task_body("t3"), headers=key)
+    assert response.status_code == 429
+    problem = response.json()
+    assert problem["type"] == "https://taskcenter.dev/problems/limit-exceeded"
+    assert problem["limit"] == "max_active_tasks" and "max_active_tasks" in problem["detail"]
+    batch = await api.client.post("/tasks/batch", json={"tasks": [task_body("b")]}, headers=key)
+    assert batch.status_code == 429 and batch.json()["limit"] == "max_active_tasks"
+
+
+async def test_finished_tasks_do_not_count_against_max_active_tasks(api: Api) -> None:
+    key = await api.business_key("small", max_active_tasks=2)
+    for n in range(2):
+        task = await api.create(key, f"t{n}")
+        await api.client.delete(f"/tasks/{task['id']}", headers=key)
+    await api.create(key, "t2")
+
+
+async def test_a_timeout_over_30_seconds_is_refused(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.post("/tasks", json=task_body("a", timeout=31), headers=key)
+    assert response.status_code == 422 and response.json()["field"] == "timeout"
+
+
+async def test_more_than_10_retries_is_refused(api: Api) -> None:
+    key = await api.business_key("shop")
+    exponential = task_body("a", retry={"strategy": "exponential", "max_attempts": 12})
+    intervals = task_body("b", retry={"strategy": "intervals", "intervals": [1] * 11})
+    for body in (exponential, intervals):
+        response = await api.client.post("/tasks", json=body, headers=key)
+        assert response.status_code == 422, response.text
+        assert response.json()["field"].startswith("retry.")
+    allowed = await api.client.post("/tasks", json=task_body("c", retry={"max_attempts": 11}), headers=key)
+    assert allowed.status_code == 201
+
+
+async def test_a_processor_type_without_a_registered_processor_is_refused(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.post("/tasks", json={"business_id": "p", "type": "nothing", "payload": {}}, headers=key)
+    assert response.status_code == 422 and response.json()["field"] == "type"
+
+
+async def test_created_tasks_are_counted_in_metrics(api: Api) -> None:
+    key = await api.business_key("shop")
+    await api.create(key, "a")
+    await api.client.post("/tasks/batch", json={"tasks": [task_body("b"), task_body("c")]}, headers=key)
+    text = (await api.client.get("/metrics")).text
+    assert "taskcenter_tasks_created_total 3.0" in text
+    assert 'taskcenter_tasks{status="pending"} 3.0' in text
+    assert (await api.client.get("/metrics", headers=OPERATOR)).status_code == 200

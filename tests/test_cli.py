@@ -1,0 +1,339 @@
+"""The ``taskcenter`` command line, driven through Typer's CliRunner against a real SQLite file, and
+``taskcenter worker`` as a real process stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.main import get_command
+from typer.testing import CliRunner, Result
+
+from taskcenter import RetryPolicy, Task, TaskCenter
+from taskcenter.cli import app
+from tests.conftest import make_settings
+from tests.receiver import Receiver, Reply
+from tests.test_library import wait_status, working
+
+TASKCENTER = str(Path(sys.executable).with_name("taskcenter"))
+UNKNOWN = "6f1c1d1e-0000-4000-8000-000000000000"
+
+
+class Cli:
+    """Runs ``taskcenter …`` in-process with the environment pointing at one SQLite file."""
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.env = {"TASKCENTER_DATABASE_URL": db_url, "TASKCENTER_ALLOW_NETWORKS": "127.0.0.0/8"}
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, **env: str) -> Result:
+        return self.runner.invoke(app, list(args), env={**self.env, **env})
+
+    def ok(self, *args: str) -> str:
+        result = self(*args)
+        assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}"
+        return result.stdout
+
+    def center(self, **overrides: Any) -> TaskCenter:
+        """A library TaskCenter on the same file, for setting up what the CLI then reads."""
+        return TaskCenter(settings=make_settings(self.db_url, **overrides), business="shop")
+
+
+def one_line_error(result: Result, code: int) -> str:
+    """Assert a failure that printed exactly one ``error:`` line on stderr and no traceback."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """A CLI on a fresh SQLite file where business ``shop`` exists; run from an empty directory so no stray
+    ./taskcenter.toml is read."""
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("TASKCENTER_")]:
+        monkeypatch.delenv(name)
+    runner = Cli(f"sqlite:///{tmp_path / 'cli.db'}")
+    with runner.center():
+        pass  # entering starts it: schema migrated, business "shop" registered
+    yield runner
+
+
+def create(cli: Cli, business_id: str, *extra: str) -> dict[str, Any]:
+    out = cli.ok("task", "create", "http://127.0.0.1:9/hook", "-b", "shop", "-k", business_id, "--output-json", *extra)
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+# -- help -------------------------------------------------------------------------------------------------
+
+
+def _command_paths() -> list[list[str]]:
+    def walk(cmd: Any, path: list[str]) -> Iterator[list[str]]:
+        yield path
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(get_command(app), []))
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "taskcenter")
+def test_every_command_has_help(path: list[str]) -> None:
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout and "--help" in result.stdout
+
+
+def test_the_task_commands_the_design_names_exist() -> None:
+    paths = {" ".join(p) for p in _command_paths()}
+    assert {"serve", "worker", "migrate", "task create", "task show", "task list", "task cancel", "task retry"} <= paths
+
+
+def test_version_is_printed() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("taskcenter ")
+
+
+# -- migrate ----------------------------------------------------------------------------------------------
+
+
+def test_migrate_builds_a_new_database_then_reports_it_is_current(tmp_path: Path) -> None:
+    runner = Cli(f"sqlite:///{tmp_path / 'fresh.db'}")
+    first = runner.ok("migrate")
+    assert first.startswith("schema migrated from nothing to ")
+    head = first.split()[-1]
+    assert runner.ok("migrate").strip() == f"schema already at {head}"
+
+
+# -- task create / show / list / cancel / retry -------------------------------------------------------------
+
+
+def test_task_create_prints_a_readable_pending_task(cli: Cli) -> None:
+    out = cli.ok("task", "create", "http://127.0.0.1:9/hook", "-b", "shop", "-k", "order-1")
+    assert "pending" in out and "order-1" in out and "POST http://127.0.0.1:9/hook" in out
+
+
+def test_task_create_passes_method_json_headers_delay_and_priority(cli: Cli) -> None:
+    data = create(cli, "o-1", "-X", "PUT", "--json", '{"a": [1, 2]}', "-H", "X-Trace: abc", "--delay", "60",
+                  "--priority", "3")  # fmt: skip
+    assert data["status"] == "pending" and data["priority"] == 3
+    assert data["request"]["method"] == "PUT" and data["request"]["body"] == '{"a":[1,2]}'
+    assert data["request"]["headers"] == {"X-Trace": "abc"}
+    assert data["scheduled_at"] is not None
+
+
+def test_task_show_by_uuid_and_by_numeric_id_agree(cli: Cli) -> None:
+    data = create(cli, "o-1")
+    by_uuid = json.loads(cli.ok("task", "show", data["id"], "--output-json"))
+    by_row = json.loads(cli.ok("task", "show", str(data["row_id"]), "--output-json"))
+    assert by_uuid == by_row and by_uuid["id"] == data["id"] and by_uuid["business_code"] == "shop"
+    human = cli.ok("task", "show", str(data["row_id"]))
+    assert data["id"] in human and "pending" in human
+
+
+def test_task_show_attempts_lists_each_try(cli: Cli) -> None:
+    async def deliver() -> Task:
+        async with Receiver() as receiver, cli.center() as tc:
+            receiver.script("/flaky", Reply(status=503), Reply(status=200))
+            task = await tc.acreate_task(
+                "POST", receiver.url("/flaky"), business_id="o-1", retry=RetryPolicy.from_intervals([0.05])
+            )
+            async with working(tc):
+                return await wait_status(tc, task.id, "succeeded")
+
+    task = asyncio.run(deliver())
+    data = json.loads(cli.ok("task", "show", task.id, "--attempts", "--output-json"))
+    assert [(a["number"], a["outcome"]) for a in data["attempts_list"]] == [(1, "server_error"), (2, "success")]
+    human = cli.ok("task", "show", task.id, "-a")
+    assert "server_error" in human and "503" in human and "success" in human
+
+
+def test_task_list_filters_by_status_and_business(cli: Cli) -> None:
+    first, second = create(cli, "a"), create(cli, "b")
+    cli.ok("task", "cancel", first["id"])
+    out = cli.ok("task", "list", "--status", "cancelled")
+    assert str(first["row_id"]) in out.split() and str(second["row_id"]) not in out.split()
+    out = cli.ok("task", "list", "--status", "pending,cancelled", "--business", "shop")
+    assert {str(first["row_id"]), str(second["row_id"])} <= set(out.split())
+
+
+def test_task_list_filters_by_host(cli: Cli) -> None:
+    create(cli, "a")
+    assert "127.0.0.1:9" in cli.ok("task", "list", "--host", "127.0.0.1:9")
+    assert "a" not in cli.ok("task", "list", "--host", "example.com:443").split()
+
+
+def test_task_list_pages_with_a_cursor(cli: Cli) -> None:
+    rows = [create(cli, f"k{i}")["row_id"] for i in range(3)]
+    first = cli.ok("task", "list", "--limit", "2")
+    assert "more: --cursor " in first
+    cursor = first.rsplit("--cursor ", 1)[1].strip()
+    rest = cli.ok("task", "list", "--limit", "2", "--cursor", cursor)
+    assert str(rows[0]) in rest.split() and "more:" not in rest
+
+
+def test_task_cancel_then_retry_like_the_symfony_command(cli: Cli) -> None:
+    data = create(cli, "o-1")
+    assert cli.ok("task", "cancel", data["id"]).strip() == f"task {data['id']} is cancelled"
+    out = cli.ok("task", "retry", str(data["row_id"]))
+    assert out.startswith(f"task {data['id']} is pending again")
+    assert json.loads(cli.ok("task", "show", data["id"], "--output-json"))["status"] == "pending"
+
+
+def test_config_show_masks_secrets(cli: Cli) -> None:
+    result = cli("config", "show", TASKCENTER_OPERATOR_KEY="very-secret")
+    assert result.exit_code == 0
+    shown = json.loads(result.stdout)
+    assert shown["operator_key"] == "***" and "very-secret" not in result.stdout
+
+
+# -- errors: one line on stderr, non-zero exit --------------------------------------------------------------
+
+
+def test_unknown_task_id_is_one_line_and_exit_1(cli: Cli) -> None:
+    for command in ("show", "cancel", "retry"):
+        line = one_line_error(cli("task", command, UNKNOWN), 1)
+        assert UNKNOWN in line
+
+
+def test_numeric_unknown_task_id_is_one_line_and_exit_1(cli: Cli) -> None:
+    one_line_error(cli("task", "show", "987654"), 1)
+
+
+def test_task_id_that_looks_like_markup_is_printed_as_given(cli: Cli) -> None:
+    line = one_line_error(cli("task", "show", "[/bold]"), 1)
+    assert "[/bold]" in line
+
+
+def test_long_error_stays_on_one_line(cli: Cli) -> None:
+    code = "a-business-code-long-enough-to-push-the-message-past-eighty-columns"
+    line = one_line_error(cli("task", "create", "http://127.0.0.1:9/", "-b", code, "-k", "x"), 1)
+    assert code in line
+
+
+def test_invalid_transition_is_one_line_and_exit_1(cli: Cli) -> None:
+    data = create(cli, "o-1")
+    assert "cannot be retried" in one_line_error(cli("task", "retry", data["id"]), 1)
+    cli.ok("task", "cancel", data["id"])
+    assert "cannot be cancelled" in one_line_error(cli("task", "cancel", data["id"]), 1)
+
+
+def test_invalid_input_names_the_field(cli: Cli) -> None:
+    line = one_line_error(cli("task", "create", "ftp://example.com/", "-b", "shop", "-k", "x"), 1)
+    assert "url" in line
+
+
+def test_bad_json_body_exits_2(cli: Cli) -> None:
+    assert "--json" in one_line_error(cli("task", "create", "http://127.0.0.1:9/", "-b", "shop", "-k", "x",
+                                          "--json", "{nope"), 2)  # fmt: skip
+
+
+def test_bad_header_exits_2(cli: Cli) -> None:
+    one_line_error(cli("task", "create", "http://127.0.0.1:9/", "-b", "shop", "-k", "x", "-H", "NoColon"), 2)
+
+
+def test_config_file_that_is_not_toml_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = [\n")
+    line = one_line_error(cli("task", "list", "--config", str(bad)), 2)
+    assert "bad.toml" in line
+
+
+def test_config_file_with_a_bad_value_names_the_setting(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "taskcenter.toml"
+    bad.write_text('concurrency = "lots"\n')
+    assert "concurrency" in one_line_error(cli("task", "list", "-c", str(bad)), 2)
+
+
+def test_missing_config_file_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    one_line_error(cli("task", "list", "-c", str(tmp_path / "nowhere.toml")), 2)
+
+
+def test_unreachable_database_is_one_line(cli: Cli) -> None:
+    # Port 1 on loopback: nothing listens, the connection is refused at once.
+    result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    one_line_error(result, 1)
+
+
+def test_limit_out_of_range_is_a_usage_error(cli: Cli) -> None:
+    assert cli("task", "list", "--limit", "0").exit_code == 2
+
+
+def test_main_turns_a_setting_error_into_one_line(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    """``main()`` (the console script) prints a TaskCenterError raised outside a command as one line."""
+    from taskcenter import cli as cli_module
+    from taskcenter.errors import ConfigError
+
+    def broken() -> None:
+        raise ConfigError("database_url must be a sqlite:// or postgresql:// URL")
+
+    original = cli_module.app
+    cli_module.app = broken  # type: ignore[assignment]
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli_module.main()
+    finally:
+        cli_module.app = original
+    assert info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == ["error: database_url must be a sqlite:// or postgresql:// URL"]
+
+
+# -- a real worker process --------------------------------------------------------------------------------
+
+
+async def test_worker_process_delivers_and_exits_0_on_sigterm_within_the_grace_period(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'worker.db'}"
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+        first = await tc.acreate_task("POST", receiver.url("/first"), business_id="w-1")
+        # The second request is still in flight when SIGTERM arrives: the grace period lets it finish.
+        receiver.script("/slow", Reply.delayed(0.7))
+        slow = await tc.acreate_task("POST", receiver.url("/slow"), business_id="w-2", delay=0.5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
+    env.update(
+        TASKCENTER_DATABASE_URL=db_url,
+        TASKCENTER_ALLOW_NETWORKS="127.0.0.0/8",
+        TASKCENTER_SHUTDOWN_GRACE_S="3",
+        TASKCENTER_POLL_INTERVAL_S="0.5",
+        TASKCENTER_LOG_FORMAT="json",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        TASKCENTER, "worker", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await receiver.wait_for(1, "/first", timeout=20)
+        await receiver.wait_for(1, "/slow", timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+        took = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert took < 3 + 2, f"stopping took {took:.1f}s, grace is 3s"
+    assert "Traceback" not in err.decode()
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+        assert (await tc.aget_task(first.id)).status == "succeeded"
+        finished = await tc.aget_task(slow.id)
+    assert finished.status == "succeeded" and finished.attempts == 1
+
+
+def test_typer_app_is_the_console_script_entry() -> None:
+    from taskcenter import cli as cli_module
+
+    assert isinstance(cli_module.app, typer.Typer) and callable(cli_module.main)

@@ -1,0 +1,428 @@
+"""Intake: a create (or PATCH) request becomes a validated task row, or a ValidationError naming the field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from taskcenter.crypto import SecretBox
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.errors import ValidationError
+from taskcenter.intake import (
+    MAX_DELAY_S,
+    MAX_METADATA_BYTES,
+    MAX_PAYLOAD_BYTES,
+    PRIORITY_RANGE,
+    Defaults,
+    changed_values,
+    new_task_row,
+)
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+DEFAULTS = Defaults(retry=RetryPolicy.fixed(interval=10, max_attempts=3))
+URL = "https://api.example.com/hook"
+
+
+def make(data: Mapping[str, Any], *, box: SecretBox | None = None, **kwargs: Any) -> dict[str, Any]:
+    return new_task_row(
+        {"business_id": "order-1", "url": URL, **data},
+        business_pk=7,
+        defaults=DEFAULTS,
+        box=box or SecretBox.disabled(),
+        now=NOW,
+        **kwargs,
+    )
+
+
+def refused(data: Mapping[str, Any], **kwargs: Any) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        make(data, **kwargs)
+    return caught.value
+
+
+# -- the row ----------------------------------------------------------------------------------------------
+
+
+def test_a_minimal_create_is_a_pending_post_due_now() -> None:
+    row = make({})
+    assert row["status"] == "pending"
+    assert (row["method"], row["url"], row["host"]) == ("POST", URL, "api.example.com:443")
+    assert row["business_pk"] == 7
+    assert row["business_id"] == "order-1"
+    assert row["type"] == "http"
+    assert row["attempts"] == 0
+    assert row["next_attempt_at"] == NOW
+    assert row["scheduled_at"] is None
+    assert row["created_at"] == row["updated_at"] == NOW
+    assert row["body"] is None
+
+
+def test_each_row_gets_its_own_uuid() -> None:
+    assert make({})["uuid"] != make({})["uuid"]
+
+
+def test_the_retry_policy_defaults_to_the_given_defaults() -> None:
+    row = make({})
+    assert row["retry"] == DEFAULTS.retry.to_dict()
+    assert row["max_attempts"] == 3
+
+
+def test_a_retry_policy_object_or_json_is_stored_in_json_form() -> None:
+    policy = RetryPolicy.from_intervals([60, 300])
+    assert make({"retry": policy})["retry"] == policy.to_dict()
+    row = make({"retry": {"strategy": "intervals", "intervals": [60, 300]}})
+    assert row["retry"] == policy.to_dict()
+    assert row["max_attempts"] == 3
+
+
+def test_an_invalid_retry_policy_names_its_field() -> None:
+    assert refused({"retry": {"max_attempts": 12}}).field == "retry.max_attempts"
+    assert refused({"retry": "often"}).field == "retry"
+
+
+def test_json_body_is_encoded() -> None:
+    row = make({"json": {"order": 123}})
+    assert (row["body"], row["content_type"]) == ('{"order":123}', "application/json")
+
+
+def test_form_and_body_are_encoded() -> None:
+    assert make({"form": {"a": "1"}})["body"] == "a=1"
+    assert make({"body": "<x/>", "content_type": "application/xml"})["content_type"] == "application/xml"
+
+
+def test_json_with_form_is_refused() -> None:
+    assert refused({"json": {"a": 1}, "form": {"a": "1"}}).field == "form"
+
+
+def test_get_with_a_body_is_refused() -> None:
+    assert refused({"method": "GET", "json": {"a": 1}}).field == "method"
+
+
+def test_sensitive_header_values_are_sealed_with_the_box() -> None:
+    box = SecretBox([SecretBox.generate_key()])
+    row = make({"headers": {"Authorization": "Bearer secret", "X-Plain": "1"}}, box=box)
+    assert row["headers"]["X-Plain"] == "1"
+    assert "secret" not in row["headers"]["Authorization"]
+    assert box.open_headers(row["headers"])["Authorization"] == "Bearer secret"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"url": "ftp://example.com/"}, "url"),
+        ({"url": "https://u:p@example.com/"}, "url"),
+        ({"url": "https://example.com/\x01"}, "url"),
+        ({"url": None}, "url"),
+        ({"headers": {"Host": "evil"}}, "headers.Host"),
+        ({"headers": {"X-A": "a\r\nb"}}, "headers.X-A"),
+        ({"method": "BREW"}, "method"),
+        ({"timeout": 31}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"follow_redirects": "yes"}, "follow_redirects"),
+        ({"success_codes": []}, "success_codes"),
+        ({"success_codes": [99]}, "success_codes"),
+        ({"success_codes": [True]}, "success_codes"),
+        ({"retry_on": [200]}, "retry_on"),
+        ({"retry_on": "409"}, "retry_on"),
+        ({"type": ["http"]}, "type"),
+        ({"shape": "round"}, "shape"),
+        ({"payload": {"a": 1}}, "payload"),
+    ],
+)
+def test_invalid_input_names_the_field(data: dict[str, Any], field: str) -> None:
+    assert refused(data).field == field
+
+
+def test_a_timeout_cap_lower_than_the_global_one_applies() -> None:
+    with pytest.raises(ValidationError) as caught:
+        new_task_row(
+            {"business_id": "b", "url": URL, "timeout": 10},
+            business_pk=1,
+            defaults=Defaults(retry=RetryPolicy(), max_timeout_s=5),
+            box=SecretBox.disabled(),
+            now=NOW,
+        )
+    assert caught.value.field == "timeout"
+
+
+def test_status_code_lists_are_sorted_and_deduplicated() -> None:
+    row = make({"success_codes": [202, 200, 202], "retry_on": [409, 404]})
+    assert (row["success_codes"], row["retry_on"]) == ([200, 202], [404, 409])
+
+
+# -- business_id ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "", 5, "x" * 256, "a\nb", "a\x00b", "a\x7fb"])
+def test_business_id_must_be_a_printable_string_of_1_to_255_characters(value: Any) -> None:
+    assert refused({"business_id": value}).field == "business_id"
+
+
+def test_business_id_of_255_characters_is_accepted() -> None:
+    assert make({"business_id": "x" * 255})["business_id"] == "x" * 255
+
+
+# -- delay and scheduled_at -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [600, 600.0, timedelta(minutes=10)])
+def test_delay_schedules_the_first_attempt_later(delay: Any) -> None:
+    row = make({"delay": delay})
+    assert row["next_attempt_at"] == NOW + timedelta(minutes=10)
+    assert row["scheduled_at"] == NOW + timedelta(minutes=10)
+
+
+def test_zero_delay_is_due_now_and_unscheduled() -> None:
+    row = make({"delay": 0})
+    assert (row["next_attempt_at"], row["scheduled_at"]) == (NOW, None)
+
+
+@pytest.mark.parametrize(
+    "delay", [-1, MAX_DELAY_S + 1, float("nan"), float("inf"), True, "600", timedelta(seconds=-1)]
+)
+def test_bad_delays_are_refused(delay: Any) -> None:
+    assert refused({"delay": delay}).field == "delay"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2030-01-02T12:00:00Z", "2030-01-02T13:00:00+01:00", datetime(2030, 1, 2, 12, 0, tzinfo=UTC)],
+)
+def test_scheduled_at_sets_the_due_time_in_utc(value: Any) -> None:
+    row = make({"scheduled_at": value})
+    assert row["next_attempt_at"] == datetime(2030, 1, 2, 12, 0, tzinfo=UTC)
+    assert row["scheduled_at"] == datetime(2030, 1, 2, 12, 0, tzinfo=UTC)
+    assert row["scheduled_at"].utcoffset() == timedelta(0)
+
+
+def test_scheduled_at_in_the_past_is_due_now() -> None:
+    row = make({"scheduled_at": "2020-01-01T00:00:00Z"})
+    assert row["next_attempt_at"] == NOW
+    assert row["scheduled_at"] == datetime(2020, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2030-01-02T12:00:00",  # no time zone
+        datetime(2030, 1, 2, 12, 0),
+        "tomorrow",
+        1893456000,
+        "2032-01-01T00:00:00Z",  # more than a year ahead
+        "0001-01-01T00:00:00+01:00",  # has no UTC form
+    ],
+)
+def test_bad_scheduled_at_is_refused(value: Any) -> None:
+    assert refused({"scheduled_at": value}).field == "scheduled_at"
+
+
+def test_delay_and_scheduled_at_together_are_refused() -> None:
+    assert refused({"delay": 60, "scheduled_at": "2030-01-02T00:00:00Z"}).field == "delay"
+
+
+# -- priority ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("priority", [PRIORITY_RANGE[0], -1, 0, 1, PRIORITY_RANGE[1]])
+def test_priorities_within_bounds_are_kept(priority: int) -> None:
+    assert make({"priority": priority})["priority"] == priority
+
+
+@pytest.mark.parametrize("priority", [PRIORITY_RANGE[0] - 1, PRIORITY_RANGE[1] + 1, 2**80, 1.5, True, "1", None])
+def test_priorities_out_of_bounds_or_not_integers_are_refused(priority: Any) -> None:
+    assert refused({"priority": priority}).field == "priority"
+
+
+# -- notify -----------------------------------------------------------------------------------------------
+
+
+def test_notify_defaults_to_succeeded_and_failed() -> None:
+    row = make({"notify": {"url": "https://hooks.example.com/done"}})
+    assert row["notify"] == {"url": "https://hooks.example.com/done", "on": ["failed", "succeeded"]}
+
+
+def test_notify_by_email() -> None:
+    row = make({"notify": {"email": "ops@example.com", "on": ["failed", "failed"]}})
+    assert row["notify"] == {"email": "ops@example.com", "on": ["failed"]}
+
+
+@pytest.mark.parametrize(
+    ("notify", "field"),
+    [
+        ("https://hooks.example.com/", "notify"),
+        ({}, "notify"),
+        ({"on": ["failed"]}, "notify"),
+        ({"url": "https://h.example/", "channel": "x"}, "notify"),
+        ({"url": "ftp://h.example/"}, "notify.url"),
+        ({"url": "https://u:p@h.example/"}, "notify.url"),
+        ({"email": "nobody"}, "notify.email"),
+        ({"email": 5}, "notify.email"),
+        ({"url": "https://h.example/", "on": []}, "notify.on"),
+        ({"url": "https://h.example/", "on": "failed"}, "notify.on"),
+        ({"url": "https://h.example/", "on": ["exploded"]}, "notify.on"),
+        ({"url": "https://h.example/", "on": [{"event": "failed"}]}, "notify.on"),
+        ({"url": "https://h.example/", "on": [["failed"]]}, "notify.on"),
+    ],
+)
+def test_invalid_notify_names_the_field(notify: Any, field: str) -> None:
+    assert refused({"notify": notify}).field == field
+
+
+# -- metadata ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_is_kept() -> None:
+    assert make({"metadata": {"order": "123", "n": [1, 2]}})["metadata"] == {"order": "123", "n": [1, 2]}
+
+
+def test_metadata_over_the_size_limit_is_refused() -> None:
+    error = refused({"metadata": {"blob": "x" * MAX_METADATA_BYTES}})
+    assert error.field == "metadata"
+    assert "larger than" in error.message
+
+
+def test_metadata_just_under_the_size_limit_is_accepted() -> None:
+    blob = "x" * (MAX_METADATA_BYTES - len('{"blob":""}'))
+    assert make({"metadata": {"blob": blob}})["metadata"] == {"blob": blob}
+
+
+@pytest.mark.parametrize("metadata", [["a"], "text", 5, {1: "non-string key"}, {"big": 2**70}, {"s": {1, 2}}])
+def test_metadata_must_be_a_json_object(metadata: Any) -> None:
+    assert refused({"metadata": metadata}).field == "metadata"
+
+
+# -- traceparent ------------------------------------------------------------------------------------------
+
+
+def test_a_valid_traceparent_is_kept_and_a_malformed_one_dropped() -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert make({}, traceparent=tp)["traceparent"] == tp
+    assert make({}, traceparent="garbage")["traceparent"] is None
+
+
+# -- processor tasks --------------------------------------------------------------------------------------
+
+PROCESSORS = frozenset({"create_server"})
+
+
+def make_processor_task(data: Mapping[str, Any]) -> dict[str, Any]:
+    return new_task_row(
+        {"business_id": "srv-1", "type": "create_server", **data},
+        business_pk=7,
+        defaults=DEFAULTS,
+        box=SecretBox.disabled(),
+        now=NOW,
+        processors=PROCESSORS,
+    )
+
+
+def test_a_processor_task_stores_its_payload_and_no_request() -> None:
+    row = make_processor_task({"payload": {"size": "large"}})
+    assert row["type"] == "create_server"
+    assert row["payload"] == {"size": "large"}
+    assert row["host"] == "processor:create_server"
+    assert (row["url"], row["method"], row["body"], row["headers"]) == (None, None, None, None)
+
+
+def test_an_unregistered_processor_type_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        make_processor_task({"type": "delete_server", "payload": {}})
+    assert caught.value.field == "type"
+
+
+@pytest.mark.parametrize("name", ["url", "json", "form", "body", "headers"])
+def test_a_processor_task_takes_no_request_fields(name: str) -> None:
+    value = {"url": URL, "json": {"a": 1}, "form": {"a": "1"}, "body": "x", "headers": {"X-A": "1"}}[name]
+    with pytest.raises(ValidationError) as caught:
+        make_processor_task({"payload": {}, name: value})
+    assert caught.value.field == name
+
+
+def test_a_processor_payload_over_one_mebibyte_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        make_processor_task({"payload": "x" * MAX_PAYLOAD_BYTES})
+    assert caught.value.field == "payload"
+
+
+# -- changes (PATCH) --------------------------------------------------------------------------------------
+
+
+def change(data: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return changed_values(
+        data, current or make({"json": {"a": 1}}), defaults=DEFAULTS, box=SecretBox.disabled(), now=NOW
+    )
+
+
+def test_a_change_touches_only_what_it_names() -> None:
+    assert change({"priority": 5}) == {"priority": 5, "updated_at": NOW}
+
+
+def test_changing_the_url_keeps_the_body_and_recomputes_the_host() -> None:
+    values = change({"url": "https://other.example:8443/x"})
+    assert values["host"] == "other.example:8443"
+    assert (values["body"], values["content_type"]) == ('{"a":1}', "application/json")
+
+
+def test_changing_the_body_replaces_it() -> None:
+    values = change({"form": {"b": "2"}})
+    assert (values["body"], values["content_type"]) == ("b=2", "application/x-www-form-urlencoded")
+
+
+def test_changing_to_get_while_a_body_remains_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        change({"method": "GET"})
+    assert caught.value.field == "method"
+
+
+def test_a_delay_change_reschedules() -> None:
+    values = change({"delay": 60})
+    assert values["next_attempt_at"] == NOW + timedelta(seconds=60)
+
+
+def test_an_empty_change_is_refused() -> None:
+    with pytest.raises(ValidationError, match="nothing to change"):
+        change({})
+
+
+@pytest.mark.parametrize("name", ["business_id", "type", "status", "attempts"])
+def test_fields_that_cannot_change_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        change({name: "x"})
+    assert caught.value.field == name
+
+
+def test_a_retry_budget_already_spent_is_refused() -> None:
+    current = {**make({}), "attempts": 2}
+    with pytest.raises(ValidationError) as caught:
+        change({"retry": {"strategy": "fixed", "interval": 1, "max_attempts": 2}}, current)
+    assert caught.value.field == "retry.max_attempts"
+    assert change({"retry": {"strategy": "fixed", "interval": 1, "max_attempts": 3}}, current)["max_attempts"] == 3
+
+
+def test_a_processor_task_has_no_request_to_change() -> None:
+    current = make_processor_task({"payload": {}})
+    with pytest.raises(ValidationError) as caught:
+        change({"url": URL}, current)
+    assert caught.value.field == "url"
+    assert change({"payload": {"size": "small"}}, current)["payload"] == {"size": "small"}
+
+
+def test_an_http_task_has_no_payload_to_change() -> None:
+    with pytest.raises(ValidationError) as caught:
+        change({"payload": {}})
+    assert caught.value.field == "payload"
+
+
+def test_a_change_validates_like_a_create() -> None:
+    for data, field in [
+        ({"priority": 5000}, "priority"),
+        ({"notify": {"url": "https://h.example/", "on": [{}]}}, "notify.on"),
+        ({"metadata": ["x"]}, "metadata"),
+        ({"headers": {"X-Task-Id": "forged"}}, "headers.X-Task-Id"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            change(data)
+        assert caught.value.field == field

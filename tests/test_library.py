@@ -1,0 +1,289 @@
+"""The library surface: ``TaskCenter``'s sync methods (plain functions, private loop) and its async twins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from taskcenter import (
+    DuplicateTask,
+    InvalidTransition,
+    RetryPolicy,
+    Task,
+    TaskCenter,
+    TaskNotFound,
+    ValidationError,
+)
+from tests.conftest import make_settings
+from tests.receiver import Receiver, Reply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- helpers shared by the library test modules ----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def working(tc: TaskCenter, **kwargs: int) -> AsyncIterator[None]:
+    """Run ``tc.arun_worker`` for the duration of the block and stop it cleanly afterwards."""
+    stop = asyncio.Event()
+    job = asyncio.create_task(tc.arun_worker(stop=stop, **kwargs))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, timeout=15)
+
+
+async def wait_status(tc: TaskCenter, task_id: str, *statuses: str, timeout: float = 10) -> Task:
+    """Poll until the task reaches one of ``statuses``; fail the test otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        task = await tc.aget_task(task_id)
+        if task.status in statuses:
+            return task
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"task stayed {task.status} (attempts {task.attempts}), expected {statuses}")
+        await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture
+async def atc(db_url: str) -> AsyncIterator[TaskCenter]:
+    """An async TaskCenter for business ``shop`` on a clean database."""
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as center:
+        yield center
+
+
+@pytest.fixture
+def tc(db_url: str) -> Iterator[TaskCenter]:
+    """A sync TaskCenter for business ``shop`` on a clean database."""
+    center = TaskCenter(settings=make_settings(db_url), business="shop")
+    try:
+        yield center
+    finally:
+        center.close()
+
+
+URL = "http://127.0.0.1:9/hook"  # never contacted: no worker runs in the sync tests
+
+
+# -- sync API (plain, non-async tests) --------------------------------------------------------------------
+
+
+def test_sync_create_returns_a_pending_task_readable_by_uuid_row_id_and_business_id(tc: TaskCenter) -> None:
+    task = tc.create_task("POST", URL, json={"order": 1}, business_id="order-1", metadata={"k": "v"})
+    assert task.status == "pending" and task.business_code == "shop" and task.type == "http"
+    assert task.request is not None and task.request["body"] == '{"order":1}'
+    assert tc.get_task(task.id) == tc.get_task(task.row_id)
+    assert tc.get_task(task.id).metadata == {"k": "v"}
+    assert tc.get_by_business_id("order-1").id == task.id
+
+
+def test_sync_list_is_newest_first_and_filters_by_status(tc: TaskCenter) -> None:
+    first = tc.create_task("POST", URL, business_id="a")
+    second = tc.create_task("POST", URL, business_id="b")
+    tc.cancel(first.id)
+    everything, cursor = tc.list_tasks()
+    assert [t.id for t in everything] == [second.id, first.id] and cursor is None
+    cancelled, _ = tc.list_tasks(status=["cancelled"])
+    assert [t.id for t in cancelled] == [first.id]
+    page, cursor = tc.list_tasks(limit=1)
+    assert [t.id for t in page] == [second.id]
+    rest, _ = tc.list_tasks(limit=1, cursor=cursor)
+    assert [t.id for t in rest] == [first.id]
+
+
+def test_sync_update_changes_a_pending_task(tc: TaskCenter) -> None:
+    task = tc.create_task("POST", URL, business_id="u")
+    updated = tc.update_task(task.id, priority=7, retry=RetryPolicy.fixed(interval=5, max_attempts=3))
+    assert updated.status == "pending"
+    assert updated.priority == 7 and updated.max_attempts == 3 and updated.retry["strategy"] == "fixed"
+    assert tc.get_task(task.id).priority == 7
+
+
+def test_sync_cancel_then_retry_makes_the_task_pending_again(tc: TaskCenter) -> None:
+    task = tc.create_task("POST", URL, business_id="c", retry=RetryPolicy.from_intervals([1, 1]))
+    cancelled = tc.cancel(task.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    again = tc.retry(task.id)
+    assert again.status == "pending" and again.finished_at is None
+    assert again.max_attempts == 3  # nothing was spent, so the renewed budget is the policy's
+
+
+def test_sync_get_of_unknown_task_raises_task_not_found(tc: TaskCenter) -> None:
+    with pytest.raises(TaskNotFound):
+        tc.get_task("6f1c1d1e-0000-4000-8000-000000000000")
+    with pytest.raises(TaskNotFound):
+        tc.get_task(424242)
+
+
+def test_sync_duplicate_business_id_raises_with_the_existing_id(tc: TaskCenter) -> None:
+    first = tc.create_task("POST", URL, business_id="dup")
+    with pytest.raises(DuplicateTask) as info:
+        tc.create_task("POST", URL, business_id="dup")
+    assert info.value.existing_id == first.id
+
+
+def test_sync_business_id_is_free_again_once_its_task_finished(tc: TaskCenter) -> None:
+    first = tc.create_task("POST", URL, business_id="again")
+    tc.cancel(first.id)
+    second = tc.create_task("POST", URL, business_id="again")
+    assert second.id != first.id and second.status == "pending"
+
+
+def test_sync_update_of_cancelled_task_raises_invalid_transition(tc: TaskCenter) -> None:
+    task = tc.create_task("POST", URL, business_id="x")
+    tc.cancel(task.id)
+    with pytest.raises(InvalidTransition) as info:
+        tc.update_task(task.id, priority=1)
+    assert info.value.current == "cancelled"
+
+
+def test_sync_retry_of_pending_task_raises_invalid_transition(tc: TaskCenter) -> None:
+    task = tc.create_task("POST", URL, business_id="p")
+    with pytest.raises(InvalidTransition):
+        tc.retry(task.id)
+
+
+def test_sync_bad_input_raises_validation_error_naming_the_field(tc: TaskCenter) -> None:
+    with pytest.raises(ValidationError) as info:
+        tc.create_task("POST", "ftp://example.com/x", business_id="v")
+    assert info.value.field == "url"
+
+
+def test_sync_close_stops_the_private_loop_thread(db_url: str) -> None:
+    center = TaskCenter(settings=make_settings(db_url), business="shop")
+    center.create_task("POST", URL, business_id="close")
+    threads = [t for t in threading.enumerate() if t.name == "taskcenter-loop"]
+    assert threads
+    center.close()
+    assert not any(t.is_alive() for t in threads)
+    center.close()  # a second close is harmless
+
+
+def test_sync_use_after_close_starts_afresh(db_url: str) -> None:
+    center = TaskCenter(settings=make_settings(db_url), business="shop")
+    task = center.create_task("POST", URL, business_id="reopen")
+    center.close()
+    try:
+        assert center.get_task(task.id).id == task.id
+    finally:
+        center.close()
+
+
+def test_sync_context_manager_starts_and_closes(db_url: str) -> None:
+    with TaskCenter(settings=make_settings(db_url), business="shop") as center:
+        assert center.list_tasks() == ([], None)
+    assert center._thread is None
+
+
+# -- async API --------------------------------------------------------------------------------------------
+
+
+async def test_acreate_task_is_delivered_by_arun_worker(atc: TaskCenter, receiver: Receiver) -> None:
+    task = await atc.acreate_task("POST", receiver.url("/hook"), json={"n": 1}, business_id="a-1")
+    async with working(atc):
+        [request] = await receiver.wait_for(1, "/hook", timeout=10)
+        done = await wait_status(atc, task.id, "succeeded")
+    assert request.json() == {"n": 1} and request.headers["Idempotency-Key"] == task.id
+    assert done.attempts == 1 and done.outcome == "success"
+    [attempt] = await atc.aattempts(task.id)
+    assert attempt.outcome == "success"
+
+
+async def test_arun_worker_returns_when_stop_is_set(atc: TaskCenter) -> None:
+    stop = asyncio.Event()
+    job = asyncio.create_task(atc.arun_worker(stop=stop))
+    await asyncio.sleep(0.2)
+    assert not job.done()
+    stop.set()
+    await asyncio.wait_for(job, timeout=10)
+
+
+async def test_aretry_of_failed_task_renews_the_budget_and_delivers_again(
+    atc: TaskCenter, receiver: Receiver
+) -> None:
+    receiver.script("/r", Reply(status=500), Reply(status=500), Reply(status=200))
+    task = await atc.acreate_task(
+        "POST", receiver.url("/r"), business_id="r-1", retry=RetryPolicy.from_intervals([0.05])
+    )
+    async with working(atc):
+        failed = await wait_status(atc, task.id, "failed")
+        assert failed.attempts == 2 and failed.max_attempts == 2
+        again = await atc.aretry(task.id)
+        assert again.status == "pending" and again.max_attempts == 4  # 2 spent + a fresh budget of 2
+        done = await wait_status(atc, task.id, "succeeded")
+    assert done.attempts == 3 and done.max_attempts == 4
+    assert [r.headers["X-Task-Attempt"] for r in receiver.requests_for("/r")] == ["1", "2", "3"]
+    assert [a.number for a in await atc.aattempts(task.id)] == [1, 2, 3]
+
+
+async def test_aupdate_of_a_delayed_task_brings_it_forward(atc: TaskCenter, receiver: Receiver) -> None:
+    task = await atc.acreate_task("POST", receiver.url("/later"), business_id="d-1", delay=3600)
+    async with working(atc):
+        await asyncio.sleep(0.3)
+        assert receiver.requests_for("/later") == []
+        await atc.aupdate_task(task.id, delay=0)
+        await receiver.wait_for(1, "/later", timeout=10)
+        await wait_status(atc, task.id, "succeeded")
+
+
+async def test_acancel_of_a_delayed_task_means_it_is_never_sent(atc: TaskCenter, receiver: Receiver) -> None:
+    task = await atc.acreate_task("POST", receiver.url("/never"), business_id="n-1", delay=0.5)
+    assert (await atc.acancel(task.id)).status == "cancelled"
+    async with working(atc):
+        await asyncio.sleep(1.0)
+    assert receiver.requests_for("/never") == []
+    assert (await atc.aget_task(task.id)).status == "cancelled"
+
+
+# -- run_worker (sync, blocking): a real script in a subprocess --------------------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from taskcenter import TaskCenter
+    from tests.conftest import make_settings
+
+    tc = TaskCenter(settings=make_settings(sys.argv[1]), business="shop")
+    task = tc.create_task("POST", sys.argv[2], json={"from": "script"}, business_id="script-1")
+    print("created", task.id, flush=True)
+    tc.run_worker()
+    print("stopped", tc.get_task(task.id).status, flush=True)
+    tc.close()
+    """
+)
+
+
+async def test_sync_script_creates_then_run_worker_delivers_and_stops_on_sigterm(
+    db_url: str, receiver: Receiver
+) -> None:
+    """A sync script: create_task then run_worker share one loop (PostgreSQL connections cannot move)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SCRIPT, db_url, receiver.url("/script"),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        [request] = await receiver.wait_for(1, "/script", timeout=20)
+        await asyncio.sleep(0.3)  # let the result be written before asking the worker to stop
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert request.json() == {"from": "script"}
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("created ") and lines[-1] == "stopped succeeded", out.decode() + err.decode()

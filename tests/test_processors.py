@@ -1,0 +1,197 @@
+"""Custom processors: a JSON payload in, a JSON result out; an exception retries, PermanentFailure fails now."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from taskcenter import PermanentFailure, RetryPolicy, TaskCenter, ValidationError
+from tests.conftest import make_settings
+from tests.test_library import wait_status, working
+
+FAST = RetryPolicy.from_intervals([0.1, 0.1])
+
+
+@pytest_asyncio.fixture
+async def atc(db_url: str) -> AsyncIterator[TaskCenter]:
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as center:
+        yield center
+
+
+async def test_async_processor_result_is_stored_and_the_task_succeeds(atc: TaskCenter) -> None:
+    seen: list[Any] = []
+
+    @atc.processor("create_server", retry=FAST)
+    async def create_server(payload: dict[str, Any]) -> dict[str, Any]:
+        seen.append(payload)
+        return {"server_id": 42, "name": payload["name"]}
+
+    task = await atc.acreate_task(type="create_server", payload={"name": "web-1"}, business_id="s-1")
+    assert task.type == "create_server" and task.request is None and task.payload == {"name": "web-1"}
+    async with working(atc):
+        done = await wait_status(atc, task.id, "succeeded", "failed")
+    assert done.status == "succeeded" and done.outcome == "success" and done.attempts == 1
+    assert done.result == {"server_id": 42, "name": "web-1"}
+    assert seen == [{"name": "web-1"}]
+
+
+async def test_sync_processor_runs_off_the_event_loop_and_its_result_is_stored(atc: TaskCenter) -> None:
+    threads: list[str] = []
+
+    @atc.processor("create_server", retry=FAST)
+    def create_server(payload: dict[str, Any]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return [payload["n"], payload["n"] * 2]
+
+    task = await atc.acreate_task(type="create_server", payload={"n": 3}, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "succeeded", "failed")
+    assert done.status == "succeeded" and done.result == [3, 6]
+    assert threads and threads[0] != threading.current_thread().name
+
+
+async def test_exception_twice_then_success_takes_three_attempts(atc: TaskCenter) -> None:
+    calls = 0
+
+    @atc.processor("create_server", retry=FAST)
+    async def create_server(payload: Any) -> dict[str, bool]:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError(f"cloud API down ({calls})")
+        return {"ok": True}
+
+    task = await atc.acreate_task(type="create_server", payload=None, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "succeeded", "failed")
+    assert done.status == "succeeded" and done.attempts == 3 and done.result == {"ok": True}
+    attempts = await atc.aattempts(task.id)
+    assert [a.outcome for a in attempts] == ["server_error", "server_error", "success"]
+    assert attempts[0].error == "RuntimeError: cloud API down (1)"
+
+
+async def test_exceptions_past_the_budget_fail_the_task(atc: TaskCenter) -> None:
+    @atc.processor("create_server", retry=FAST)
+    def create_server(payload: Any) -> None:
+        raise ValueError("no capacity")
+
+    task = await atc.acreate_task(type="create_server", payload={}, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed", "succeeded")
+    assert done.status == "failed" and done.attempts == 3 and done.last_error == "ValueError: no capacity"
+
+
+async def test_permanent_failure_fails_after_one_attempt_with_outcome_stopped(atc: TaskCenter) -> None:
+    @atc.processor("create_server", retry=FAST)
+    async def create_server(payload: Any) -> None:
+        raise PermanentFailure("quota exceeded for good")
+
+    task = await atc.acreate_task(type="create_server", payload={}, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed", "succeeded")
+    assert done.status == "failed" and done.attempts == 1 and done.outcome == "stopped"
+    assert done.last_error == "quota exceeded for good"
+
+
+async def test_processor_slower_than_the_task_timeout_is_a_timeout(atc: TaskCenter) -> None:
+    @atc.processor("slow", retry=RetryPolicy.none())
+    async def slow(payload: Any) -> None:
+        await asyncio.sleep(5)
+
+    task = await atc.acreate_task(type="slow", payload={}, business_id="s-1", timeout=0.2)
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed", "succeeded")
+    assert done.outcome == "timeout" and done.attempts == 1
+
+
+async def test_result_that_is_not_json_is_a_retryable_error_not_a_stuck_task(atc: TaskCenter) -> None:
+    @atc.processor("odd", retry=RetryPolicy.from_intervals([0.1]))
+    async def odd(payload: Any) -> dict[str, Any]:
+        return {"tags": {"a", "b"}}  # a set: JSON cannot hold it
+
+    task = await atc.acreate_task(type="odd", payload={}, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed", "succeeded")
+    assert done.attempts == 2 and done.outcome == "server_error"
+    assert done.last_error is not None and "not JSON" in done.last_error
+
+
+async def test_unknown_type_at_create_is_a_validation_error_naming_type(atc: TaskCenter) -> None:
+    with pytest.raises(ValidationError) as info:
+        await atc.acreate_task(type="nobody_handles_this", payload={}, business_id="s-1")
+    assert info.value.field == "type"
+
+
+async def test_processor_task_refuses_http_fields(atc: TaskCenter) -> None:
+    atc.processor("create_server")(lambda payload: None)
+    with pytest.raises(ValidationError) as info:
+        await atc.acreate_task(type="create_server", payload={}, json={"x": 1}, business_id="s-1")
+    assert info.value.field == "json"
+
+
+async def test_processor_retry_and_priority_become_the_task_defaults(atc: TaskCenter) -> None:
+    policy = RetryPolicy.from_intervals([0.1, 0.1])
+
+    @atc.processor("create_server", retry=policy, priority=5)
+    async def create_server(payload: Any) -> None:
+        return None
+
+    task = await atc.acreate_task(type="create_server", payload={}, business_id="s-1")
+    assert task.priority == 5 and task.max_attempts == 3
+    assert task.retry == policy.to_dict() and task.retry["intervals"] == [0.1, 0.1]
+
+
+async def test_explicit_retry_and_priority_override_the_processor_defaults(atc: TaskCenter) -> None:
+    atc.processor("create_server", retry=FAST, priority=5)(lambda payload: None)
+    task = await atc.acreate_task(
+        type="create_server", payload={}, business_id="s-1", priority=-3, retry=RetryPolicy.none()
+    )
+    assert task.priority == -3 and task.max_attempts == 1
+
+
+async def test_higher_priority_processor_tasks_run_first(atc: TaskCenter) -> None:
+    order: list[str] = []
+
+    @atc.processor("low")
+    async def low(payload: Any) -> None:
+        order.append("low")
+
+    @atc.processor("high", priority=10)
+    async def high(payload: Any) -> None:
+        order.append("high")
+
+    low_task = await atc.acreate_task(type="low", payload={}, business_id="l")
+    high_task = await atc.acreate_task(type="high", payload={}, business_id="h")
+    async with working(atc, concurrency=1):
+        await wait_status(atc, low_task.id, "succeeded")
+        await wait_status(atc, high_task.id, "succeeded")
+    assert order == ["high", "low"]
+
+
+@pytest.mark.parametrize("name", ["http", "", "x" * 101])
+def test_reserved_or_malformed_processor_names_are_refused(name: str) -> None:
+    tc = TaskCenter(settings=make_settings("sqlite:///unused.db"))
+    with pytest.raises(ValidationError) as info:
+        tc.processor(name)(lambda payload: None)
+    assert info.value.field == "type"
+
+
+def test_the_decorator_returns_the_function_unchanged() -> None:
+    tc = TaskCenter(settings=make_settings("sqlite:///unused.db"))
+
+    def create_server(payload: Any) -> int:
+        return 1
+
+    assert tc.processor("create_server")(create_server) is create_server
+
+
+def test_sync_surface_creates_processor_tasks(db_url: str) -> None:
+    with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+        tc.processor("create_server", retry=FAST)(lambda payload: payload)
+        task = tc.create_task(type="create_server", payload={"a": 1}, business_id="s-1")
+        assert tc.get_task(task.id).payload == {"a": 1} and task.max_attempts == 3

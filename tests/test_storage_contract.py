@@ -1,0 +1,621 @@
+"""The storage contract: the same suite on SQLite and PostgreSQL (the ``db_url`` fixture is parametrised).
+
+Claims, leases, results, releases, rescues, live ``business_id`` uniqueness, compare-and-set and pagination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+
+from taskcenter.crypto import SecretBox
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.errors import DuplicateTask, InvalidTransition
+from taskcenter.intake import Defaults, new_task_row
+from taskcenter.service import Business, TaskService
+from taskcenter.storage import queue
+from taskcenter.storage import tasks as task_sql
+from taskcenter.storage.database import Database
+from taskcenter.storage.schema import attempts, tasks
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE_S = 60.0
+DEFAULTS = Defaults(retry=RetryPolicy.fixed(interval=10, max_attempts=3))
+_ids = itertools.count(1)
+
+
+@pytest_asyncio.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    yield database
+    await database.close()
+
+
+@pytest_asyncio.fixture
+async def service(db: Database) -> TaskService:
+    return TaskService(db, clock=lambda: T0)
+
+
+@pytest_asyncio.fixture
+async def business(service: TaskService) -> Business:
+    return await service.ensure_business("acme")
+
+
+def task_row(business_pk: int, business_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """A validated row due at T0, with any column overridden."""
+    row = new_task_row(
+        {"business_id": business_id or f"key-{next(_ids)}", "url": "https://api.example.com/hook"},
+        business_pk=business_pk,
+        defaults=DEFAULTS,
+        box=SecretBox.disabled(),
+        now=T0,
+    )
+    row.update(overrides)
+    return row
+
+
+async def insert(db: Database, business_pk: int, business_id: str | None = None, **overrides: Any) -> int:
+    """Insert one task through the one insert path (sync ``insert_row`` run on the async connection)."""
+    row = task_row(business_pk, business_id, **overrides)
+    async with db.write() as conn:
+        return await conn.run_sync(task_sql.insert_row, row)
+
+
+async def row_of(db: Database, task_id: int) -> sa.RowMapping:
+    async with db.read() as conn:
+        found = await task_sql.get(conn, row_id=task_id)
+    assert found is not None
+    return found
+
+
+async def attempts_of(db: Database, task_id: int) -> list[sa.RowMapping]:
+    async with db.read() as conn:
+        return await task_sql.list_attempts(conn, task_id)
+
+
+async def claim(db: Database, worker: str = "w1", *, now: datetime = T0, limit: int = 100) -> list[int]:
+    rows = await queue.claim(db, worker=worker, now=now, limit=limit, lease_s=LEASE_S)
+    return [r["id"] for r in rows]
+
+
+def result(
+    task_id: int,
+    *,
+    attempt: int = 1,
+    status: str = "succeeded",
+    outcome: str = "success",
+    next_at: datetime | None = None,
+) -> queue.Finished:
+    finished = T0 + timedelta(seconds=1) if status in ("succeeded", "failed") else None
+    return queue.Finished(
+        task_id=task_id,
+        attempt=attempt,
+        status=status,
+        outcome=outcome,
+        started_at=T0,
+        duration_ms=12,
+        next_attempt_at=next_at,
+        finished_at=finished,
+        request={"method": "POST", "url": "https://api.example.com/hook"},
+        response={"status_code": 200, "body": "ok"},
+        error=None,
+    )
+
+
+# -- insert and read --------------------------------------------------------------------------------------
+
+
+async def test_an_inserted_task_reads_back_with_aware_utc_times(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk, "order-1", next_attempt_at=T0 + timedelta(minutes=5))
+    row = await row_of(db, task_id)
+    assert row["business_id"] == "order-1"
+    assert row["business_code"] == "acme"
+    assert row["status"] == "pending"
+    assert row["next_attempt_at"] == T0 + timedelta(minutes=5)
+    assert row["next_attempt_at"].tzinfo is not None
+    assert row["created_at"] == T0
+    assert row["retry"] == DEFAULTS.retry.to_dict()
+    async with db.read() as conn:
+        by_uuid = await task_sql.get(conn, uuid=str(row["uuid"]))
+    assert by_uuid is not None and by_uuid["id"] == task_id
+
+
+async def test_a_task_of_another_business_is_not_found_when_scoped(
+    db: Database, service: TaskService
+) -> None:
+    mine = await service.ensure_business("mine")
+    theirs = await service.ensure_business("theirs")
+    task_id = await insert(db, theirs.pk)
+    async with db.read() as conn:
+        assert await task_sql.get(conn, row_id=task_id, business_pk=mine.pk) is None
+        assert await task_sql.get(conn, row_id=task_id, business_pk=theirs.pk) is not None
+
+
+# -- claim ------------------------------------------------------------------------------------------------
+
+
+async def test_claim_returns_due_tasks_by_priority_then_due_time(db: Database, business: Business) -> None:
+    low_old = await insert(db, business.pk, priority=0, next_attempt_at=T0 - timedelta(minutes=10))
+    high_new = await insert(db, business.pk, priority=5, next_attempt_at=T0 - timedelta(minutes=1))
+    high_old = await insert(db, business.pk, priority=5, next_attempt_at=T0 - timedelta(minutes=2))
+    low_new = await insert(db, business.pk, priority=0, next_attempt_at=T0)
+    negative = await insert(db, business.pk, priority=-3, next_attempt_at=T0 - timedelta(days=1))
+    assert await claim(db) == [high_old, high_new, low_old, low_new, negative]
+
+
+async def test_claim_with_a_limit_takes_the_most_urgent(db: Database, business: Business) -> None:
+    await insert(db, business.pk, priority=0)
+    urgent = await insert(db, business.pk, priority=9)
+    assert await claim(db, limit=1) == [urgent]
+
+
+async def test_claim_never_returns_future_tasks(db: Database, business: Business) -> None:
+    due = await insert(db, business.pk, next_attempt_at=T0)
+    later = await insert(db, business.pk, next_attempt_at=T0 + timedelta(microseconds=1))
+    assert await claim(db) == [due]
+    assert await claim(db, now=T0 + timedelta(seconds=1)) == [later]
+
+
+@pytest.mark.parametrize("status", ["processing", "succeeded", "failed", "cancelled"])
+async def test_claim_takes_only_pending_and_retrying_tasks(
+    db: Database, business: Business, status: str
+) -> None:
+    await insert(db, business.pk, status=status)
+    retrying = await insert(db, business.pk, status="retrying", attempts=1)
+    assert await claim(db) == [retrying]
+
+
+async def test_claim_puts_the_task_under_the_workers_lease(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    rows = await queue.claim(db, worker="w1", now=T0, limit=10, lease_s=LEASE_S)
+    assert rows[0]["url"] == "https://api.example.com/hook"
+    assert rows[0]["attempts"] == 0
+    row = await row_of(db, task_id)
+    assert row["status"] == "processing"
+    assert row["lease_owner"] == "w1"
+    assert row["lease_expires_at"] == T0 + timedelta(seconds=LEASE_S)
+    assert await claim(db, "w2") == []
+
+
+async def test_concurrent_claims_never_return_the_same_task(db: Database, business: Business) -> None:
+    ids = {await insert(db, business.pk) for _ in range(30)}
+    for _ in range(3):
+        first, second = await asyncio.gather(claim(db, "w1", limit=20), claim(db, "w2", limit=20))
+        assert not set(first) & set(second)
+        assert set(first) | set(second) <= ids
+    claimed = await _claimed_by(db)
+    assert set(claimed) == ids
+    assert len(claimed) == len(ids)
+
+
+async def test_claims_through_two_database_objects_never_return_the_same_task(
+    db: Database, db_url: str, business: Business
+) -> None:
+    """Two processes sharing one database: each has its own engine and pool."""
+    ids = {await insert(db, business.pk) for _ in range(40)}
+    other = Database(db_url)
+    try:
+        rounds = await asyncio.gather(
+            *(claim(db, f"a{n}", limit=7) for n in range(4)),
+            *(claim(other, f"b{n}", limit=7) for n in range(4)),
+        )
+    finally:
+        await other.close()
+    everything = [task_id for got in rounds for task_id in got]
+    assert len(everything) == len(set(everything))
+    assert set(everything) <= ids
+    assert len(everything) == min(40, 8 * 7)
+
+
+async def _claimed_by(db: Database) -> dict[int, str]:
+    async with db.read() as conn:
+        rows = await conn.execute(
+            sa.select(tasks.c.id, tasks.c.lease_owner).where(tasks.c.status == "processing")
+        )
+        return {r.id: r.lease_owner for r in rows}
+
+
+# -- finish -----------------------------------------------------------------------------------------------
+
+
+async def test_finish_records_the_attempt_and_moves_the_task(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    written = await queue.finish(db, worker="w1", now=T0, results=[result(task_id)])
+    assert written == queue.Written(landed=[(task_id, "succeeded")], lost=[])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["outcome"]) == ("succeeded", 1, "success")
+    assert row["lease_owner"] is None and row["lease_expires_at"] is None
+    assert row["finished_at"] == T0 + timedelta(seconds=1)
+    assert row["last_response"] == {"status_code": 200, "body": "ok"}
+    [attempt] = await attempts_of(db, task_id)
+    assert (attempt["number"], attempt["outcome"], attempt["worker"]) == (1, "success", "w1")
+
+
+async def test_finish_with_a_retry_sets_the_next_attempt_time(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    later = T0 + timedelta(seconds=10)
+    await queue.finish(
+        db,
+        worker="w1",
+        now=T0,
+        results=[result(task_id, status="retrying", outcome="server_error", next_at=later)],
+    )
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("retrying", 1, later)
+    assert await claim(db, now=later - timedelta(seconds=1)) == []
+    assert await claim(db, now=later) == [task_id]
+
+
+async def test_finish_by_the_wrong_worker_writes_nothing(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db, "w1")
+    written = await queue.finish(db, worker="intruder", now=T0, results=[result(task_id)])
+    assert written == queue.Written(landed=[], lost=[task_id])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["lease_owner"]) == ("processing", 0, "w1")
+    assert await attempts_of(db, task_id) == []
+
+
+async def test_finish_of_a_batch_lands_the_held_and_reports_the_lost(
+    db: Database, business: Business
+) -> None:
+    mine = await insert(db, business.pk)
+    await claim(db, "w1")
+    theirs = await insert(db, business.pk)
+    await claim(db, "w2")
+    written = await queue.finish(db, worker="w1", now=T0, results=[result(mine), result(theirs)])
+    assert written == queue.Written(landed=[(mine, "succeeded")], lost=[theirs])
+    assert (await row_of(db, theirs))["status"] == "processing"
+
+
+async def test_finish_on_a_task_cancelled_in_flight_records_the_attempt_and_keeps_it_cancelled(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    cancelled = await service.cancel(business, task_id)
+    assert cancelled.status == "cancelled"
+    written = await queue.finish(
+        db,
+        worker="w1",
+        now=T0,
+        results=[
+            result(task_id, status="retrying", outcome="server_error", next_at=T0 + timedelta(seconds=5))
+        ],
+    )
+    assert written.landed == [(task_id, "cancelled")]
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["outcome"]) == ("cancelled", 1, "server_error")
+    assert row["lease_owner"] is None
+    [attempt] = await attempts_of(db, task_id)
+    assert attempt["outcome"] == "server_error"
+    assert await claim(db, now=T0 + timedelta(hours=1)) == []
+
+
+# -- release ----------------------------------------------------------------------------------------------
+
+
+async def test_release_puts_an_unsent_task_back_to_pending_without_charging_an_attempt(
+    db: Database, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    again = T0 + timedelta(seconds=30)
+    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, again)])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 0, again)
+    assert row["lease_owner"] is None
+    assert await attempts_of(db, task_id) == []
+
+
+async def test_release_of_a_task_already_tried_puts_it_back_to_retrying(
+    db: Database, business: Business
+) -> None:
+    task_id = await insert(db, business.pk, status="retrying", attempts=1)
+    await claim(db)
+    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"]) == ("retrying", 1)
+
+
+async def test_release_by_another_worker_changes_nothing(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db, "w1")
+    await queue.release(db, worker="w2", now=T0, deferrals=[(task_id, T0)])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["lease_owner"]) == ("processing", "w1")
+
+
+async def test_release_of_a_task_cancelled_while_held_only_drops_the_lease(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    await service.cancel(business, task_id)
+    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
+    row = await row_of(db, task_id)
+    assert (row["status"], row["lease_owner"]) == ("cancelled", None)
+
+
+# -- leases and rescue ------------------------------------------------------------------------------------
+
+
+async def test_extend_leases_moves_only_the_workers_own_leases(db: Database, business: Business) -> None:
+    mine = await insert(db, business.pk)
+    await claim(db, "w1")
+    theirs = await insert(db, business.pk)
+    await claim(db, "w2")
+    until = T0 + timedelta(minutes=10)
+    assert await queue.extend_leases(db, worker="w1", ids=[mine, theirs], until=until) == 1
+    assert (await row_of(db, mine))["lease_expires_at"] == until
+    assert (await row_of(db, theirs))["lease_expires_at"] == T0 + timedelta(seconds=LEASE_S)
+
+
+async def test_rescue_of_an_expired_lease_records_an_interrupted_attempt_and_sets_retrying(
+    db: Database, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db, "lost-worker")
+    later = T0 + timedelta(seconds=LEASE_S + 1)
+    assert await queue.rescue(db, now=later) == [task_id]
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["outcome"]) == ("retrying", 1, "interrupted")
+    assert row["lease_owner"] is None
+    assert row["next_attempt_at"] == later
+    [attempt] = await attempts_of(db, task_id)
+    assert (attempt["number"], attempt["outcome"], attempt["worker"]) == (1, "interrupted", "lost-worker")
+    assert await claim(db, "w2", now=later) == [task_id]
+
+
+async def test_rescue_leaves_live_leases_alone(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    assert await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S - 1)) == []
+    assert (await row_of(db, task_id))["status"] == "processing"
+
+
+async def test_rescue_of_the_last_attempt_fails_the_task(db: Database, business: Business) -> None:
+    """An interrupted attempt counts; with the budget spent there is no further try."""
+    task_id = await insert(db, business.pk, status="retrying", attempts=2, max_attempts=3)
+    await claim(db)
+    later = T0 + timedelta(seconds=LEASE_S + 1)
+    assert await queue.rescue(db, now=later) == [task_id]
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["outcome"]) == ("failed", 3, "interrupted")
+    assert row["finished_at"] == later
+    assert await claim(db, now=later + timedelta(days=1)) == []
+
+
+async def test_rescue_of_a_task_cancelled_in_flight_keeps_it_cancelled(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    await service.cancel(business, task_id)
+    assert await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1)) == [task_id]
+    row = await row_of(db, task_id)
+    assert (row["status"], row["lease_owner"]) == ("cancelled", None)
+    assert [a["outcome"] for a in await attempts_of(db, task_id)] == ["interrupted"]
+
+
+async def test_a_late_finish_after_rescue_is_lost(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db, "slow")
+    await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1))
+    written = await queue.finish(db, worker="slow", now=T0, results=[result(task_id)])
+    assert written.lost == [task_id]
+    assert (await row_of(db, task_id))["status"] == "retrying"
+
+
+# -- live business_id uniqueness --------------------------------------------------------------------------
+
+
+async def test_a_live_business_id_cannot_be_inserted_twice(db: Database, business: Business) -> None:
+    first = await insert(db, business.pk, "order-1")
+    uuid = str((await row_of(db, first))["uuid"])
+    with pytest.raises(DuplicateTask) as caught:
+        await insert(db, business.pk, "order-1")
+    assert caught.value.existing_id == uuid
+
+
+@pytest.mark.parametrize("live", ["pending", "processing", "retrying"])
+async def test_every_live_state_holds_the_business_id(db: Database, business: Business, live: str) -> None:
+    await insert(db, business.pk, "order-1", status=live)
+    with pytest.raises(DuplicateTask):
+        await insert(db, business.pk, "order-1")
+
+
+@pytest.mark.parametrize("final", ["succeeded", "failed", "cancelled"])
+async def test_a_business_id_is_free_again_once_its_task_finished(
+    db: Database, business: Business, final: str
+) -> None:
+    first = await insert(db, business.pk, "order-1")
+    async with db.write() as conn:
+        assert await task_sql.change(conn, first, expected=["pending"], values={"status": final})
+    second = await insert(db, business.pk, "order-1")
+    assert second != first
+    async with db.read() as conn:
+        newest = await task_sql.get_by_business_id(conn, business.pk, "order-1")
+    assert newest is not None and newest["id"] == second
+
+
+async def test_the_same_business_id_may_live_in_two_businesses(db: Database, service: TaskService) -> None:
+    one = await service.ensure_business("one")
+    two = await service.ensure_business("two")
+    await insert(db, one.pk, "order-1")
+    await insert(db, two.pk, "order-1")
+
+
+async def test_a_duplicate_inside_a_transaction_leaves_it_usable(db: Database, business: Business) -> None:
+    """The outbox case: the caller's transaction survives a duplicate and commits its other work."""
+    await insert(db, business.pk, "order-1")
+    async with db.write() as conn:
+        with pytest.raises(DuplicateTask):
+            await conn.run_sync(task_sql.insert_row, task_row(business.pk, "order-1"))
+        other = await conn.run_sync(task_sql.insert_row, task_row(business.pk, "order-2"))
+    assert (await row_of(db, other))["business_id"] == "order-2"
+
+
+async def test_a_rolled_back_insert_leaves_no_task(db: Database, business: Business) -> None:
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort):
+        async with db.write() as conn:
+            await conn.run_sync(task_sql.insert_row, task_row(business.pk, "order-1"))
+            raise Abort
+    await insert(db, business.pk, "order-1")
+
+
+async def test_batch_insert_skips_live_duplicates_and_stores_the_rest(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    await insert(db, business.pk, "order-1")
+    results = await service.create_tasks(
+        business,
+        [
+            {"business_id": "order-1", "url": "https://api.example.com/a"},
+            {"business_id": "order-2", "url": "https://api.example.com/b"},
+        ],
+    )
+    assert [r["status"] for r in results] == [409, 201]
+    async with db.read() as conn:
+        assert await task_sql.count_live(conn, business.pk) == 2
+
+
+# -- compare-and-set --------------------------------------------------------------------------------------
+
+
+async def test_change_applies_when_the_status_is_as_expected(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    async with db.write() as conn:
+        assert await task_sql.change(conn, task_id, expected=["pending", "retrying"], values={"priority": 7})
+    assert (await row_of(db, task_id))["priority"] == 7
+
+
+async def test_change_refuses_when_the_status_changed(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk, priority=1)
+    await claim(db)
+    async with db.write() as conn:
+        applied = await task_sql.change(
+            conn, task_id, expected=["pending", "retrying"], values={"priority": 7, "status": "cancelled"}
+        )
+    assert applied is False
+    row = await row_of(db, task_id)
+    assert (row["status"], row["priority"]) == ("processing", 1)
+
+
+async def test_service_update_of_a_task_being_sent_is_a_conflict(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    with pytest.raises(InvalidTransition):
+        await service.update_task(business, task_id, {"priority": 3})
+
+
+# -- listing ----------------------------------------------------------------------------------------------
+
+
+async def _pages(
+    service: TaskService, business: Business, cursor: str | None, limit: int
+) -> tuple[list[int], str | None]:
+    page, nxt = await service.list_tasks(business, cursor=cursor, limit=limit)
+    return [t.row_id for t in page], nxt
+
+
+async def test_list_cursor_pagination_is_stable_when_tasks_are_inserted_between_pages(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    original = [await insert(db, business.pk) for _ in range(7)]
+    first, cursor = await _pages(service, business, None, 3)
+    assert first == original[::-1][:3]
+    for _ in range(4):
+        await insert(db, business.pk)  # newer tasks land before page one, never inside later pages
+    seen = list(first)
+    while cursor is not None:
+        page, cursor = await _pages(service, business, cursor, 3)
+        seen += page
+    assert seen == original[::-1]
+
+
+async def test_list_filters_by_status_host_and_business_id(db: Database, business: Business) -> None:
+    a = await insert(db, business.pk, "a", host="a.example:443")
+    b = await insert(db, business.pk, "b", host="b.example:443", status="failed")
+    async with db.read() as conn:
+        assert [r["id"] for r in await task_sql.list_tasks(conn, status=["failed"])] == [b]
+        assert [r["id"] for r in await task_sql.list_tasks(conn, host="a.example:443")] == [a]
+        assert [r["id"] for r in await task_sql.list_tasks(conn, business_id="b")] == [b]
+        assert [r["id"] for r in await task_sql.list_tasks(conn, business_pk=business.pk)] == [b, a]
+
+
+async def test_list_filters_by_creation_time(db: Database, business: Business) -> None:
+    old = await insert(db, business.pk, created_at=T0 - timedelta(days=2))
+    new = await insert(db, business.pk, created_at=T0)
+    async with db.read() as conn:
+        after = await task_sql.list_tasks(conn, created_after=T0 - timedelta(days=1))
+        before = await task_sql.list_tasks(conn, created_before=T0 - timedelta(days=1))
+    assert [r["id"] for r in after] == [new]
+    assert [r["id"] for r in before] == [old]
+
+
+async def test_attempts_are_listed_oldest_first(db: Database, business: Business) -> None:
+    task_id = await insert(db, business.pk)
+    for number in (1, 2):
+        await claim(db, now=T0 + timedelta(minutes=number))
+        await queue.finish(
+            db,
+            worker="w1",
+            now=T0,
+            results=[result(task_id, attempt=number, status="retrying", outcome="timeout", next_at=T0)],
+        )
+    assert [a["number"] for a in await attempts_of(db, task_id)] == [1, 2]
+
+
+# -- next_due ---------------------------------------------------------------------------------------------
+
+
+async def test_next_due_is_none_without_waiting_tasks(db: Database, business: Business) -> None:
+    assert await queue.next_due(db) is None
+    await insert(db, business.pk, status="succeeded", next_attempt_at=T0 - timedelta(days=1))
+    assert await queue.next_due(db) is None
+
+
+async def test_next_due_is_the_earliest_waiting_task(db: Database, business: Business) -> None:
+    await insert(db, business.pk, next_attempt_at=T0 + timedelta(hours=2))
+    await insert(db, business.pk, status="retrying", attempts=1, next_attempt_at=T0 + timedelta(hours=1))
+    await insert(db, business.pk, status="failed", next_attempt_at=T0 - timedelta(hours=5))
+    due = await queue.next_due(db)
+    assert due == T0 + timedelta(hours=1)
+    assert due is not None and due.utcoffset() == timedelta(0)
+
+
+async def test_next_due_ignores_claimed_tasks(db: Database, business: Business) -> None:
+    await insert(db, business.pk, next_attempt_at=T0 - timedelta(minutes=1))
+    later = await insert(db, business.pk, next_attempt_at=T0 + timedelta(minutes=1))
+    await claim(db)
+    assert await queue.next_due(db) == (await row_of(db, later))["next_attempt_at"]
+
+
+async def _count(db: Database, table: sa.Table) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one())
+
+
+async def test_attempt_rows_go_with_their_task(db: Database, business: Business) -> None:
+    """attempts.task_id cascades: deleting a task (retention purge) deletes its attempts."""
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    await queue.finish(db, worker="w1", now=T0, results=[result(task_id)])
+    async with db.write() as conn:
+        await conn.execute(sa.delete(tasks).where(tasks.c.id == task_id))
+    assert await _count(db, attempts) == 0
