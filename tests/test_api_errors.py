@@ -7,10 +7,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
 
 from taskcenter.storage.schema import tasks
-from tests.test_api_support import OPERATOR, PROBLEM, Api, api, open_api, task_body  # noqa: F401  (fixture)
+from tests.test_api_support import OPERATOR, PROBLEM, Api, serving, task_body
+
+
+@pytest_asyncio.fixture
+async def api(db_url: str) -> AsyncIterator[Api]:
+    async with serving(db_url) as client:
+        yield client
+
 
 BASE = "https://taskcenter.dev/problems/"
 
@@ -32,7 +40,9 @@ def _problem(response: Any, status: int, slug: str, field: str | None = None) ->
 
 async def test_malformed_json_is_400(api: Api) -> None:
     key = await api.business_key("shop")
-    response = await api.client.post("/tasks", content=b'{"business_id": ', headers={**key, "content-type": "application/json"})
+    response = await api.client.post(
+        "/tasks", content=b'{"business_id": ', headers={**key, "content-type": "application/json"}
+    )
     _problem(response, 400, "malformed-json")
     assert await _stored(api) == 0
 
@@ -40,7 +50,9 @@ async def test_malformed_json_is_400(api: Api) -> None:
 async def test_a_lone_surrogate_is_malformed_json(api: Api) -> None:
     key = await api.business_key("shop")
     raw = b'{"business_id": "\\ud800", "url": "https://a.example.com"}'
-    response = await api.client.post("/tasks", content=raw, headers={**key, "content-type": "application/json"})
+    response = await api.client.post(
+        "/tasks", content=raw, headers={**key, "content-type": "application/json"}
+    )
     _problem(response, 400, "malformed-json")
 
 
@@ -68,7 +80,9 @@ async def test_a_lone_surrogate_is_malformed_json(api: Api) -> None:
         ({"business_id": "a", "url": "https://a.example.com", "headers": {"X-Task-Id": "forged"}}, "headers.X-Task-Id"),
     ],
 )  # fmt: skip
-async def test_invalid_create_requests_are_422_naming_the_field(api: Api, body: dict[str, Any], field: str) -> None:
+async def test_invalid_create_requests_are_422_naming_the_field(
+    api: Api, body: dict[str, Any], field: str
+) -> None:
     key = await api.business_key("shop")
     _problem(await api.client.post("/tasks", json=body, headers=key), 422, "validation", field)
     assert await _stored(api) == 0
@@ -102,26 +116,37 @@ async def test_an_oversized_streamed_body_without_length_is_413(api: Api) -> Non
             yield b"x" * 65536
         yield b'"}}'
 
-    response = await api.client.post("/tasks", content=chunks(), headers={**key, "content-type": "application/json"})
+    response = await api.client.post(
+        "/tasks", content=chunks(), headers={**key, "content-type": "application/json"}
+    )
     _problem(response, 413, "too-large")
     assert await _stored(api) == 0
 
 
 async def test_the_body_cap_is_configurable(db_url: str) -> None:
-    small, runtime = await open_api(db_url, max_request_bytes=2048)
-    try:
+    async with serving(db_url, max_request_bytes=2048) as small:
         key = await small.business_key("shop")
-        fits = await small.client.post("/tasks", json=task_body("a", metadata={"pad": "x" * 1000}), headers=key)
+        fits = await small.client.post(
+            "/tasks", json=task_body("a", metadata={"pad": "x" * 1000}), headers=key
+        )
         assert fits.status_code == 201
-        too_big = await small.client.post("/tasks", json=task_body("b", metadata={"pad": "x" * 3000}), headers=key)
+        too_big = await small.client.post(
+            "/tasks", json=task_body("b", metadata={"pad": "x" * 3000}), headers=key
+        )
         _problem(too_big, 413, "too-large")
-    finally:
-        await small.client.aclose()
-        await runtime.close()
 
 
 @pytest.mark.parametrize(
-    "ref", ["0b6f5d4e-7a5b-4a2e-9d1c-3f2a1b0c9d8e", "nope", "99999999999999999999999", "12345", "²", "%00", "a" * 300]
+    "ref",
+    [
+        "0b6f5d4e-7a5b-4a2e-9d1c-3f2a1b0c9d8e",
+        "nope",
+        "99999999999999999999999",
+        "12345",
+        "²",
+        "%00",
+        "a" * 300,
+    ],
 )
 async def test_unknown_task_ids_are_404_on_every_task_endpoint(api: Api, ref: str) -> None:
     key = await api.business_key("shop")

@@ -1,13 +1,13 @@
-"""Shared fixtures for the REST API tests (no tests here): the real app over a real database, in process."""
+"""Shared helpers for the REST API tests (no tests here): the real app over a real database, in process."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import pytest_asyncio
 from fastapi import FastAPI
 
 from taskcenter.api import create_app
@@ -25,7 +25,12 @@ def bearer(key: str) -> dict[str, str]:
 
 def task_body(business_id: str, **extra: Any) -> dict[str, Any]:
     """A valid create request (the URL is never contacted unless a dispatcher runs)."""
-    return {"business_id": business_id, "url": "https://api.example.com/hook", "json": {"id": business_id}, **extra}
+    return {
+        "business_id": business_id,
+        "url": "https://api.example.com/hook",
+        "json": {"id": business_id},
+        **extra,
+    }
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Api:
 
 
 async def open_api(db_url: str, **overrides: Any) -> tuple[Api, Runtime]:
+    """A started runtime and a client of the app over it; the caller closes both (see :func:`serving`)."""
     runtime = Runtime(make_settings(db_url, operator_key=OPERATOR_KEY, **overrides))
     await runtime.start()
     app = create_app(runtime)
@@ -62,12 +68,12 @@ async def open_api(db_url: str, **overrides: Any) -> tuple[Api, Runtime]:
     return Api(client, runtime, app), runtime
 
 
-@pytest_asyncio.fixture
-async def api(db_url: str) -> AsyncIterator[Api]:
-    """The application over a clean database of each backend, with an operator key configured."""
-    client, runtime = await open_api(db_url)
+@contextlib.asynccontextmanager
+async def serving(db_url: str, **overrides: Any) -> AsyncIterator[Api]:
+    """The application over ``db_url`` with an operator key configured; each test module's ``api`` fixture."""
+    api, runtime = await open_api(db_url, **overrides)
     try:
-        yield client
+        yield api
     finally:
-        await client.client.aclose()
+        await api.client.aclose()
         await runtime.close()

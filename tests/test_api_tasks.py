@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest_asyncio
+
 from tests.receiver import Receiver, Reply
-from tests.test_api_support import OPERATOR, PROBLEM, Api, api, task_body  # noqa: F401  (fixture)
+from tests.test_api_support import OPERATOR, PROBLEM, Api, serving, task_body
 from tests.test_delivery import running
+
+
+@pytest_asyncio.fixture
+async def api(db_url: str) -> AsyncIterator[Api]:
+    async with serving(db_url) as client:
+        yield client
 
 
 async def test_create_answers_201_with_the_task_representation(api: Api) -> None:
@@ -76,7 +85,9 @@ async def test_get_by_id_numeric_id_and_business_id_return_the_same_task(api: Ap
 async def test_attempts_are_listed_oldest_first(api: Api, receiver: Receiver) -> None:
     key = await api.business_key("shop")
     receiver.script("/flaky", Reply(status=503), Reply(status=200))
-    task = await api.create(key, "f", url=receiver.url("/flaky"), retry={"strategy": "intervals", "intervals": [0.05]})
+    task = await api.create(
+        key, "f", url=receiver.url("/flaky"), retry={"strategy": "intervals", "intervals": [0.05]}
+    )
     async with running(api.runtime):
         await _wait_status(api, key, task["id"], "succeeded")
     response = await api.client.get(f"/tasks/{task['id']}/attempts", headers=key)
@@ -128,7 +139,9 @@ async def test_pages_stay_stable_when_tasks_are_inserted_between_them(api: Api) 
     first = (await api.client.get("/tasks", params={"limit": 2}, headers=key)).json()
     for n in range(3):
         await api.create(key, f"new{n}")
-    second = (await api.client.get("/tasks", params={"limit": 2, "cursor": first["next_cursor"]}, headers=key)).json()
+    second = (
+        await api.client.get("/tasks", params={"limit": 2, "cursor": first["next_cursor"]}, headers=key)
+    ).json()
     assert [t["business_id"] for t in first["tasks"]] == ["old3", "old2"]
     assert [t["business_id"] for t in second["tasks"]] == ["old1", "old0"]
 
@@ -152,10 +165,14 @@ async def test_patch_changes_a_pending_task_and_put_is_accepted_too(api: Api) ->
     key = await api.business_key("shop")
     task = await api.create(key, "a")
     patched = await api.client.patch(
-        f"/tasks/{task['id']}", json={"url": "https://api.example.com/v2", "priority": 5, "timeout": 12}, headers=key
+        f"/tasks/{task['id']}",
+        json={"url": "https://api.example.com/v2", "priority": 5, "timeout": 12},
+        headers=key,
     )
     assert patched.status_code == 200, patched.text
-    assert patched.json()["request"]["url"] == "https://api.example.com/v2" and patched.json()["priority"] == 5
+    assert (
+        patched.json()["request"]["url"] == "https://api.example.com/v2" and patched.json()["priority"] == 5
+    )
     put = await api.client.put(f"/tasks/{task['id']}", json={"delay": 600}, headers=key)
     assert put.status_code == 200 and put.json()["scheduled_at"] is not None
 
@@ -271,7 +288,9 @@ async def test_more_than_10_retries_is_refused(api: Api) -> None:
 
 async def test_a_processor_type_without_a_registered_processor_is_refused(api: Api) -> None:
     key = await api.business_key("shop")
-    response = await api.client.post("/tasks", json={"business_id": "p", "type": "nothing", "payload": {}}, headers=key)
+    response = await api.client.post(
+        "/tasks", json={"business_id": "p", "type": "nothing", "payload": {}}, headers=key
+    )
     assert response.status_code == 422 and response.json()["field"] == "type"
 
 

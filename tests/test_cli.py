@@ -54,7 +54,8 @@ def one_line_error(result: Result, code: int) -> str:
     assert result.exit_code == code, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return lines[0]
 
 
@@ -72,7 +73,9 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
 
 
 def create(cli: Cli, business_id: str, *extra: str) -> dict[str, Any]:
-    out = cli.ok("task", "create", "http://127.0.0.1:9/hook", "-b", "shop", "-k", business_id, "--output-json", *extra)
+    out = cli.ok(
+        "task", "create", "http://127.0.0.1:9/hook", "-b", "shop", "-k", business_id, "--output-json", *extra
+    )
     data: dict[str, Any] = json.loads(out)
     return data
 
@@ -98,7 +101,16 @@ def test_every_command_has_help(path: list[str]) -> None:
 
 def test_the_task_commands_the_design_names_exist() -> None:
     paths = {" ".join(p) for p in _command_paths()}
-    assert {"serve", "worker", "migrate", "task create", "task show", "task list", "task cancel", "task retry"} <= paths
+    assert {
+        "serve",
+        "worker",
+        "migrate",
+        "task create",
+        "task show",
+        "task list",
+        "task cancel",
+        "task retry",
+    } <= paths
 
 
 def test_version_is_printed() -> None:
@@ -155,7 +167,10 @@ def test_task_show_attempts_lists_each_try(cli: Cli) -> None:
 
     task = asyncio.run(deliver())
     data = json.loads(cli.ok("task", "show", task.id, "--attempts", "--output-json"))
-    assert [(a["number"], a["outcome"]) for a in data["attempts_list"]] == [(1, "server_error"), (2, "success")]
+    assert [(a["number"], a["outcome"]) for a in data["attempts_list"]] == [
+        (1, "server_error"),
+        (2, "success"),
+    ]
     human = cli.ok("task", "show", task.id, "-a")
     assert "server_error" in human and "503" in human and "success" in human
 
@@ -280,14 +295,16 @@ def test_main_turns_a_setting_error_into_one_line(cli: Cli, capsys: pytest.Captu
         raise ConfigError("database_url must be a sqlite:// or postgresql:// URL")
 
     original = cli_module.app
-    cli_module.app = broken  # type: ignore[assignment]
+    cli_module.app = broken
     try:
         with pytest.raises(SystemExit) as info:
             cli_module.main()
     finally:
         cli_module.app = original
     assert info.value.code == 1
-    assert capsys.readouterr().err.splitlines() == ["error: database_url must be a sqlite:// or postgresql:// URL"]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: database_url must be a sqlite:// or postgresql:// URL"
+    ]
 
 
 # -- a real worker process --------------------------------------------------------------------------------
@@ -311,14 +328,19 @@ async def test_worker_process_delivers_and_exits_0_on_sigterm_within_the_grace_p
         TASKCENTER_LOG_FORMAT="json",
     )
     proc = await asyncio.create_subprocess_exec(
-        TASKCENTER, "worker", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        TASKCENTER,
+        "worker",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await receiver.wait_for(1, "/first", timeout=20)
         await receiver.wait_for(1, "/slow", timeout=10)
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+        _out, err = await asyncio.wait_for(proc.communicate(), timeout=15)
         took = time.monotonic() - started
     finally:
         if proc.returncode is None:

@@ -39,7 +39,13 @@ async def wait_status(rt: Runtime, biz: Business, task_id: str, *statuses: str, 
 async def test_task_is_delivered_with_the_added_headers(runtime: Runtime, receiver: Receiver) -> None:
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     task = await runtime.service.create_task(
-        biz, {"business_id": "order-1", "url": receiver.url("/hook"), "json": {"order": 1}, "headers": {"X-A": "b"}}
+        biz,
+        {
+            "business_id": "order-1",
+            "url": receiver.url("/hook"),
+            "json": {"order": 1},
+            "headers": {"X-A": "b"},
+        },
     )
     async with running(runtime):
         [req] = await receiver.wait_for(1, "/hook", timeout=10)
@@ -64,7 +70,11 @@ async def test_server_error_is_retried_then_succeeds(runtime: Runtime, receiver:
     receiver.script("/flaky", Reply(status=503), Reply(status=500), Reply(status=200))
     task = await runtime.service.create_task(
         biz,
-        {"business_id": "b1", "url": receiver.url("/flaky"), "retry": {"strategy": "intervals", "intervals": [0.1, 0.1]}},
+        {
+            "business_id": "b1",
+            "url": receiver.url("/flaky"),
+            "retry": {"strategy": "intervals", "intervals": [0.1, 0.1]},
+        },
     )
     async with running(runtime):
         await wait_status(runtime, biz, task.id, "succeeded")
@@ -77,7 +87,12 @@ async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Recei
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     receiver.set_default(Reply(status=502), "/down")
     task = await runtime.service.create_task(
-        biz, {"business_id": "b2", "url": receiver.url("/down"), "retry": {"strategy": "intervals", "intervals": [0.05]}}
+        biz,
+        {
+            "business_id": "b2",
+            "url": receiver.url("/down"),
+            "retry": {"strategy": "intervals", "intervals": [0.05]},
+        },
     )
     async with running(runtime):
         await wait_status(runtime, biz, task.id, "failed")
@@ -94,7 +109,9 @@ async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Recei
         (Reply(status=500, headers={"X-Task-Retry": "stop"}), "stopped"),
     ],
 )
-async def test_final_answers_fail_at_once(runtime: Runtime, receiver: Receiver, reply: Reply, outcome: str) -> None:
+async def test_final_answers_fail_at_once(
+    runtime: Runtime, receiver: Receiver, reply: Reply, outcome: str
+) -> None:
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     receiver.script("/final", reply)
     task = await runtime.service.create_task(biz, {"business_id": "f", "url": receiver.url("/final")})

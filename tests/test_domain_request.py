@@ -178,7 +178,10 @@ def test_headers_must_be_an_object() -> None:
 
 
 def test_json_is_encoded_compactly_as_application_json() -> None:
-    assert encode_body(json_body={"order": 123, "name": "é"}) == ('{"order":123,"name":"é"}', "application/json")
+    assert encode_body(json_body={"order": 123, "name": "é"}) == (
+        '{"order":123,"name":"é"}',
+        "application/json",
+    )
 
 
 def test_an_explicit_json_null_is_a_body() -> None:
@@ -356,7 +359,9 @@ def test_timeouts_up_to_thirty_seconds_are_accepted(value: float) -> None:
     assert validate_timeout(value) == float(value)
 
 
-@pytest.mark.parametrize("value", [0, -1, MAX_TIMEOUT_S + 0.001, float("nan"), float("inf"), True, "10", None])
+@pytest.mark.parametrize(
+    "value", [0, -1, MAX_TIMEOUT_S + 0.001, float("nan"), float("inf"), True, "10", None]
+)
 def test_other_timeouts_are_refused(value: Any) -> None:
     with pytest.raises(ValidationError) as caught:
         validate_timeout(value)

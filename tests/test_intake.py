@@ -231,7 +231,9 @@ def test_priorities_within_bounds_are_kept(priority: int) -> None:
     assert make({"priority": priority})["priority"] == priority
 
 
-@pytest.mark.parametrize("priority", [PRIORITY_RANGE[0] - 1, PRIORITY_RANGE[1] + 1, 2**80, 1.5, True, "1", None])
+@pytest.mark.parametrize(
+    "priority", [PRIORITY_RANGE[0] - 1, PRIORITY_RANGE[1] + 1, 2**80, 1.5, True, "1", None]
+)
 def test_priorities_out_of_bounds_or_not_integers_are_refused(priority: Any) -> None:
     assert refused({"priority": priority}).field == "priority"
 
@@ -399,7 +401,10 @@ def test_a_retry_budget_already_spent_is_refused() -> None:
     with pytest.raises(ValidationError) as caught:
         change({"retry": {"strategy": "fixed", "interval": 1, "max_attempts": 2}}, current)
     assert caught.value.field == "retry.max_attempts"
-    assert change({"retry": {"strategy": "fixed", "interval": 1, "max_attempts": 3}}, current)["max_attempts"] == 3
+    assert (
+        change({"retry": {"strategy": "fixed", "interval": 1, "max_attempts": 3}}, current)["max_attempts"]
+        == 3
+    )
 
 
 def test_a_processor_task_has_no_request_to_change() -> None:

@@ -3,14 +3,21 @@ answers 404 — on every endpoint, in both directions — and is left unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
-from tests.test_api_support import Api, api, task_body  # noqa: F401  (fixture)
+from tests.test_api_support import Api, serving
+
+
+@pytest_asyncio.fixture
+async def api(db_url: str) -> AsyncIterator[Api]:
+    async with serving(db_url) as client:
+        yield client
 
 
 @dataclass
@@ -53,15 +60,28 @@ async def _tenant(api: Api, code: str) -> Tenant:
 
 @pytest.mark.parametrize("direction", ["a reaches into b", "b reaches into a"])
 @pytest.mark.parametrize("name", list(CALLS))
-async def test_another_business_resources_answer_404_and_stay_unchanged(api: Api, name: str, direction: str) -> None:
+async def test_another_business_resources_answer_404_and_stay_unchanged(
+    api: Api, name: str, direction: str
+) -> None:
     a, b = await _tenant(api, "alpha"), await _tenant(api, "beta")
     intruder, victim = (a, b) if direction == "a reaches into b" else (b, a)
-    before = [(await api.client.get(f"/tasks/{t['id']}", headers=victim.key)).json() for t in (victim.live, victim.cancelled)]
+    before = [
+        (await api.client.get(f"/tasks/{t['id']}", headers=victim.key)).json()
+        for t in (victim.live, victim.cancelled)
+    ]
     response = await CALLS[name](api.client, victim, intruder.key)
     assert response.status_code == 404, response.text
     assert response.json()["type"] == "https://taskcenter.dev/problems/not-found"
-    assert set(response.json()) == {"type", "title", "status", "detail"}  # a bare problem: nothing of the task
-    after = [(await api.client.get(f"/tasks/{t['id']}", headers=victim.key)).json() for t in (victim.live, victim.cancelled)]
+    assert set(response.json()) == {
+        "type",
+        "title",
+        "status",
+        "detail",
+    }  # a bare problem: nothing of the task
+    after = [
+        (await api.client.get(f"/tasks/{t['id']}", headers=victim.key)).json()
+        for t in (victim.live, victim.cancelled)
+    ]
     assert after == before
     assert (await api.client.get(f"/tasks/{victim.live['id']}", headers=victim.key)).status_code == 200
 
@@ -71,7 +91,9 @@ async def test_the_list_shows_only_the_callers_own_tasks(api: Api) -> None:
     for me, other in ((a, b), (b, a)):
         listed = (await api.client.get("/tasks", headers=me.key)).json()["tasks"]
         assert {t["business_code"] for t in listed} == {me.code}
-        filtered = await api.client.get("/tasks", params={"business_id": other.live["business_id"]}, headers=me.key)
+        filtered = await api.client.get(
+            "/tasks", params={"business_id": other.live["business_id"]}, headers=me.key
+        )
         assert filtered.json()["tasks"] == []
 
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,22 @@ async def test_sync_script_creates_then_run_worker_delivers_and_stops_on_sigterm
     assert request.json() == {"from": "script"}
     lines = out.decode().splitlines()
     assert lines[0].startswith("created ") and lines[-1] == "stopped succeeded", out.decode() + err.decode()
+
+
+def test_the_design_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN "Library": a database URL, a RetryPolicy and a timedelta delay, through the sync surface."""
+    monkeypatch.chdir(tmp_path)  # no stray ./taskcenter.toml
+    tc = TaskCenter(f"sqlite:///{tmp_path / 'taskcenter.db'}")
+    try:
+        task = tc.create_task(
+            "POST", "https://api.example.com/hook", json={"id": 1}, business_id="order-1",
+            retry=RetryPolicy.exponential(initial_delay=1, max_attempts=5), delay=timedelta(minutes=10),
+        )  # fmt: skip
+        assert task.business_code == "default" and task.max_attempts == 5
+        assert task.next_attempt_at is not None
+        assert task.next_attempt_at - task.created_at == timedelta(minutes=10)
+        assert tc.get_task(task.id).status == "pending"
+        assert tc.cancel(task.id).status == "cancelled"
+        assert tc.retry(task.id).status == "pending"
+    finally:
+        tc.close()

@@ -134,7 +134,9 @@ def _top_level_items(create_table: str) -> list[str]:
 def indexes(conn: sa.Connection) -> dict[str, str]:
     """Index name → its definition as the database reports it."""
     if conn.dialect.name == "sqlite":
-        rows = conn.execute(sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        rows = conn.execute(
+            sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        )
     else:
         rows = conn.execute(
             sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()")
@@ -198,7 +200,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def built(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    for migrated, declared in empty_databases(backend, tmp_path_factory.mktemp("migr"), "migrated", "declared"):
+    for migrated, declared in empty_databases(
+        backend, tmp_path_factory.mktemp("migr"), "migrated", "declared"
+    ):
         revision, head = asyncio.run(_migrate(migrated))
         on(declared, metadata.create_all)
         yield Built(

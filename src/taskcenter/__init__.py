@@ -3,11 +3,10 @@
 ``import taskcenter`` stays light: the REST API and the CLI are imported only when used.
 """
 
-__version__ = "0.1.0"
-
-from taskcenter.domain.retry import RetryPolicy  # noqa: E402
-from taskcenter.domain.task import Attempt, Task  # noqa: E402
-from taskcenter.errors import (  # noqa: E402
+from taskcenter._version import __version__
+from taskcenter.domain.retry import RetryPolicy
+from taskcenter.domain.task import Attempt, Task
+from taskcenter.errors import (
     BlockedAddress,
     BusinessNotFound,
     Conflict,
@@ -20,7 +19,7 @@ from taskcenter.errors import (  # noqa: E402
     TaskNotFound,
     ValidationError,
 )
-from taskcenter.library import TaskCenter  # noqa: E402
+from taskcenter.library import TaskCenter
 
 __all__ = [
     "Attempt",

@@ -9,6 +9,7 @@ import signal
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from taskcenter import __version__
+from taskcenter._version import __version__
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
@@ -240,10 +241,24 @@ def migrate(config: ConfigOpt = None) -> None:
 # -- tasks ----------------------------------------------------------------------------------------------
 
 
+def _short_time(value: datetime | None) -> str:
+    """``2026-11-26 06:13:58Z``: tables show seconds; JSON output keeps the full RFC 3339 value."""
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+
+def _print_table(table: Table) -> None:
+    # On a terminal the table fits the screen; into a pipe or file it is not folded, so lines stay greppable.
+    Console(width=None if out.is_terminal else 400).print(table)
+
+
 def _task_table(tasks: list[Task]) -> Table:
     table = Table(show_edge=False, header_style="bold")
+    # Short columns never wrap; the rest fold, the key and the target keeping room to stay readable.
     for col in ("id", "business", "business_id", "status", "attempts", "target", "next attempt", "created"):
-        table.add_column(col, overflow="fold")
+        fixed = col in ("id", "status", "attempts")
+        table.add_column(
+            col, overflow="fold", no_wrap=fixed, min_width={"business_id": 10, "target": 16}.get(col)
+        )
     colours = {"succeeded": "green", "failed": "red", "cancelled": "dim", "retrying": "yellow"}
     for t in tasks:
         target = t.request["url"] if t.request else t.type
@@ -254,8 +269,8 @@ def _task_table(tasks: list[Task]) -> Table:
             f"[{colours.get(t.status, 'cyan')}]{t.status}[/]",
             f"{t.attempts}/{t.max_attempts}",
             escape(target),
-            rfc3339(t.next_attempt_at) or "-",
-            rfc3339(t.created_at) or "",
+            _short_time(t.next_attempt_at),
+            _short_time(t.created_at),
         )
     return table
 
@@ -346,7 +361,7 @@ def task_show(
             code = a.response.get("status_code") if a.response else None
             table.add_row(str(a.number), rfc3339(a.started_at) or "", str(a.duration_ms or ""), a.outcome,
                           str(code or "-"), escape(a.error or ""))  # fmt: skip
-        out.print(table)
+        _print_table(table)
 
 
 @task_app.command("list")
@@ -366,7 +381,7 @@ def task_list(
         return await rt.service.list_tasks(biz, status=statuses, host=host, cursor=cursor, limit=limit)
 
     tasks, next_cursor = _run(_with_runtime(_settings(config), work))
-    out.print(_task_table(tasks))
+    _print_table(_task_table(tasks))
     if next_cursor:
         out.print(f"more: --cursor {next_cursor}", highlight=False)
 

@@ -240,6 +240,8 @@ def audit_list(
         _print_json(rows)
         return
     table = Table("at", "actor", "action", "target", "business", "details")
+    for column in table.columns[:3]:
+        column.no_wrap = True
     for e in rows:
         table.add_row(e["at"], e["actor"], e["action"], f"{e['target_type']}:{e['target']}", e["business_code"] or "",
                       json.dumps(e["details"]) if e["details"] else "")  # fmt: skip

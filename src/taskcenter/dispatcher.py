@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -32,8 +33,8 @@ from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import queue
-from taskcenter.storage.traffic import TrafficControl
 from taskcenter.storage.database import Database
+from taskcenter.storage.traffic import TrafficControl
 
 log = logging.getLogger("taskcenter.dispatcher")
 MAX_STORED_REQUEST_BODY = 65536
@@ -121,7 +122,7 @@ class Dispatcher:
         """Give in-flight sends the grace period, then release what is left unsent."""
         pending = list(self._sending.values())
         if pending:
-            done, not_done = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
+            _done, not_done = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
             for task in not_done:
                 task.cancel()
             await asyncio.gather(*not_done, return_exceptions=True)
@@ -130,7 +131,9 @@ class Dispatcher:
         unsent = [i for i in self._held if i not in recorded]
         if unsent:
             with contextlib.suppress(StorageError):
-                await queue.release(self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent])
+                await queue.release(
+                    self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent]
+                )
             self._held.difference_update(unsent)
 
     # -- claiming -------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class Dispatcher:
 
     async def _admit(
         self, conn: Any, rows: Any, now: datetime
-    ) -> tuple[list[Mapping[str, Any]], list[tuple[int, datetime]]]:
+    ) -> tuple[list[Mapping[Any, Any]], list[tuple[int, datetime]]]:
         self._claimed_last = len(rows)
         if self.traffic is None:
             return list(rows), []
@@ -207,9 +210,9 @@ class Dispatcher:
         self._held.add(task_id)
         task = asyncio.create_task(self._attempt(row), name=f"tc-task-{task_id}")
         self._sending[task_id] = task
-        task.add_done_callback(lambda _t, i=task_id: self._sent(i))
+        task.add_done_callback(functools.partial(self._sent, task_id))
 
-    def _sent(self, task_id: int) -> None:
+    def _sent(self, task_id: int, _task: object = None) -> None:
         self._sending.pop(task_id, None)
         self._slot_freed.set()
 
@@ -286,12 +289,20 @@ class Dispatcher:
         processor = self.processors.get(row["type"])
         t0 = time.perf_counter()
         if processor is None:
-            return AttemptResult(error_kind="permanent_failure", error=f"no processor registered for {row['type']!r}"), None, 0
+            return (
+                AttemptResult(
+                    error_kind="permanent_failure", error=f"no processor registered for {row['type']!r}"
+                ),
+                None,
+                0,
+            )
         try:
             if processor.is_async:
-                value = await asyncio.wait_for(processor.func(row["payload"]), timeout=row["timeout"])  # type: ignore[arg-type]
+                value = await asyncio.wait_for(processor.func(row["payload"]), timeout=row["timeout"])
             else:
-                value = await asyncio.wait_for(asyncio.to_thread(processor.func, row["payload"]), timeout=row["timeout"])
+                value = await asyncio.wait_for(
+                    asyncio.to_thread(processor.func, row["payload"]), timeout=row["timeout"]
+                )
             return AttemptResult(status_code=200), value, int((time.perf_counter() - t0) * 1000)
         except PermanentFailure as exc:
             kind, text = "permanent_failure", str(exc)
@@ -350,7 +361,9 @@ class Dispatcher:
                 pause_until=now.timestamp() + decision.host_pause_s if decision.host_pause_s else None,
             )
         )
-        self._pending_events.append((row, number, decision.status.value, decision.outcome.value, last_response))
+        self._pending_events.append(
+            (row, number, decision.status.value, decision.outcome.value, last_response)
+        )
         self._results_ready.set()
 
     # -- writing results ------------------------------------------------------------------------------
@@ -368,7 +381,9 @@ class Dispatcher:
                 self._held.difference_update(r.task_id for r in batch)
                 self.delivered += len(written.landed)
                 if written.lost:
-                    log.warning("lost the lease of %d tasks before their results were written", len(written.lost))
+                    log.warning(
+                        "lost the lease of %d tasks before their results were written", len(written.lost)
+                    )
                 if self.events:
                     await self._emit(events, dict(written.landed))
             if self._stopping.is_set() and not self._sending:
@@ -407,7 +422,9 @@ class Dispatcher:
             lost += one.lost
         return queue.Written(landed, lost)
 
-    async def _emit(self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]) -> None:
+    async def _emit(
+        self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]
+    ) -> None:
         for row, number, _status, outcome, last_response in events:
             final = landed.get(row["id"])
             if final is None:
@@ -463,14 +480,20 @@ class Dispatcher:
             try:
                 conn = await asyncpg.connect(dsn)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self.wake())
-                while not conn.is_closed():
-                    await asyncio.sleep(5)
+                closed = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set_event, closed))
+                await closed.wait()
+                self.wake()  # notifications may have been missed while reconnecting
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("LISTEN connection failed, polling meanwhile: %s", exc)
                 await asyncio.sleep(2)
             finally:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
+
+
+def _set_event(event: asyncio.Event, *_args: object) -> None:
+    event.set()
 
 
 def _response_record(sent: SendResult) -> dict[str, Any] | None:

@@ -76,7 +76,12 @@ class InvalidTransition(Conflict):
     """The task's current status does not allow this change."""
 
     def __init__(
-        self, message: str | None = None, *, current: str | None = None, target: str | None = None, **context: Any
+        self,
+        message: str | None = None,
+        *,
+        current: str | None = None,
+        target: str | None = None,
+        **context: Any,
     ) -> None:
         super().__init__(message, current=current, target=target, **context)
         self.current = current

@@ -84,7 +84,9 @@ def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | 
             try:
                 at = datetime.fromisoformat(at.replace("Z", "+00:00"))
             except ValueError as exc:
-                raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at") from exc
+                raise ValidationError(
+                    "scheduled_at must be an RFC 3339 date-time", field="scheduled_at"
+                ) from exc
         if not isinstance(at, datetime):
             raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at")
         if at.tzinfo is None:
@@ -120,7 +122,9 @@ def _notify(value: Any) -> dict[str, Any] | None:
     on = value.get("on", ["succeeded", "failed"])
     # Each entry checked on its own: set(on) would raise TypeError on an unhashable one.
     if not isinstance(on, list) or not on or not all(isinstance(e, str) and e in NOTIFY_EVENTS for e in on):
-        raise ValidationError(f"notify.on must list some of {', '.join(sorted(NOTIFY_EVENTS))}", field="notify.on")
+        raise ValidationError(
+            f"notify.on must list some of {', '.join(sorted(NOTIFY_EVENTS))}", field="notify.on"
+        )
     out["on"] = sorted(set(on))
     return out
 
@@ -165,12 +169,18 @@ def new_task_row(
     retry = _retry(data.get("retry"), defaults)
     next_at, scheduled = _when(data, now)
     priority = data.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not (
-        PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not (PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1])
     ):
-        raise ValidationError(f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}", field="priority")
+        raise ValidationError(
+            f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}", field="priority"
+        )
     timeout = data.get("timeout")
-    timeout_s = defaults.timeout_s if timeout is None else validate_timeout(timeout, cap=defaults.max_timeout_s)
+    timeout_s = (
+        defaults.timeout_s if timeout is None else validate_timeout(timeout, cap=defaults.max_timeout_s)
+    )
     follow = data.get("follow_redirects", False)
     if not isinstance(follow, bool):
         raise ValidationError("follow_redirects must be true or false", field="follow_redirects")
@@ -178,7 +188,9 @@ def new_task_row(
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValidationError("metadata must be an object", field="metadata")
     if traceparent is not None and not _TRACEPARENT.match(traceparent):
-        traceparent = None  # a malformed header from the caller starts a new trace rather than failing the create
+        traceparent = (
+            None  # a malformed header from the caller starts a new trace rather than failing the create
+        )
     row: dict[str, Any] = {
         "uuid": str(uuid.uuid4()),
         "business_pk": business_pk,
@@ -218,7 +230,9 @@ def new_task_row(
     }
     if task_type == "http":
         if "payload" in data and data["payload"] is not None:
-            raise ValidationError("payload is for processor tasks; an http task sends json, form or body", field="payload")
+            raise ValidationError(
+                "payload is for processor tasks; an http task sends json, form or body", field="payload"
+            )
         if data.get("url") is None:
             raise ValidationError("url is required", field="url")
         spec = build_request(
@@ -244,19 +258,29 @@ def new_task_row(
             raise ValidationError(f"type {task_type!r} has no registered processor", field="type")
         for name in ("url", "json", "form", "body", "headers"):
             if data.get(name) is not None:
-                raise ValidationError(f"{name} is for http tasks; a {task_type} task takes payload", field=name)
+                raise ValidationError(
+                    f"{name} is for http tasks; a {task_type} task takes payload", field=name
+                )
         row["payload"] = _json_object(data.get("payload"), "payload", MAX_PAYLOAD_BYTES)
         row["host"] = f"processor:{task_type}"
     return row
 
 
 def changed_values(
-    data: Mapping[str, Any], current: Mapping[str, Any], *, defaults: Defaults, box: SecretBox, now: datetime
+    data: Mapping[str, Any], current: Mapping[Any, Any], *, defaults: Defaults, box: SecretBox, now: datetime
 ) -> dict[str, Any]:
     """Validate a PATCH and return the column values to change (only for pending or retrying tasks)."""
     _check_fields(data, UPDATE_FIELDS)
     values: dict[str, Any] = {"updated_at": now}
-    if current["type"] == "http" and {"method", "url", "headers", "json", "form", "body", "content_type"} & set(data):
+    if current["type"] == "http" and {
+        "method",
+        "url",
+        "headers",
+        "json",
+        "form",
+        "body",
+        "content_type",
+    } & set(data):
         has_body = bool({"json", "form", "body"} & set(data))
         spec = build_request(
             data.get("method", current["method"]),

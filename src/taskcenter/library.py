@@ -27,6 +27,7 @@ from taskcenter.service import NOTIFY_CHANNEL, Business
 from taskcenter.storage import tasks as task_sql
 
 T = TypeVar("T")
+F = TypeVar("F", bound=ProcessorFunc)
 _UNSET: Any = object()
 
 
@@ -129,13 +130,17 @@ class TaskCenter:
             await self.runtime.start()
             self._ready = True
         if self._business is None:
-            self._business = await self.runtime.service.ensure_business(self.business_code, **self.business_limits)
+            self._business = await self.runtime.service.ensure_business(
+                self.business_code, **self.business_limits
+            )
         return self._business
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever, name="taskcenter-loop", daemon=True)
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="taskcenter-loop", daemon=True
+            )
             self._thread.start()
         return self._loop
 
@@ -146,10 +151,15 @@ class TaskCenter:
 
     def processor(
         self, name: str, *, retry: RetryPolicy | None = None, priority: int = 0
-    ) -> Callable[[ProcessorFunc], ProcessorFunc]:
-        """Register a function as the processor of task type ``name`` (decorator)."""
+    ) -> Callable[[F], F]:
+        """Register a function as the processor of task type ``name`` (decorator; returns it unchanged).
 
-        def register(func: ProcessorFunc) -> ProcessorFunc:
+        It takes the task's JSON payload and returns a JSON result (or raises: an exception is retried by
+        ``retry``, :class:`~taskcenter.errors.PermanentFailure` fails the task now). ``retry`` and ``priority``
+        are the defaults of tasks of this type.
+        """
+
+        def register(func: F) -> F:
             self.processors.register(name, func, retry=retry, priority=priority)
             return func
 
@@ -186,7 +196,12 @@ class TaskCenter:
         metadata: Mapping[str, Any] | None = None,
         connection: AsyncConnection | None = None,
     ) -> Task:
-        """Create a task. With ``connection``, it is stored inside that transaction (outbox)."""
+        """Create a task. With ``connection``, it is stored inside that transaction (outbox).
+
+        The ``created`` event fires once the row is written, which with ``connection`` is before the caller
+        commits. On SQLite, start the TaskCenter (``async with``, or any call) before the caller's transaction
+        takes the write lock: its first use registers the business, which is a write of its own.
+        """
         data = _task_data(
             method, url, business_id=business_id, type=type, payload=payload, headers=headers, json=json,
             form=form, body=body, content_type=content_type, delay=delay, scheduled_at=scheduled_at,

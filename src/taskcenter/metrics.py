@@ -23,13 +23,25 @@ class Metrics:
             registry=self.registry,
         )
         self.finished = Counter(
-            "taskcenter_tasks_finished", "Tasks reaching a final state, by status.", ["status"], registry=self.registry
+            "taskcenter_tasks_finished",
+            "Tasks reaching a final state, by status.",
+            ["status"],
+            registry=self.registry,
         )
-        self.claimed = Counter("taskcenter_tasks_claimed", "Tasks claimed by this process.", registry=self.registry)
-        self.created = Counter("taskcenter_tasks_created", "Tasks created through this process.", registry=self.registry)
-        self.in_flight = Gauge("taskcenter_in_flight", "Attempts in flight in this process.", registry=self.registry)
+        self.claimed = Counter(
+            "taskcenter_tasks_claimed", "Tasks claimed by this process.", registry=self.registry
+        )
+        self.created = Counter(
+            "taskcenter_tasks_created", "Tasks created through this process.", registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "taskcenter_in_flight", "Attempts in flight in this process.", registry=self.registry
+        )
         self.queue = Gauge(
-            "taskcenter_tasks", "Tasks in the database by status (read at scrape time).", ["status"], registry=self.registry
+            "taskcenter_tasks",
+            "Tasks in the database by status (read at scrape time).",
+            ["status"],
+            registry=self.registry,
         )
 
     def render(self) -> bytes:

@@ -12,11 +12,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from taskcenter import __version__
+from taskcenter._version import __version__
 from taskcenter.config import GuardConfig, Settings
-from taskcenter.domain.traffic import Limits
 from taskcenter.crypto import SecretBox
 from taskcenter.dispatcher import Dispatcher
+from taskcenter.domain.traffic import Limits
 from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
@@ -83,12 +83,13 @@ class BusinessPolicies:
             if self._default is None:
                 guards[row["id"]] = None
             elif row["allow_networks"] or row["allow_hosts"] or row["deny_hosts"]:
-                own = GuardPolicy.from_lists(row["allow_networks"] or (), row["allow_hosts"] or (), row["deny_hosts"] or ())
+                own = GuardPolicy.from_lists(
+                    row["allow_networks"] or (), row["allow_hosts"] or (), row["deny_hosts"] or ()
+                )
                 guards[row["id"]] = self._default.merged(own)
             secrets = [self.box.open(s) for s in row["signing_secrets"] or ()]
             if secrets:
-                signer = Signer.from_secrets(*secrets)
-                signers[row["id"]] = lambda msg_id, ts, body, s=signer: signature_headers(s, msg_id, ts, body)
+                signers[row["id"]] = _sign_with(Signer.from_secrets(*secrets))
         self._guards, self._signers = guards, signers
 
     async def run(self) -> None:
@@ -98,6 +99,13 @@ class BusinessPolicies:
                 await self.load()
             except Exception as exc:  # keep the last known policies; the database may be back soon
                 log.warning("reloading business policies failed: %s", exc)
+
+
+def _sign_with(signer: Signer) -> SignFn:
+    def sign(msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        return signature_headers(signer, msg_id, timestamp, body)
+
+    return sign
 
 
 def _business_limits(per_minute: int, max_in_flight: int | None) -> Limits:
@@ -136,7 +144,9 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
-        self.box = SecretBox.from_setting(settings.secret_key.get_secret_value() if settings.secret_key else None)
+        self.box = SecretBox.from_setting(
+            settings.secret_key.get_secret_value() if settings.secret_key else None
+        )
         self.processors = processors or ProcessorRegistry()
         self.events = events or EventBus()
         self.notifier = Notifier()

@@ -77,7 +77,7 @@ class Business:
     deny_hosts: tuple[str, ...] = ()
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Business:
+    def from_row(cls, row: Mapping[Any, Any]) -> Business:
         return cls(
             pk=row["id"],
             code=row["code"],
@@ -124,7 +124,11 @@ class TaskService:
         if not refresh and code in self._businesses:
             return self._businesses[code]
         async with self.db.read() as conn:
-            row = (await conn.execute(sa.select(businesses).where(businesses.c.code == code))).mappings().first()
+            row = (
+                (await conn.execute(sa.select(businesses).where(businesses.c.code == code)))
+                .mappings()
+                .first()
+            )
         if row is None:
             raise BusinessNotFound(f"no business system {code!r}", code=code)
         found = Business.from_row(row)
@@ -143,7 +147,9 @@ class TaskService:
         except BusinessNotFound:
             now = self.clock()
             async with self.db.write() as conn:
-                exists = (await conn.execute(sa.select(businesses.c.id).where(businesses.c.code == code))).scalar()
+                exists = (
+                    await conn.execute(sa.select(businesses.c.id).where(businesses.c.code == code))
+                ).scalar()
                 if exists is None:
                     await conn.execute(
                         sa.insert(businesses).values(
@@ -157,7 +163,9 @@ class TaskService:
 
     # -- create ---------------------------------------------------------------------------------------
 
-    def prepare(self, business: Business, data: Mapping[str, Any], *, traceparent: str | None = None) -> dict[str, Any]:
+    def prepare(
+        self, business: Business, data: Mapping[str, Any], *, traceparent: str | None = None
+    ) -> dict[str, Any]:
         """Validate a create request into a row (no I/O): shared by every create path, sync or async."""
         if business.status != "active":
             raise Forbidden(f"business system {business.code!r} is disabled")
@@ -304,7 +312,7 @@ class TaskService:
             raise TaskNotFound(f"no task {text!r}", ref=text)
         return row
 
-    def _task(self, row: Mapping[str, Any]) -> Task:
+    def _task(self, row: Mapping[Any, Any]) -> Task:
         return Task.from_row(row, mask_headers)
 
     async def get_task(self, business: Business | None, ref: str | int) -> Task:
@@ -370,9 +378,13 @@ class TaskService:
                     current=row["status"],
                     target="updated",
                 )
-            values = changed_values(data, row, defaults=self.defaults(business), box=self.box, now=self.clock())
+            values = changed_values(
+                data, row, defaults=self.defaults(business), box=self.box, now=self.clock()
+            )
             if not await task_sql.change(conn, row["id"], expected=sorted(EDITABLE), values=values):
-                raise InvalidTransition("the task changed state meanwhile; read it again", current=row["status"])
+                raise InvalidTransition(
+                    "the task changed state meanwhile; read it again", current=row["status"]
+                )
             if "next_attempt_at" in values and self.db.is_postgres:
                 await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
             updated = await self._row(conn, business, row["id"])
@@ -390,7 +402,9 @@ class TaskService:
                 )
             values = {"status": "cancelled", "finished_at": now, "updated_at": now}
             if not await task_sql.change(conn, row["id"], expected=sorted(CANCELLABLE), values=values):
-                raise InvalidTransition("the task finished meanwhile", current=row["status"], target="cancelled")
+                raise InvalidTransition(
+                    "the task finished meanwhile", current=row["status"], target="cancelled"
+                )
             task = self._task(await self._row(conn, business, row["id"]))
         if self.events.wants("cancelled"):
             await self.events.emit("cancelled", task.to_dict())
@@ -412,7 +426,8 @@ class TaskService:
             live = await task_sql.live_task_uuid(conn, row["business_pk"], row["business_id"])
             if live is not None:
                 raise DuplicateTask(
-                    f"business_id {row['business_id']!r} already has a live task {live}", existing_id=str(live)
+                    f"business_id {row['business_id']!r} already has a live task {live}",
+                    existing_id=str(live),
                 )
             policy = RetryPolicy.from_dict(row["retry"])
             values = {
@@ -424,7 +439,9 @@ class TaskService:
                 "updated_at": now,
             }
             if not await task_sql.change(conn, row["id"], expected=sorted(RETRYABLE_BY_HAND), values=values):
-                raise InvalidTransition("the task changed state meanwhile", current=row["status"], target="pending")
+                raise InvalidTransition(
+                    "the task changed state meanwhile", current=row["status"], target="pending"
+                )
             if self.db.is_postgres:
                 await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
             task = self._task(await self._row(conn, business, row["id"]))

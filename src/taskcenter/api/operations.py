@@ -31,7 +31,7 @@ async def health(ctx: Ctx) -> Response:
     worker = "running" if ctx.dispatcher_running else "off"
     try:
         await ctx.runtime.db.ping()
-    except StorageError:
+    except (StorageError, OSError):  # a refused connection arrives from the driver as OSError
         return JSONResponse(
             {"status": "unavailable", "database": "unreachable", "dispatcher": worker}, status_code=503
         )
@@ -54,7 +54,7 @@ async def metrics(ctx: Ctx) -> Response:
             ).all()
         for status, count in rows:
             metrics.queue.labels(status=status).set(count)
-    except StorageError:
+    except (StorageError, OSError):
         pass  # the rest of the metrics are still worth scraping
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -75,7 +75,9 @@ def validate_url(url: Any, field: str = "url") -> str:
     except ValueError as exc:
         raise ValidationError(f"{field} is not a valid URL: {exc}", field=field) from exc
     if parts.scheme.lower() not in DEFAULT_PORTS:
-        raise ValidationError(f"{field} must use http or https, not {parts.scheme or 'nothing'!r}", field=field)
+        raise ValidationError(
+            f"{field} must use http or https, not {parts.scheme or 'nothing'!r}", field=field
+        )
     if not parts.hostname:
         raise ValidationError(f"{field} has no host", field=field)
     if port == 0:
@@ -94,7 +96,12 @@ def validate_headers(headers: Any, field: str = "headers") -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in headers.items():
         where = f"{field}.{name}"
-        if not isinstance(name, str) or not name or not name.isascii() or any(c in name for c in "\r\n: \t\x00"):
+        if (
+            not isinstance(name, str)
+            or not name
+            or not name.isascii()
+            or any(c in name for c in "\r\n: \t\x00")
+        ):
             raise ValidationError(f"{field} has an invalid header name {name!r}", field=field)
         if not isinstance(value, str):
             raise ValidationError(f"{where} must be a string", field=where)
@@ -107,7 +114,12 @@ def validate_headers(headers: Any, field: str = "headers") -> dict[str, str]:
 
 
 def encode_body(
-    *, json_body: Any = None, form: Any = None, body: Any = None, content_type: Any = None, has_json: bool = False
+    *,
+    json_body: Any = None,
+    form: Any = None,
+    body: Any = None,
+    content_type: Any = None,
+    has_json: bool = False,
 ) -> tuple[str | None, str | None]:
     """Encode the one body a task may carry into ``(text, content_type)``.
 
@@ -123,7 +135,9 @@ def encode_body(
     given = [n for n, v in present if v]
     if len(given) > 1:
         raise ValidationError(f"give only one of json, form, body (got {', '.join(given)})", field=given[1])
-    if content_type is not None and (not isinstance(content_type, str) or any(c in content_type for c in "\r\n")):
+    if content_type is not None and (
+        not isinstance(content_type, str) or any(c in content_type for c in "\r\n")
+    ):
         raise ValidationError("content_type must be a string", field="content_type")
     if has_json or json_body is not None:
         try:
@@ -165,7 +179,9 @@ def build_request(
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(sorted(METHODS))}", field="method")
     url = validate_url(url)
-    text, ctype = encode_body(json_body=json_body, has_json=has_json, form=form, body=body, content_type=content_type)
+    text, ctype = encode_body(
+        json_body=json_body, has_json=has_json, form=form, body=body, content_type=content_type
+    )
     if text is not None and method.upper() in ("GET", "HEAD"):
         raise ValidationError(f"a {method.upper()} request cannot carry a body", field="method")
     return RequestSpec(

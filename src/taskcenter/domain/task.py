@@ -49,7 +49,7 @@ class Task:
     updated_at: datetime
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], mask: Callable[[Mapping[str, str]], dict[str, str]]) -> Task:
+    def from_row(cls, row: Mapping[Any, Any], mask: Callable[[Mapping[str, str]], dict[str, str]]) -> Task:
         """Build from a joined ``tasks`` + ``businesses.code`` row; ``mask`` hides sensitive headers."""
         request = None
         if row["url"] is not None:
@@ -115,7 +115,7 @@ class Attempt:
     worker: str | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Attempt:
+    def from_row(cls, row: Mapping[Any, Any]) -> Attempt:
         return cls(
             number=row["number"],
             started_at=row["started_at"],

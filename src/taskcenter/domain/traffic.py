@@ -12,6 +12,10 @@ from dataclasses import dataclass, replace
 
 #: Outcomes that count against a host's health. Client errors mean the host is alive and answering.
 HOST_FAILURES = frozenset({"server_error", "timeout", "network_error"})
+#: Outcomes that say nothing about the host: the guard refused before any packet left, or the attempt was cut off.
+NOT_EVIDENCE = frozenset({"blocked", "interrupted"})
+#: Most recent outcomes a breaker's failure-ratio window holds (the stored window is a string of this length).
+MAX_BREAKER_WINDOW = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +36,8 @@ class Limits:
     def capacity(self) -> float:
         if self.rate_per_second is None:
             return math.inf
-        return float(self.burst if self.burst is not None else max(1.0, self.rate_per_second))
+        # Below one token nothing could ever be admitted: a burst of 0 means "no burst", a bucket of one.
+        return max(1.0, float(self.burst if self.burst is not None else self.rate_per_second))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +55,16 @@ class State:
 
 
 def refill(state: State, limits: Limits, now: float) -> State:
-    """Add the tokens earned since the last refill, up to the bucket's capacity."""
+    """Add the tokens earned since the last refill, up to the bucket's capacity.
+
+    ``refilled_at`` never moves back: a dispatcher whose clock reading predates the last refill (it waited for
+    the row lock while another dispatcher refilled) earns nothing, instead of earning the same seconds twice.
+    """
+    at = max(now, state.refilled_at)
     if limits.rate_per_second is None:
-        return replace(state, tokens=0.0, refilled_at=now)
-    earned = max(0.0, now - state.refilled_at) * limits.rate_per_second
-    return replace(state, tokens=min(limits.capacity, state.tokens + earned), refilled_at=now)
+        return replace(state, tokens=0.0, refilled_at=at)
+    earned = (at - state.refilled_at) * limits.rate_per_second
+    return replace(state, tokens=min(limits.capacity, state.tokens + earned), refilled_at=at)
 
 
 def next_token_at(state: State, limits: Limits, now: float, position: int) -> float:
@@ -129,7 +139,7 @@ def admit(
             hs = replace(hs, tokens=hs.tokens - 1)
         if bl.rate_per_second is not None:
             bs = replace(bs, tokens=bs.tokens - 1)
-        if hs.breaker == "open":  # cool-down over: this task is the half-open probe
+        if hs.breaker != "closed":  # cool-down over, or the last probe never answered: this task is the probe
             hs = replace(hs, breaker="half_open", probe_until=now + 60.0)
         host_state[c.host], biz_state[c.business] = hs, bs
         host_busy[c.host] += 1
@@ -154,11 +164,12 @@ def record(
     state: State, limits: Limits, outcomes: Sequence[str], now: float, pause_until: float = 0.0
 ) -> State:
     """Fold a host's attempt outcomes (oldest first) into its breaker; ``pause_until`` from ``Retry-After``."""
+    size = _window_size(limits)
     for outcome in outcomes:
-        if outcome == "interrupted":
+        if outcome in NOT_EVIDENCE:
             continue
         failed = outcome in HOST_FAILURES
-        window = (*state.window, failed)[-limits.breaker_window :]
+        window = (*state.window, failed)[-size:]
         failures = state.failures + 1 if failed else 0
         state = replace(state, window=window, failures=failures)
         if state.breaker == "half_open":
@@ -177,9 +188,14 @@ def record(
 def _should_open(state: State, limits: Limits) -> bool:
     if state.failures >= limits.breaker_failures:
         return True
-    if limits.breaker_ratio is None or len(state.window) < limits.breaker_window:
+    if limits.breaker_ratio is None or len(state.window) < _window_size(limits):
         return False
     return sum(state.window) / len(state.window) >= limits.breaker_ratio
+
+
+def _window_size(limits: Limits) -> int:
+    # A policy's window outside 1..MAX_BREAKER_WINDOW would never fill (or, at 0, never be trimmed).
+    return max(1, min(limits.breaker_window, MAX_BREAKER_WINDOW))
 
 
 def _opened(state: State, limits: Limits, now: float) -> State:

@@ -68,9 +68,13 @@ class Database:
         if self.dialect == "sqlite":
             database = target.database or ""
             if database in ("", ":memory:"):
-                raise ConfigError("use a SQLite file, not an in-memory database: several connections share it")
+                raise ConfigError(
+                    "use a SQLite file, not an in-memory database: several connections share it"
+                )
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self.write_engine = create_async_engine(target, pool_size=1, max_overflow=0, pool_timeout=60, **common)
+            self.write_engine = create_async_engine(
+                target, pool_size=1, max_overflow=0, pool_timeout=60, **common
+            )
             self.read_engine = create_async_engine(target, pool_size=pool_size, max_overflow=0, **common)
             _sqlite_pragmas(self.write_engine, immediate=True)
             _sqlite_pragmas(self.read_engine, immediate=False)

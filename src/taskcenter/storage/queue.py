@@ -131,8 +131,8 @@ def _due_ids(now: datetime, limit: int, businesses: Sequence[int]) -> Any:
 
 
 Admission = Callable[
-    [AsyncConnection, Sequence[sa.RowMapping], datetime],
-    Awaitable[tuple[list[Mapping[str, Any]], list[tuple[int, datetime]]]],
+    [AsyncConnection, Sequence[Mapping[Any, Any]], datetime],
+    Awaitable[tuple[list[Mapping[Any, Any]], list[tuple[int, datetime]]]],
 ]
 
 
@@ -145,7 +145,7 @@ async def claim(
     lease_s: float,
     businesses: Sequence[int] = (),
     admission: Admission | None = None,
-) -> list[Mapping[str, Any]]:
+) -> list[Mapping[Any, Any]]:
     """Claim up to ``limit`` due tasks in one statement, then let ``admission`` hold some back, in one transaction.
 
     PostgreSQL skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``); SQLite has one writer.
@@ -163,7 +163,7 @@ async def claim(
         .returning(*CLAIM_COLUMNS)
     )
     async with db.write() as conn:
-        rows: Sequence[Mapping[str, Any]] = (await conn.execute(stmt)).mappings().all()
+        rows: Sequence[Mapping[Any, Any]] = (await conn.execute(stmt)).mappings().all()
         if admission is not None and rows:
             rows, deferred = await admission(conn, rows, now)
             if deferred:
@@ -212,7 +212,9 @@ _FINISH = (
         status=sa.bindparam("b_status"),
         attempts=sa.bindparam("b_attempt"),
         outcome=sa.bindparam("b_outcome"),
-        next_attempt_at=sa.func.coalesce(sa.bindparam("b_next", type_=tasks.c.next_attempt_at.type), tasks.c.next_attempt_at),
+        next_attempt_at=sa.func.coalesce(
+            sa.bindparam("b_next", type_=tasks.c.next_attempt_at.type), tasks.c.next_attempt_at
+        ),
         last_attempt_at=sa.bindparam("b_started"),
         finished_at=sa.bindparam("b_finished"),
         last_response=sa.bindparam("b_response"),
@@ -312,7 +314,14 @@ async def finish(
             if cancelled:
                 await conn.execute(
                     _FINISH_CANCELLED,
-                    [{k: v for k, v in p.items() if k not in ("b_status", "b_next", "b_finished", "b_result")} for p in cancelled],
+                    [
+                        {
+                            k: v
+                            for k, v in p.items()
+                            if k not in ("b_status", "b_next", "b_finished", "b_result")
+                        }
+                        for p in cancelled
+                    ],
                 )
         if recorder is not None and mine:
             outcomes: dict[str, list[str]] = {}
@@ -345,7 +354,9 @@ _RELEASE = (
 )
 
 
-async def release(db: Database, *, worker: str, now: datetime, deferrals: Sequence[tuple[int, datetime]]) -> None:
+async def release(
+    db: Database, *, worker: str, now: datetime, deferrals: Sequence[tuple[int, datetime]]
+) -> None:
     """Give claimed tasks back unsent, each due again at its given time (no attempt is charged)."""
     if not deferrals:
         return
@@ -365,7 +376,14 @@ async def rescue(db: Database, *, now: datetime, limit: int = 500) -> list[int]:
     async with db.write() as conn:
         rows = (
             await conn.execute(
-                sa.select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.lease_owner, tasks.c.method, tasks.c.url)
+                sa.select(
+                    tasks.c.id,
+                    tasks.c.status,
+                    tasks.c.attempts,
+                    tasks.c.lease_owner,
+                    tasks.c.method,
+                    tasks.c.url,
+                )
                 .where(_LEASED, tasks.c.lease_expires_at < now)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -427,5 +445,7 @@ async def business_codes(db: Database, pks: Iterable[int]) -> dict[int, str]:
     if not wanted:
         return {}
     async with db.read() as conn:
-        rows = await conn.execute(sa.select(businesses.c.id, businesses.c.code).where(businesses.c.id.in_(wanted)))
+        rows = await conn.execute(
+            sa.select(businesses.c.id, businesses.c.code).where(businesses.c.id.in_(wanted))
+        )
         return {r.id: r.code for r in rows}

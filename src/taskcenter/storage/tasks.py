@@ -67,9 +67,11 @@ def insert_row(conn: sa.Connection, row: dict[str, Any], *, notify_channel: str 
 
 async def live_task_uuid(conn: AsyncConnection, business_pk: int, business_id: str) -> str | None:
     """The UUID of the live task holding ``business_id`` in this business, if any."""
-    return (  # type: ignore[no-any-return]
+    return (
         await conn.execute(
-            sa.select(tasks.c.uuid).where(tasks.c.business_pk == business_pk, tasks.c.business_id == business_id, _LIVE)
+            sa.select(tasks.c.uuid).where(
+                tasks.c.business_pk == business_pk, tasks.c.business_id == business_id, _LIVE
+            )
         )
     ).scalar()
 
@@ -92,7 +94,11 @@ def _select_task() -> sa.Select[Any]:
 
 
 async def get(
-    conn: AsyncConnection, *, uuid: str | None = None, row_id: int | None = None, business_pk: int | None = None
+    conn: AsyncConnection,
+    *,
+    uuid: str | None = None,
+    row_id: int | None = None,
+    business_pk: int | None = None,
 ) -> sa.RowMapping | None:
     """One task by UUID or numeric id, optionally only within one business."""
     stmt = _select_task()
@@ -104,10 +110,13 @@ async def get(
         raise ValueError("give uuid or row_id")
     if business_pk is not None:
         stmt = stmt.where(tasks.c.business_pk == business_pk)
-    return (await conn.execute(stmt)).mappings().first()
+    row: sa.RowMapping | None = (await conn.execute(stmt)).mappings().first()
+    return row
 
 
-async def get_by_business_id(conn: AsyncConnection, business_pk: int, business_id: str) -> sa.RowMapping | None:
+async def get_by_business_id(
+    conn: AsyncConnection, business_pk: int, business_id: str
+) -> sa.RowMapping | None:
     """The task with this ``business_id``: the live one if any, else the newest."""
     stmt = (
         _select_task()
@@ -115,7 +124,8 @@ async def get_by_business_id(conn: AsyncConnection, business_pk: int, business_i
         .order_by(sa.case((_LIVE_Q, 0), else_=1), tasks.c.id.desc())
         .limit(1)
     )
-    return (await conn.execute(stmt)).mappings().first()
+    row: sa.RowMapping | None = (await conn.execute(stmt)).mappings().first()
+    return row
 
 
 async def list_tasks(

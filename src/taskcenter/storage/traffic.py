@@ -23,7 +23,7 @@ from taskcenter.storage.schema import business_state, host_state, tasks
 _PROCESSING = sa.text("status = 'processing'")
 
 
-def _state(row: Mapping[str, Any] | None) -> State:
+def _state(row: Mapping[Any, Any] | None) -> State:
     if row is None:
         return State(tokens=0.0, refilled_at=0.0)
     return State(
@@ -138,8 +138,8 @@ class TrafficControl:
         return Counter({k: n for k, n in rows.all()})
 
     async def admit(
-        self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]], now: datetime
-    ) -> tuple[list[Mapping[str, Any]], list[tuple[int, datetime]]]:
+        self, conn: AsyncConnection, rows: Sequence[Mapping[Any, Any]], now: datetime
+    ) -> tuple[list[Mapping[Any, Any]], list[tuple[int, datetime]]]:
         """Split a just-claimed batch into tasks that go now and deferrals ``(task id, due again at)``."""
         if not rows:
             return [], []

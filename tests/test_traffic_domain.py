@@ -1,0 +1,414 @@
+"""Properties of the pure traffic-control arithmetic: token buckets, in-flight caps, circuit breakers, pauses."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskcenter.domain.traffic import (
+    MAX_BREAKER_WINDOW,
+    Candidate,
+    Limits,
+    State,
+    Verdict,
+    admit,
+    record,
+    refill,
+)
+
+FRESH = State(tokens=0.0, refilled_at=0.0)
+"""A state row as first inserted: refilled at the epoch, so its first refill fills the bucket."""
+OPEN_BUSINESS = Limits()
+"""No business limit: these tests look at one host at a time."""
+HOST_OUTCOMES = ["success", "server_error", "timeout", "network_error", "client_error", "rate_limited", "stopped"]
+FAILURES = {"server_error", "timeout", "network_error"}
+
+rates = st.floats(min_value=0.1, max_value=500.0, allow_nan=False, allow_infinity=False)
+bursts = st.integers(min_value=1, max_value=50)
+
+
+def admit_one_host(
+    count: int, state: State, limits: Limits, now: float, busy: int = 0
+) -> tuple[dict[int, Verdict], State]:
+    """Admit ``count`` candidates of host ``h`` (one business, no business limit)."""
+    verdicts, hosts, _ = admit(
+        [Candidate(i, "h:80", 1) for i in range(count)],
+        hosts={"h:80": (state, limits, busy)},
+        businesses={1: (FRESH, OPEN_BUSINESS, 0)},
+        now=now,
+    )
+    return verdicts, hosts["h:80"]
+
+
+def admitted(verdicts: dict[int, Verdict]) -> int:
+    return sum(1 for v in verdicts.values() if v.defer_until is None)
+
+
+# -- token bucket -----------------------------------------------------------------------------------------
+
+
+@given(
+    rate=rates,
+    burst=bursts,
+    tokens=st.floats(min_value=0.0, max_value=1e6),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=5.0), st.integers(min_value=0, max_value=60)),
+        max_size=40,
+    ),
+)
+def test_tokens_stay_between_zero_and_the_bucket_capacity(
+    rate: float, burst: int, tokens: float, steps: list[tuple[float, int]]
+) -> None:
+    """Even a stored state with more tokens than a (since lowered) capacity is cut back on the next refill."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    state, now = State(tokens=tokens, refilled_at=100.0), 100.0
+    for gap, count in steps:
+        now += gap
+        _, state = admit_one_host(count, state, limits, now)
+        assert 0.0 <= state.tokens <= limits.capacity == burst
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=0.5), st.integers(min_value=0, max_value=40)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_admissions_in_any_window_stay_within_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, steps: list[tuple[float, int]]
+) -> None:
+    limits = Limits(rate_per_second=rate, burst=burst)
+    state, now = FRESH, 1000.0
+    times: list[float] = []
+    for gap, count in steps:
+        now += gap
+        verdicts, state = admit_one_host(count, state, limits, now)
+        times += [now] * admitted(verdicts)
+    moments = sorted(set(times))  # times is already sorted: admissions happen as the clock moves on
+    for i, start in enumerate(moments):
+        for end in moments[i:]:
+            in_window = bisect.bisect_right(times, end) - bisect.bisect_left(times, start)
+            assert in_window <= burst + rate * (end - start) + 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    steps=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=0.5),  # real time passing
+            st.floats(min_value=0.0, max_value=1.0),  # how stale this dispatcher's clock reading is
+            st.integers(min_value=0, max_value=40),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_stale_clock_readings_never_earn_the_same_seconds_twice(
+    rate: float, burst: int, steps: list[tuple[float, float, int]]
+) -> None:
+    """In a cluster a dispatcher may admit with a ``now`` older than the last refill (it waited for the row lock).
+
+    However the readings interleave, everything admitted up to real time ``r`` fits in burst + rate × elapsed.
+    """
+    limits = Limits(rate_per_second=rate, burst=burst)
+    start = real = 1000.0
+    state = refill(FRESH, limits, start)
+    total = 0
+    for gap, staleness, count in steps:
+        real += gap
+        verdicts, state = admit_one_host(count, state, limits, max(start, real - staleness))
+        total += admitted(verdicts)
+        assert total <= burst + rate * (real - start) + 1e-6
+
+
+def test_a_reading_older_than_the_last_refill_earns_nothing() -> None:
+    limits = Limits(rate_per_second=10, burst=1)
+    state = State(tokens=0.0, refilled_at=10.0)
+    verdicts, state = admit_one_host(1, state, limits, now=9.0)
+    assert admitted(verdicts) == 0
+    assert state.refilled_at == 10.0
+    verdicts, _ = admit_one_host(1, state, limits, now=10.05)  # half a token since 10.0
+    assert admitted(verdicts) == 0
+
+
+@given(rate=rates, burst=st.integers(min_value=-3, max_value=0))
+def test_a_burst_below_one_still_lets_one_request_per_token_through(rate: float, burst: int) -> None:
+    """A policy with burst 0 is a bucket of one, not a host that can never be called."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    verdicts, _ = admit_one_host(3, FRESH, limits, now=1000.0)
+    assert admitted(verdicts) == 1
+
+
+@given(
+    rate=rates,
+    burst=bursts,
+    count=st.integers(min_value=1, max_value=200),
+    now=st.floats(min_value=1e3, max_value=1e9),
+)
+def test_held_tasks_come_back_in_the_future_spread_at_the_rate(
+    rate: float, burst: int, count: int, now: float
+) -> None:
+    limits = Limits(rate_per_second=rate, burst=burst)
+    verdicts, state = admit_one_host(count, State(tokens=0.0, refilled_at=now), limits, now)
+    held = sorted(v.defer_until for v in verdicts.values() if v.defer_until is not None)
+    assert len(held) == count  # an empty bucket admits nothing
+    assert all(math.isfinite(t) and t > now for t in held)
+    # The n-th held task is due when the n-th token will have been earned: a backlog returns at the rate.
+    for n, due in enumerate(held, start=1):
+        assert due == pytest.approx(now + (n - state.tokens) / rate)
+    assert {v.reason for v in verdicts.values()} == {"host_rate"}
+
+
+def test_no_rate_means_no_bucket() -> None:
+    verdicts, _ = admit_one_host(500, FRESH, Limits(), now=1000.0)
+    assert admitted(verdicts) == 500
+
+
+def test_business_bucket_holds_tasks_the_host_would_let_through() -> None:
+    business = Limits(rate_per_second=2.0, burst=2)
+    verdicts, _, businesses = admit(
+        [Candidate(i, "h:80", 7) for i in range(5)],
+        hosts={"h:80": (FRESH, Limits(), 0)},
+        businesses={7: (FRESH, business, 0)},
+        now=1000.0,
+    )
+    assert admitted(verdicts) == 2
+    assert Counter(v.reason for v in verdicts.values() if v.defer_until) == {"business_rate": 3}
+    assert businesses[7].tokens == 0.0
+
+
+def test_a_task_held_by_its_business_does_not_spend_a_host_token() -> None:
+    host = Limits(rate_per_second=1.0, burst=5)
+    verdicts, hosts, _ = admit(
+        [Candidate(i, "h:80", 7) for i in range(5)],
+        hosts={"h:80": (FRESH, host, 0)},
+        businesses={7: (FRESH, Limits(rate_per_second=1.0, burst=1), 0)},
+        now=1000.0,
+    )
+    assert admitted(verdicts) == 1
+    assert hosts["h:80"].tokens == 4.0
+
+
+# -- in-flight caps -----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tasks=st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([1, 2, 3])), max_size=80),
+    host_caps=st.dictionaries(st.sampled_from("abc"), st.integers(min_value=1, max_value=10)),
+    biz_caps=st.dictionaries(st.sampled_from([1, 2, 3]), st.integers(min_value=1, max_value=10)),
+    busy=st.integers(min_value=0, max_value=12),
+)
+def test_in_flight_caps_of_hosts_and_businesses_are_never_exceeded(
+    tasks: list[tuple[str, int]], host_caps: dict[str, int], biz_caps: dict[int, int], busy: int
+) -> None:
+    """``busy`` requests are already in flight elsewhere for every host and business."""
+    candidates = [Candidate(n, host, biz) for n, (host, biz) in enumerate(tasks)]
+    verdicts, _, _ = admit(
+        candidates,
+        hosts={h: (FRESH, Limits(max_in_flight=host_caps.get(h)), busy) for h in "abc"},
+        businesses={b: (FRESH, Limits(max_in_flight=biz_caps.get(b)), busy) for b in (1, 2, 3)},
+        now=1000.0,
+    )
+    going = [c for c in candidates if verdicts[c.task_id].defer_until is None]
+    for host, n in Counter(c.host for c in going).items():
+        assert busy + n <= host_caps.get(host, math.inf)
+    for biz, n in Counter(c.business for c in going).items():
+        assert busy + n <= biz_caps.get(biz, math.inf)
+    # Nothing is held without a cap being full.
+    for c in candidates:
+        v = verdicts[c.task_id]
+        if v.reason == "host_in_flight":
+            assert busy + sum(1 for g in going if g.host == c.host) >= host_caps[c.host]
+        if v.reason == "business_in_flight":
+            assert busy + sum(1 for g in going if g.business == c.business) >= biz_caps[c.business]
+
+
+# -- circuit breaker -----------------------------------------------------------------------------------------
+
+
+def fold(outcomes: Sequence[str], limits: Limits, state: State = FRESH, now: float = 1000.0) -> list[State]:
+    """Record outcomes one at a time; the state after each."""
+    states = []
+    for outcome in outcomes:
+        state = record(state, limits, [outcome], now)
+        states.append(state)
+    return states
+
+
+@given(
+    outcomes=st.lists(st.sampled_from(HOST_OUTCOMES), max_size=60),
+    threshold=st.integers(min_value=1, max_value=8),
+)
+def test_breaker_opens_exactly_when_the_consecutive_failures_reach_the_threshold(
+    outcomes: list[str], threshold: int
+) -> None:
+    limits = Limits(breaker_failures=threshold, breaker_cooldown_s=30.0)
+    run = 0
+    for outcome, state in zip(outcomes, fold(outcomes, limits), strict=True):
+        run = run + 1 if outcome in FAILURES else 0
+        assert (state.breaker == "open") == (run >= threshold)
+        if state.breaker == "open":
+            assert state.open_until == 1030.0
+            break
+
+
+def test_five_consecutive_failures_open_the_breaker_by_default() -> None:
+    states = fold(["server_error"] * 4 + ["success"] + ["timeout"] * 4 + ["network_error"], Limits())
+    assert [s.breaker for s in states] == ["closed"] * 9 + ["open"]
+
+
+@given(
+    outcomes=st.lists(st.sampled_from(["success", "server_error"]), max_size=80),
+    window=st.integers(min_value=2, max_value=20),
+    ratio=st.sampled_from([0.25, 0.5, 0.75, 1.0]),
+)
+def test_breaker_opens_when_the_failure_share_of_a_full_window_reaches_the_ratio(
+    outcomes: list[str], window: int, ratio: float
+) -> None:
+    limits = Limits(breaker_failures=1000, breaker_ratio=ratio, breaker_window=window)
+    seen: list[bool] = []
+    for outcome, state in zip(outcomes, fold(outcomes, limits), strict=True):
+        seen.append(outcome == "server_error")
+        last = seen[-window:]
+        should = seen[-1] and len(last) == window and sum(last) / window >= ratio
+        assert (state.breaker == "open") == should
+        if should:
+            break
+
+
+def test_ratio_rule_opens_without_consecutive_failures() -> None:
+    limits = Limits(breaker_failures=5, breaker_ratio=0.5, breaker_window=10)
+    states = fold(["success", "server_error"] * 5, limits)
+    assert max(s.failures for s in states) == 1
+    assert states[-1].breaker == "open"
+
+
+@given(window=st.integers(min_value=-5, max_value=1000))
+def test_breaker_window_is_kept_within_what_the_state_row_stores(window: int) -> None:
+    limits = Limits(breaker_failures=10_000, breaker_ratio=0.9, breaker_window=window)
+    state = fold(["success"] * 150 + ["server_error"] * 150, limits)[-1]
+    assert 1 <= len(state.window) <= MAX_BREAKER_WINDOW
+    assert state.breaker == "open"  # a window of any size fills up and can trip
+
+
+@pytest.mark.parametrize("outcome", ["blocked", "interrupted"])
+def test_outcomes_that_never_reached_the_host_leave_the_breaker_alone(outcome: str) -> None:
+    """A request the SSRF guard refused, or one cut off by a shutdown, says nothing about the host's health."""
+    four = fold(["server_error"] * 4, Limits())[-1]
+    after = record(four, Limits(), [outcome, "server_error"], 1000.0)
+    assert after.breaker == "open"
+    probing = State(tokens=1.0, refilled_at=1000.0, breaker="half_open", probe_until=1060.0)
+    assert record(probing, Limits(), [outcome], 1001.0) == probing
+
+
+def opened(now: float = 1000.0, cooldown: float = 30.0) -> tuple[State, Limits]:
+    limits = Limits(breaker_failures=2, breaker_cooldown_s=cooldown)
+    return fold(["server_error"] * 2, limits, now=now)[-1], limits
+
+
+def test_open_breaker_defers_every_task_to_the_end_of_the_cooldown() -> None:
+    state, limits = opened()
+    verdicts, after = admit_one_host(5, state, limits, now=1010.0)
+    assert set(verdicts.values()) == {Verdict(1030.0, "circuit_open")}
+    assert after.breaker == "open"
+
+
+@given(count=st.integers(min_value=1, max_value=30), late=st.floats(min_value=0.0, max_value=1e4))
+def test_after_the_cooldown_exactly_one_probe_goes_through(count: int, late: float) -> None:
+    state, limits = opened()
+    verdicts, after = admit_one_host(count, state, limits, now=1030.0 + late)
+    assert admitted(verdicts) == 1
+    assert after.breaker == "half_open"
+    held = [v for v in verdicts.values() if v.defer_until is not None]
+    assert all(v.reason == "circuit_half_open" for v in held)
+    # Still one probe while it is in flight, in this batch or the next.
+    again, _ = admit_one_host(count, after, limits, now=1031.0 + late)
+    assert admitted(again) == 0
+
+
+def test_a_probe_that_never_answered_is_replaced_by_exactly_one_new_probe() -> None:
+    state, limits = opened()
+    _, probing = admit_one_host(1, state, limits, now=1030.0)
+    lost = probing.probe_until  # the probe's worker died: no result ever comes
+    verdicts, after = admit_one_host(5, probing, limits, now=lost + 1.0)
+    assert admitted(verdicts) == 1
+    assert after.breaker == "half_open" and after.probe_until > lost + 1.0
+
+
+def test_probe_success_closes_the_breaker() -> None:
+    state, limits = opened()
+    _, probing = admit_one_host(1, state, limits, now=1030.0)
+    closed = record(probing, limits, ["success"], 1030.2)
+    assert (closed.breaker, closed.failures, closed.window) == ("closed", 0, ())
+    verdicts, _ = admit_one_host(10, closed, limits, now=1030.3)
+    assert admitted(verdicts) == 10
+
+
+def test_probe_failure_opens_the_breaker_for_another_cooldown() -> None:
+    state, limits = opened()
+    _, probing = admit_one_host(1, state, limits, now=1030.0)
+    reopened = record(probing, limits, ["timeout"], 1035.0)
+    assert reopened.breaker == "open" and reopened.open_until == 1065.0
+    verdicts, _ = admit_one_host(3, reopened, limits, now=1040.0)
+    assert set(verdicts.values()) == {Verdict(1065.0, "circuit_open")}
+
+
+def test_processor_tasks_are_not_held_by_a_breaker() -> None:
+    state, limits = opened()
+    verdicts, _, _ = admit(
+        [Candidate(1, "processor:resize", 1)],
+        hosts={"processor:resize": (state, limits, 0)},
+        businesses={1: (FRESH, OPEN_BUSINESS, 0)},
+        now=1001.0,
+    )
+    assert admitted(verdicts) == 1
+
+
+# -- pauses -------------------------------------------------------------------------------------------------
+
+
+@given(pauses=st.lists(st.floats(min_value=0.0, max_value=2000.0), min_size=1, max_size=10))
+def test_retry_after_pause_only_ever_extends(pauses: list[float]) -> None:
+    state = FRESH
+    for pause in pauses:
+        state = record(state, Limits(), ["rate_limited"], 1000.0, pause)
+    assert state.paused_until == max(pauses)
+
+
+@given(
+    pause=st.floats(min_value=1000.001, max_value=5000.0),
+    now=st.floats(min_value=0.0, max_value=1000.0),
+    count=st.integers(min_value=1, max_value=20),
+)
+def test_paused_host_defers_every_task_to_the_end_of_the_pause(pause: float, now: float, count: int) -> None:
+    paused = record(FRESH, Limits(), ["rate_limited"], 999.0, pause)
+    verdicts, _ = admit_one_host(count, paused, Limits(rate_per_second=10.0), now=min(now, pause - 0.001))
+    assert set(verdicts.values()) == {Verdict(pause, "host_paused")}
+
+
+def test_operator_pause_from_the_policy_holds_the_host_too() -> None:
+    limits = Limits(paused_until=2000.0)
+    verdicts, _ = admit_one_host(3, FRESH, limits, now=1500.0)
+    assert set(verdicts.values()) == {Verdict(2000.0, "host_paused")}
+    verdicts, _ = admit_one_host(3, FRESH, limits, now=2000.0)
+    assert admitted(verdicts) == 3
+
+
+def test_pause_over_lets_tasks_through_at_the_rate() -> None:
+    limits = Limits(rate_per_second=1.0, burst=2)
+    paused = record(refill(FRESH, limits, 1000.0), limits, ["rate_limited"], 1000.0, 1002.0)
+    verdicts, _ = admit_one_host(5, paused, limits, now=1002.0)
+    assert admitted(verdicts) == 2
