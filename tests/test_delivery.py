@@ -136,3 +136,55 @@ async def test_many_tasks_are_each_delivered_once(runtime: Runtime, receiver: Re
     assert seen == list(range(300))
     page, _ = await runtime.service.list_tasks(biz, status=["succeeded"], limit=500)
     assert len(page) == 300
+
+
+async def test_a_finished_task_notifies_its_notify_url(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
+    receiver.set_default(Reply(status=404), "/gone")
+    ok = await runtime.service.create_task(
+        biz, {"business_id": "n1", "url": receiver.url("/hook"), "notify": {"url": receiver.url("/notify")}}
+    )
+    bad = await runtime.service.create_task(
+        biz,
+        {
+            "business_id": "n2",
+            "url": receiver.url("/gone"),
+            "notify": {"url": receiver.url("/notify"), "on": ["failed"]},
+        },
+    )
+    quiet = await runtime.service.create_task(
+        biz,
+        {
+            "business_id": "n3",
+            "url": receiver.url("/hook"),
+            "notify": {"url": receiver.url("/notify"), "on": ["failed"]},
+        },
+    )
+    async with running(runtime):
+        notes = await receiver.wait_for(2, "/notify", timeout=15)
+        await wait_status(runtime, biz, quiet.id, "succeeded")
+        await asyncio.sleep(0.3)
+    events = {n.json()["task"]["id"]: n.json() for n in notes}
+    assert len(receiver.requests_for("/notify")) == 2, "n3 asked only for failures"
+    assert events[ok.id]["type"] == "task.succeeded" and events[ok.id]["task"]["business_id"] == "n1"
+    assert events[bad.id]["type"] == "task.failed" and events[bad.id]["task"]["outcome"] == "client_error"
+    note = await runtime.service.get_by_business_id(biz, f"notify:{ok.id}:succeeded")
+    assert note.status == "succeeded"
+
+
+async def test_cancelling_notifies_when_asked(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
+    task = await runtime.service.create_task(
+        biz,
+        {
+            "business_id": "c1",
+            "url": receiver.url("/hook"),
+            "delay": 60,
+            "notify": {"url": receiver.url("/notify"), "on": ["cancelled"]},
+        },
+    )
+    await runtime.service.cancel(biz, task.id)
+    async with running(runtime):
+        [note] = await receiver.wait_for(1, "/notify", timeout=10)
+    assert note.json()["type"] == "task.cancelled"
+    assert receiver.requests_for("/hook") == []

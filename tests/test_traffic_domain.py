@@ -26,7 +26,15 @@ FRESH = State(tokens=0.0, refilled_at=0.0)
 """A state row as first inserted: refilled at the epoch, so its first refill fills the bucket."""
 OPEN_BUSINESS = Limits()
 """No business limit: these tests look at one host at a time."""
-HOST_OUTCOMES = ["success", "server_error", "timeout", "network_error", "client_error", "rate_limited", "stopped"]
+HOST_OUTCOMES = [
+    "success",
+    "server_error",
+    "timeout",
+    "network_error",
+    "client_error",
+    "rate_limited",
+    "stopped",
+]
 FAILURES = {"server_error", "timeout", "network_error"}
 
 rates = st.floats(min_value=0.1, max_value=500.0, allow_nan=False, allow_infinity=False)

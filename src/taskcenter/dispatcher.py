@@ -13,7 +13,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,7 +25,7 @@ from taskcenter.crypto import SecretBox, mask_headers
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
 from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
-from taskcenter.errors import PermanentFailure, StorageError
+from taskcenter.errors import PermanentFailure, StorageError, TaskCenterError
 from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
@@ -69,6 +69,8 @@ class Dispatcher:
     """Rate limits, in-flight caps, breakers and pauses; ``None`` sends everything due."""
     businesses: Callable[[], list[int]] = list
     """The known business pks, for the fair (round-robin) claim."""
+    notify: Callable[[Sequence[tuple[Mapping[Any, Any], str]]], Awaitable[int]] | None = None
+    """Queues ``notify.url`` webhooks for tasks that reached a final state."""
 
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
@@ -386,6 +388,8 @@ class Dispatcher:
                     )
                 if self.events:
                     await self._emit(events, dict(written.landed))
+                if self.notify is not None:
+                    await self._notify(events, dict(written.landed))
             if self._stopping.is_set() and not self._sending:
                 return
 
@@ -421,6 +425,20 @@ class Dispatcher:
             landed += one.landed
             lost += one.lost
         return queue.Written(landed, lost)
+
+    async def _notify(
+        self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]
+    ) -> None:
+        finished = []
+        for row, number, _status, outcome, _resp in events:
+            final = landed.get(row["id"])
+            if row["notify"] and final in ("succeeded", "failed"):
+                finished.append(({**row, "attempts": number, "outcome": outcome}, final))
+        if finished and self.notify is not None:
+            try:
+                await self.notify(finished)
+            except TaskCenterError as exc:
+                log.warning("queuing %d notifications failed: %s", len(finished), exc)
 
     async def _emit(
         self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]

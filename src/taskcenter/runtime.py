@@ -197,6 +197,7 @@ class Runtime:
             metrics=self.metrics,
             traffic=TrafficControl(self.policies.host_limits, self.policies.business_limits),
             businesses=self.policies.business_pks,
+            notify=self.service.enqueue_notifications,
         )
 
     async def run_dispatcher(self, dispatcher: Dispatcher) -> None:

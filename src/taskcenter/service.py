@@ -292,6 +292,54 @@ class TaskService:
             self.notifier.wake()
         return results
 
+    async def enqueue_notifications(self, finished: Sequence[tuple[Mapping[Any, Any], str]]) -> int:
+        """For tasks that reached a final state and asked for it, queue a webhook to their ``notify.url``.
+
+        The notification is itself a task of the same business (same signing, retries, traffic control), keyed
+        ``notify:<task uuid>:<status>`` so that it is created once. Returns how many were queued.
+        """
+        rows = []
+        now = self.clock()
+        for task, status in finished:
+            notify = task.get("notify")
+            if not notify or not notify.get("url") or status not in notify.get("on", ()):
+                continue
+            event = {
+                "type": f"task.{status}",
+                "task": {
+                    "id": str(task["uuid"]),
+                    "business_id": task["business_id"],
+                    "status": status,
+                    "attempts": task.get("attempts"),
+                    "outcome": task.get("outcome"),
+                },
+                "timestamp": now.isoformat().replace("+00:00", "Z"),
+            }
+            data = {
+                "business_id": f"notify:{task['uuid']}:{status}",
+                "url": notify["url"],
+                "json": event,
+                "retry": {"strategy": "exponential", "initial_delay": 5, "max_attempts": 6},
+                "metadata": {"notification_for": str(task["uuid"])},
+            }
+            rows.append(
+                new_task_row(
+                    data,
+                    business_pk=task["business_pk"],
+                    defaults=Defaults(self.default_retry),
+                    box=self.box,
+                    now=now,
+                )
+            )
+        if not rows:
+            return 0
+        async with self.db.write() as conn:
+            stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, rows))).all()
+            if stored and self.db.is_postgres:
+                await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+        self.notifier.wake()
+        return len(stored)
+
     def _task_from_new_row(self, business: Business, row: Mapping[str, Any]) -> Task:
         return Task.from_row({**row, "business_code": business.code}, mask_headers)
 
@@ -406,6 +454,8 @@ class TaskService:
                     "the task finished meanwhile", current=row["status"], target="cancelled"
                 )
             task = self._task(await self._row(conn, business, row["id"]))
+        if row["notify"]:
+            await self.enqueue_notifications([(row, "cancelled")])
         if self.events.wants("cancelled"):
             await self.events.emit("cancelled", task.to_dict())
         return task

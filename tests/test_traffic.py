@@ -1,0 +1,403 @@
+"""Traffic control end to end, on both backends, with an in-process dispatcher and a loopback receiver that
+records arrival times: host rate and in-flight caps, live policy changes, the circuit breaker, Retry-After
+pauses, business limits and fairness between businesses."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+
+from taskcenter.runtime import Runtime
+from taskcenter.service import Business, utcnow
+from taskcenter.storage.schema import attempts as attempts_table
+from taskcenter.storage.schema import host_policies, host_state
+from taskcenter.storage.schema import tasks as tasks_table
+from tests.conftest import make_settings
+from tests.receiver import Receiver, Reply
+from tests.test_delivery import running
+
+FAST = 600_000
+"""A business rate limit (per minute) high enough never to be the limit under test."""
+
+
+# -- helpers shared with test_traffic_cluster.py ------------------------------------------------------------
+
+
+def host_of(receiver: Receiver) -> str:
+    """The traffic-control key of the receiver: ``host:port``."""
+    return f"127.0.0.1:{receiver.port}"
+
+
+async def set_host_policy(rt: Runtime, host: str, **values: Any) -> None:
+    """Write the host's policy row (replacing any), as the hosts endpoint would. Columns left out are NULL."""
+    async with rt.db.write() as conn:
+        await conn.execute(sa.delete(host_policies).where(host_policies.c.host == host))
+        await conn.execute(sa.insert(host_policies).values(host=host, updated_at=utcnow(), **values))
+
+
+async def host_row(rt: Runtime, host: str) -> dict[str, Any] | None:
+    """The shared limiter/breaker state of a host."""
+    async with rt.db.read() as conn:
+        row = (await conn.execute(sa.select(host_state).where(host_state.c.host == host))).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def arrivals(receiver: Receiver, path: str) -> list[float]:
+    """Monotonic arrival times of the requests to ``path``, in order."""
+    return sorted(r.arrived_monotonic for r in receiver.requests_for(path))
+
+
+def max_in_window(times: Sequence[float], width: float = 1.0) -> int:
+    """The most arrivals in any window ``[t, t + width)``."""
+    ordered = sorted(times)
+    return max((bisect.bisect_left(ordered, t + width) - i for i, t in enumerate(ordered)), default=0)
+
+
+async def make_tasks(
+    rt: Runtime, biz: Business, url: str, count: int, prefix: str, **extra: Any
+) -> list[str]:
+    """Create ``count`` tasks to ``url`` in batches; their UUIDs."""
+    ids: list[str] = []
+    for start in range(0, count, 1000):
+        items = [
+            {"business_id": f"{prefix}{i}", "url": url, **extra}
+            for i in range(start, min(count, start + 1000))
+        ]
+        results = await rt.service.create_tasks(biz, items)
+        assert all(r["status"] == 201 for r in results), results[:3]
+        ids += [r["task"].id for r in results]
+    return ids
+
+
+async def task_rows(rt: Runtime, ids: Sequence[str]) -> list[dict[str, Any]]:
+    async with rt.db.read() as conn:
+        rows = (
+            await conn.execute(sa.select(tasks_table).where(tasks_table.c.uuid.in_(list(ids))))
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+async def attempt_count(rt: Runtime) -> int:
+    async with rt.db.read() as conn:
+        return int((await conn.execute(sa.select(sa.func.count()).select_from(attempts_table))).scalar_one())
+
+
+async def wait_until(check: Any, timeout: float, what: str) -> None:
+    """Poll the async predicate ``check`` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def all_finished(rt: Runtime, ids: Sequence[str], timeout: float = 10) -> list[dict[str, Any]]:
+    async def done() -> bool:
+        return all(r["status"] in ("succeeded", "failed") for r in await task_rows(rt, ids))
+
+    await wait_until(done, timeout, f"{len(ids)} tasks to finish")
+    return await task_rows(rt, ids)
+
+
+@pytest_asyncio.fixture
+async def other_receiver() -> AsyncIterator[Receiver]:
+    """A second loopback receiver: another target host."""
+    async with Receiver() as r:
+        yield r
+
+
+# -- per host ---------------------------------------------------------------------------------------------
+
+
+async def test_host_rate_and_burst_bound_every_one_second_window(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=10, burst=5)
+    await make_tasks(runtime, biz, receiver.url("/rate"), 45, "r")
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(45, "/rate", timeout=15)
+    times = arrivals(receiver, "/rate")
+    assert max_in_window(times) <= 10 + 5
+    assert times[4] - times[0] < 0.5, "the burst goes out at once"
+    # After the burst one request per token: 40 more at 10/s.
+    assert 40 / (times[-1] - times[4]) == pytest.approx(10, rel=0.1)
+
+
+async def test_hosts_without_a_policy_get_the_configured_defaults(db_url: str, receiver: Receiver) -> None:
+    rt = Runtime(make_settings(db_url, host_rate_per_second=5, host_burst=2))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
+        await make_tasks(rt, biz, receiver.url("/default"), 12, "d")
+        async with running(rt, concurrency=20):
+            await receiver.wait_for(12, "/default", timeout=15)
+    finally:
+        await rt.close()
+    times = arrivals(receiver, "/default")
+    assert max_in_window(times) <= 5 + 2
+    assert 10 / (times[-1] - times[1]) == pytest.approx(5, rel=0.15)
+
+
+async def test_host_in_flight_cap_holds_across_the_dispatcher(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    receiver.set_default(Reply(delay_s=0.3), "/slow")
+    await set_host_policy(runtime, host_of(receiver), max_in_flight=3)
+    ids = await make_tasks(runtime, biz, receiver.url("/slow"), 15, "s")
+    async with running(runtime, concurrency=20):
+        rows = await all_finished(runtime, ids, timeout=20)
+    assert receiver.max_in_flight == 3
+    assert {r["status"] for r in rows} == {"succeeded"}
+
+
+async def test_policy_change_reaches_a_running_dispatcher_within_seconds(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """No restart: the dispatcher re-reads host policies every 2 s."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, rate_per_second=1, burst=1)
+    async with running(runtime, concurrency=20):
+        await make_tasks(runtime, biz, receiver.url("/before"), 3, "b")
+        await receiver.wait_for(3, "/before", timeout=10)
+        slow = arrivals(receiver, "/before")
+        await set_host_policy(runtime, host, rate_per_second=100, burst=20)
+        await asyncio.sleep(2.5)  # one policy reload interval, and a little
+        created = time.monotonic()
+        await make_tasks(runtime, biz, receiver.url("/after"), 20, "a")
+        await receiver.wait_for(20, "/after", timeout=10)
+    assert min(b - a for a, b in zip(slow, slow[1:], strict=False)) > 0.8  # 1/s before the change
+    assert arrivals(receiver, "/after")[-1] - created < 1.0  # 20 at once after it
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a held task's next_attempt_at is computed from the policy in force when it was held "
+    "(position / rate, or the operator pause's end) and nothing pulls it forward when the policy is relaxed, "
+    "so a raised rate or a lifted pause reaches a waiting backlog only as fast as the old policy allowed",
+)
+async def test_raising_a_host_rate_releases_tasks_already_held_back(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, rate_per_second=0.2, burst=1)  # one every 5 s
+    async with running(runtime, concurrency=20):
+        await make_tasks(runtime, biz, receiver.url("/held"), 6, "h")
+        await receiver.wait_for(1, "/held", timeout=10)
+        await asyncio.sleep(0.5)  # the other five are held, due 5, 10, … 25 s from now
+        await set_host_policy(runtime, host, rate_per_second=100, burst=20)
+        await receiver.wait_for(6, "/held", timeout=5)
+
+
+async def test_held_back_tasks_are_deferred_and_never_charged_an_attempt(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=2, burst=1)
+    ids = await make_tasks(runtime, biz, receiver.url("/held"), 6, "h")
+    created = {r["uuid"]: r["next_attempt_at"] for r in await task_rows(runtime, ids)}
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(1, "/held", timeout=10)
+        await asyncio.sleep(0.2)
+        waiting = [r for r in await task_rows(runtime, ids) if r["status"] == "pending"]
+        assert len(waiting) >= 4
+        for row in waiting:
+            assert row["attempts"] == 0 and row["lease_owner"] is None
+            assert row["next_attempt_at"] > created[row["uuid"]]  # deferred: its due time moved
+        rows = await all_finished(runtime, ids, timeout=15)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 1)}
+    assert await attempt_count(runtime) == 6
+    assert sorted(r.headers["X-Task-Attempt"] for r in receiver.requests_for("/held")) == ["1"] * 6
+
+
+async def test_tasks_held_for_one_host_leave_the_dispatcher_free_for_others(
+    runtime: Runtime, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    """With 2 slots and 10 tasks to a paused host due first, another host's tasks still go at once."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), paused_until=utcnow() + timedelta(minutes=10))
+    paused = await make_tasks(runtime, biz, receiver.url("/paused"), 10, "p")
+    await asyncio.sleep(0.05)
+    free = await make_tasks(runtime, biz, other_receiver.url("/free"), 10, "f")
+    async with running(runtime, concurrency=2):
+        await all_finished(runtime, free, timeout=10)
+        await asyncio.sleep(0.3)
+    assert receiver.requests == []
+    rows = await task_rows(runtime, paused)
+    assert {(r["status"], r["attempts"], r["lease_owner"]) for r in rows} == {("pending", 0, None)}
+    assert min(r["next_attempt_at"] for r in rows) > utcnow() + timedelta(minutes=9)
+
+
+# -- circuit breaker ----------------------------------------------------------------------------------------
+
+
+async def test_breaker_opens_after_five_503s_probes_after_cooldown_and_closes(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """5 consecutive 503s open the circuit; the host's due tasks wait for the cool-down without spending
+    attempts; one probe goes; its success closes the circuit and the backlog drains at the host's rate."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, rate_per_second=5, burst=1, breaker_cooldown=1.5)
+    receiver.set_default(Reply(status=503), "/cb")
+    retry = {"strategy": "intervals", "intervals": [0.2, 0.2, 0.2]}
+    failing = await make_tasks(runtime, biz, receiver.url("/cb"), 5, "f", retry=retry)
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(5, "/cb", timeout=10)
+        fifth = time.monotonic()
+
+        async def circuit_open() -> bool:
+            row = await host_row(runtime, host)
+            return row is not None and row["breaker"] == "open"
+
+        await wait_until(circuit_open, 2, "the circuit to open")
+        receiver.set_default(Reply(status=200, delay_s=0.4), "/cb")
+        backlog = await make_tasks(runtime, biz, receiver.url("/cb"), 9, "b", retry=retry)
+        await asyncio.sleep(max(0.0, fifth + 1.0 - time.monotonic()))
+        # Inside the cool-down: nothing more was sent, nobody was charged for waiting.
+        assert len(receiver.requests_for("/cb")) == 5
+        during = await task_rows(runtime, failing + backlog)
+        assert (
+            sorted((r["status"], r["attempts"]) for r in during)
+            == [("pending", 0)] * 9 + [("retrying", 1)] * 5
+        )
+        rows = await all_finished(runtime, failing + backlog, timeout=20)
+    times = arrivals(receiver, "/cb")
+    assert len(times) == 5 + 5 + 9  # five failures, then every task exactly once more
+    assert times[5] - times[4] >= 1.4, "nothing is sent before the cool-down ends"
+    assert times[6] - times[5] >= 0.4, "half-open: the others wait for the probe's answer"
+    drain = times[6:]
+    assert max_in_window(drain) <= 5 + 1
+    assert len(drain) / (drain[-1] - drain[0] + 0.2) == pytest.approx(5, rel=0.2)
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert sorted(r["attempts"] for r in rows) == [1] * 9 + [2] * 5
+    final = await host_row(runtime, host)
+    assert final is not None and (final["breaker"], final["failures"]) == ("closed", 0)
+
+
+async def test_probe_failure_keeps_the_circuit_open_for_another_cooldown(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, breaker_failures=2, breaker_cooldown=1.0)
+    receiver.set_default(Reply(status=500), "/down")
+    retry = {"strategy": "intervals", "intervals": [0.1] * 6}
+    await make_tasks(runtime, biz, receiver.url("/down"), 2, "d", retry=retry)
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(4, "/down", timeout=10)  # 2 failures, probe, second probe
+        await asyncio.sleep(0.3)
+        row = await host_row(runtime, host)
+    times = arrivals(receiver, "/down")
+    assert times[1] - times[0] < 0.5
+    assert times[2] - times[1] >= 0.9 and times[3] - times[2] >= 0.9, "one probe per cool-down"
+    assert row is not None and row["breaker"] == "open"
+
+
+# -- Retry-After --------------------------------------------------------------------------------------------
+
+
+async def test_retry_after_on_429_pauses_the_whole_host(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    receiver.script("/limited", Reply(status=429, headers={"Retry-After": "2"}))
+    [first] = await make_tasks(runtime, biz, receiver.url("/limited"), 1, "l")
+    async with running(runtime, concurrency=20):
+        [hit] = await receiver.wait_for(1, "/limited", timeout=10)
+
+        async def paused() -> bool:
+            row = await host_row(runtime, host)
+            return row is not None and row["paused_until"] > time.time()
+
+        await wait_until(paused, 2, "the host pause to be recorded")
+        others = await make_tasks(runtime, biz, receiver.url("/other"), 5, "o")
+        await all_finished(runtime, [first, *others], timeout=10)
+    waited = [t - hit.arrived_monotonic for t in arrivals(receiver, "/other")]
+    assert len(waited) == 5
+    assert min(waited) >= 1.9, "every task to the host waits out the pause"
+    assert max(waited) < 3.5
+    retried = arrivals(receiver, "/limited")[1] - hit.arrived_monotonic
+    assert retried >= 1.9
+    [row] = await task_rows(runtime, [first])
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+
+
+# -- per business -------------------------------------------------------------------------------------------
+
+
+async def test_business_rate_limit_per_minute(runtime: Runtime, receiver: Receiver) -> None:
+    """120 per minute: 2/s with a one-second burst of 2."""
+    biz = await runtime.service.ensure_business("slow", rate_limit_per_minute=120)
+    await make_tasks(runtime, biz, receiver.url("/biz"), 10, "b")
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(10, "/biz", timeout=15)
+    times = arrivals(receiver, "/biz")
+    assert max_in_window(times) <= 2 + 2
+    assert 8 / (times[-1] - times[1]) == pytest.approx(2, rel=0.15)
+
+
+async def test_default_business_limit_is_1000_per_minute(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("plain")
+    assert biz.rate_limit_per_minute == 1000
+    await make_tasks(runtime, biz, receiver.url("/plain"), 60, "p")
+    async with running(runtime, concurrency=50):
+        await receiver.wait_for(60, "/plain", timeout=15)
+    times = arrivals(receiver, "/plain")
+    rate = 1000 / 60
+    assert max_in_window(times) <= rate + 17
+    assert (60 - 17) / (times[-1] - times[16]) == pytest.approx(rate, rel=0.15)
+
+
+async def test_business_max_in_flight(runtime: Runtime, receiver: Receiver) -> None:
+    biz = await runtime.service.ensure_business("capped", rate_limit_per_minute=FAST, max_in_flight=3)
+    other = await runtime.service.ensure_business("free", rate_limit_per_minute=FAST)
+    receiver.set_default(Reply(delay_s=0.3))
+    capped = await make_tasks(runtime, biz, receiver.url("/capped"), 12, "c")
+    free = await make_tasks(runtime, other, receiver.url("/free"), 8, "f")
+    async with running(runtime, concurrency=20):
+        await receiver.wait_for(8, "/free", timeout=10)  # the other business is not held
+        first_wave = len(receiver.requests_for("/capped"))
+        await all_finished(runtime, capped + free, timeout=20)
+    assert first_wave == 3
+    starts = arrivals(receiver, "/capped")
+    assert max_in_window(starts, width=0.25) <= 3
+
+
+# -- fairness -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registered", ["before_start", "while_running"])
+async def test_one_business_backlog_does_not_delay_another_business(
+    db_url: str, receiver: Receiver, registered: str
+) -> None:
+    """A has 3,000 tasks due; B's 10 tasks, created later, all arrive before a third of A's backlog is done."""
+    rt = Runtime(make_settings(db_url, claim_batch=20))
+    await rt.start()
+    try:
+        a = await rt.service.ensure_business("bulk", rate_limit_per_minute=FAST)
+        b = None
+        if registered == "before_start":
+            b = await rt.service.ensure_business("urgent", rate_limit_per_minute=FAST)
+        await make_tasks(rt, a, receiver.url("/a"), 3000, "a")
+        async with running(rt, concurrency=20):
+            await receiver.wait_for(50, "/a", timeout=20)
+            if b is None:
+                b = await rt.service.ensure_business("urgent", rate_limit_per_minute=FAST)
+            a_before = len(receiver.requests_for("/a"))
+            await make_tasks(rt, b, receiver.url("/b"), 10, "b")
+            await receiver.wait_for(10, "/b", timeout=20)
+            a_during = len(receiver.requests_for("/a")) - a_before
+    finally:
+        await rt.close()
+    assert a_before + a_during < 1000
+    # Not behind the backlog: at most a few claim batches of A went out meanwhile.
+    assert a_during <= 5 * 20, a_during
