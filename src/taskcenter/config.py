@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
             return _FileSettings(**overrides)
         return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(f"the configuration file is not valid TOML: {exc}", field="config") from exc
     except PydanticValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"

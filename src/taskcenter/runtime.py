@@ -147,8 +147,8 @@ class Runtime:
         self.box = SecretBox.from_setting(
             settings.secret_key.get_secret_value() if settings.secret_key else None
         )
-        self.processors = processors or ProcessorRegistry()
-        self.events = events or EventBus()
+        self.processors = processors if processors is not None else ProcessorRegistry()
+        self.events = events if events is not None else EventBus()
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.clock = clock

@@ -94,7 +94,7 @@ class Database:
         try:
             async with self.write_engine.begin() as conn:
                 yield conn
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(f"database error: {_short(exc)}") from exc
 
     @contextlib.asynccontextmanager
@@ -103,7 +103,7 @@ class Database:
         try:
             async with self.read_engine.connect() as conn:
                 yield conn
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(f"database error: {_short(exc)}") from exc
 
     async def ping(self) -> None:
@@ -136,8 +136,11 @@ class Database:
         def _current(sync_conn: sa.Connection) -> str | None:
             return MigrationContext.configure(sync_conn).get_current_revision()
 
-        async with self.write_engine.connect() as conn:
-            return await conn.run_sync(_current)
+        try:
+            async with self.read_engine.connect() as conn:
+                return await conn.run_sync(_current)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(f"cannot read the schema version: {_short(exc)}") from exc
 
     async def migrate(self, revision: str = "head") -> tuple[str | None, str | None]:
         """Bring the schema to ``revision``; returns (before, after)."""
@@ -153,7 +156,7 @@ class Database:
         try:
             async with self.write_engine.begin() as conn:
                 await conn.run_sync(_upgrade)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             raise StorageError(f"migration failed: {_short(exc)}") from exc
         return before, await self.current_revision()
 
