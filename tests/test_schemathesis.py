@@ -62,7 +62,7 @@ def fuzz_db(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                 task = await api.create(key, f"seed-{n}")
                 if n:
                     await api.client.delete(f"/tasks/{task['id']}", headers=key)
-            return {"url": url, "business": key, "cases": 0}
+            return {"url": url, "business": key, "cases": 0, "successes": 0}
 
     yield asyncio.run(seed())
 
@@ -89,19 +89,18 @@ def test_no_server_error_and_no_response_off_the_schema(
     case: schemathesis.Case, fuzz_db: dict[str, Any]
 ) -> None:
     operator = (case.method.upper(), case.path) in OPERATOR_OPERATIONS
-    headers = dict(OPERATOR if operator else fuzz_db["business"])
-    if case.headers and "Authorization" in case.headers:
-        headers.pop("Authorization")  # a generated header is a case of its own
-    response = case.call_and_validate(headers=headers, checks=CHECKS)
+    # Valid credentials always: missing and wrong ones are covered by test_api_errors, and they would stop
+    # every generated case at the 401 before it reached the code under test.
+    response = case.call_and_validate(headers=OPERATOR if operator else fuzz_db["business"], checks=CHECKS)
     fuzz_db["cases"] += 1
-    key = f"{case.method.upper()} {case.path} {response.status_code}"
-    fuzz_db.setdefault("seen", {})[key] = fuzz_db.setdefault("seen", {}).get(key, 0) + 1
+    if 200 <= response.status_code < 300:
+        fuzz_db["successes"] += 1
 
 
-def test_at_least_1000_cases_ran(fuzz_db: dict[str, Any]) -> None:
+def test_at_least_1000_cases_ran_and_many_got_past_validation(fuzz_db: dict[str, Any]) -> None:
     """Runs after the generated tests (file order): the suite above really exercised the API."""
-    print(fuzz_db["cases"]); import pprint; pprint.pprint(fuzz_db["seen"])
     assert fuzz_db["cases"] >= MIN_CASES, fuzz_db["cases"]
+    assert fuzz_db["successes"] >= fuzz_db["cases"] // 10, fuzz_db
 
 
 def test_the_document_examples_are_accepted(fuzz_db: dict[str, Any]) -> None:

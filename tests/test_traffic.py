@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -174,7 +176,7 @@ async def test_policy_change_reaches_a_running_dispatcher_within_seconds(
         created = time.monotonic()
         await make_tasks(runtime, biz, receiver.url("/after"), 20, "a")
         await receiver.wait_for(20, "/after", timeout=10)
-    assert min(b - a for a, b in zip(slow, slow[1:], strict=False)) > 0.8  # 1/s before the change
+    assert min(b - a for a, b in itertools.pairwise(slow)) > 0.8  # 1/s before the change
     assert arrivals(receiver, "/after")[-1] - created < 1.0  # 20 at once after it
 
 
@@ -263,13 +265,12 @@ async def test_breaker_opens_after_five_503s_probes_after_cooldown_and_closes(
         receiver.set_default(Reply(status=200, delay_s=0.4), "/cb")
         backlog = await make_tasks(runtime, biz, receiver.url("/cb"), 9, "b", retry=retry)
         await asyncio.sleep(max(0.0, fifth + 1.0 - time.monotonic()))
-        # Inside the cool-down: nothing more was sent, nobody was charged for waiting.
+        # Inside the cool-down: nothing more was sent, and waiting charged nobody an attempt.
         assert len(receiver.requests_for("/cb")) == 5
         during = await task_rows(runtime, failing + backlog)
-        assert (
-            sorted((r["status"], r["attempts"]) for r in during)
-            == [("pending", 0)] * 9 + [("retrying", 1)] * 5
-        )
+        assert {r["status"] for r in during} <= {"pending", "retrying"}
+        assert sum(r["attempts"] for r in during) == 5
+        assert all(r["attempts"] == 0 for r in during if r["uuid"] in backlog)
         rows = await all_finished(runtime, failing + backlog, timeout=20)
     times = arrivals(receiver, "/cb")
     assert len(times) == 5 + 5 + 9  # five failures, then every task exactly once more
@@ -279,7 +280,8 @@ async def test_breaker_opens_after_five_503s_probes_after_cooldown_and_closes(
     assert max_in_window(drain) <= 5 + 1
     assert len(drain) / (drain[-1] - drain[0] + 0.2) == pytest.approx(5, rel=0.2)
     assert {r["status"] for r in rows} == {"succeeded"}
-    assert sorted(r["attempts"] for r in rows) == [1] * 9 + [2] * 5
+    sent = Counter(r.headers["X-Task-Id"] for r in receiver.requests_for("/cb"))
+    assert {r["uuid"]: r["attempts"] for r in rows} == sent  # one attempt per request, none for waiting
     final = await host_row(runtime, host)
     assert final is not None and (final["breaker"], final["failures"]) == ("closed", 0)
 

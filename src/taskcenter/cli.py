@@ -407,6 +407,88 @@ def task_retry(
     )
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration_s(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``45s`` or plain seconds."""
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            return float(text[:-1]) * _UNITS[text[-1]]
+        return float(text)
+    except ValueError:
+        raise _fail(f"{text!r} is not a duration like 90d, 12h, 30m or 45s", 2) from None
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+
+
+@app.command("retry")
+def retry_bulk(
+    status: Annotated[str, typer.Option(help="failed, cancelled, or both comma-separated.")] = "failed",
+    host: Annotated[str | None, typer.Option(help="Only tasks to this host:port.")] = None,
+    business: Annotated[
+        str | None, typer.Option("--business", "-b", help="Only this business system.")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Only tasks created in the last 12h, 7d, …")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Retry many failed (or cancelled) tasks at once, each with a renewed attempt budget."""
+    statuses = [s.strip() for s in status.split(",") if s.strip()]
+    after = None
+    if since is not None:
+        from datetime import UTC, timedelta
+
+        after = datetime.now(UTC) - timedelta(seconds=_duration_s(since))
+
+    async def work(rt: Runtime) -> tuple[int, int]:
+        biz = await rt.service.business(business) if business else None
+        with _progress() as bar:
+            job = bar.add_task("retrying", total=None)
+
+            def step(retried: int, skipped: int) -> None:
+                bar.update(job, completed=retried + skipped)
+
+            return await rt.service.retry_matching(
+                status=statuses, business=biz, host=host, since=after, progress=step
+            )
+
+    retried, skipped = _run(_with_runtime(_settings(config), work))
+    out.print(
+        f"retried {retried} tasks" + (f", skipped {skipped} (changed or live again)" if skipped else "")
+    )
+
+
+@app.command()
+def purge(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of finished tasks to delete: 90d, 12h, …")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete finished tasks (and their attempts) that finished longer ago than --older-than."""
+    age = _duration_s(older_than)
+
+    async def work(rt: Runtime) -> int:
+        total = await rt.service.count_purgeable(older_than_s=age)
+        if total == 0:
+            return 0
+        if not yes and not typer.confirm(f"delete {total} finished tasks?", err=True):
+            raise typer.Exit(1)
+        with _progress() as bar:
+            job = bar.add_task("purging", total=total)
+            return await rt.service.purge(older_than_s=age, progress=lambda n: bar.advance(job, n))
+
+    out.print(f"purged {_run(_with_runtime(_settings(config), work))} finished tasks")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None) -> None:
     """Print the effective settings, secrets masked."""

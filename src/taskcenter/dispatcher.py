@@ -69,6 +69,9 @@ class Dispatcher:
     """Rate limits, in-flight caps, breakers and pauses; ``None`` sends everything due."""
     businesses: Callable[[], list[int]] = list
     """The known business pks, for the fair (round-robin) claim."""
+    purge: Callable[[], Awaitable[int]] | None = None
+    """Deletes finished tasks past retention; run every ``purge_interval_s`` by the housekeeping loop."""
+    purge_interval_s: float = 300.0
     notify: Callable[[Sequence[tuple[Mapping[Any, Any], str]]], Awaitable[int]] | None = None
     """Queues ``notify.url`` webhooks for tasks that reached a final state."""
 
@@ -104,6 +107,7 @@ class Dispatcher:
             asyncio.create_task(self._write_loop(), name="tc-writer"),
             asyncio.create_task(self._rescue_loop(), name="tc-rescue"),
             asyncio.create_task(self._heartbeat_loop(), name="tc-heartbeat"),
+            asyncio.create_task(self._purge_loop(), name="tc-purge"),
         ]
         if self.db.is_postgres:
             helpers.append(asyncio.create_task(self._listen_loop(), name="tc-listen"))
@@ -472,6 +476,17 @@ class Dispatcher:
             if rescued:
                 log.warning("rescued %d tasks whose lease expired", len(rescued))
                 self.wake()
+
+    async def _purge_loop(self) -> None:
+        while self.purge is not None:
+            await asyncio.sleep(self.purge_interval_s)
+            try:
+                purged = await self.purge()
+            except TaskCenterError as exc:
+                log.warning("retention purge failed: %s", exc)
+                continue
+            if purged:
+                log.info("purged %d finished tasks past retention", purged)
 
     async def _heartbeat_loop(self) -> None:
         while True:

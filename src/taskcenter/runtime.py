@@ -198,7 +198,11 @@ class Runtime:
             traffic=TrafficControl(self.policies.host_limits, self.policies.business_limits),
             businesses=self.policies.business_pks,
             notify=self.service.enqueue_notifications,
+            purge=self._purge,
         )
+
+    async def _purge(self) -> int:
+        return await self.service.purge(older_than_s=self.settings.retention_days * 86400.0)
 
     async def run_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Run a dispatcher with its sender and the policy refresher until it is stopped."""

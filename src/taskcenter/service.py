@@ -7,7 +7,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -497,6 +497,57 @@ class TaskService:
             task = self._task(await self._row(conn, business, row["id"]))
         self.notifier.wake()
         return task
+
+
+    # -- bulk work (CLI) -------------------------------------------------------------------------------
+
+    async def purge(
+        self, *, older_than_s: float, batch: int = 1000, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete finished tasks (and their attempts) that finished more than ``older_than_s`` ago, in batches."""
+        before = self.clock() - timedelta(seconds=older_than_s)
+        total = 0
+        while True:
+            async with self.db.write() as conn:
+                n = await task_sql.purge_finished(conn, before=before, limit=batch)
+            total += n
+            if progress is not None:
+                progress(n)
+            if n < batch:
+                return total
+
+    async def count_purgeable(self, *, older_than_s: float) -> int:
+        async with self.db.read() as conn:
+            return await task_sql.count_finished(conn, before=self.clock() - timedelta(seconds=older_than_s))
+
+    async def retry_matching(
+        self,
+        *,
+        status: Sequence[str],
+        business: Business | None = None,
+        host: str | None = None,
+        since: datetime | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[int, int]:
+        """Manually retry every task matching the filters (failed or cancelled). Returns (retried, skipped)."""
+        if not set(status) <= RETRYABLE_BY_HAND:
+            raise ValidationError("only failed or cancelled tasks can be retried", field="status")
+        retried = skipped = 0
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.list_tasks(
+                business, status=status, host=host, created_after=since, cursor=cursor, limit=500
+            )
+            for task in page:
+                try:
+                    await self.retry(None, task.row_id)
+                    retried += 1
+                except Conflict:  # e.g. its business_id is live again, or it changed meanwhile
+                    skipped += 1
+                if progress is not None:
+                    progress(retried, skipped)
+            if cursor is None:
+                return retried, skipped
 
 
 def _canonical_uuid(text: str) -> str:

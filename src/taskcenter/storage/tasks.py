@@ -174,3 +174,30 @@ async def change(
         sa.update(tasks).where(tasks.c.id == task_id, tasks.c.status.in_(list(expected))).values(**values)
     )
     return bool(result.rowcount)
+
+
+_FINISHED = sa.text("status IN ('succeeded', 'failed', 'cancelled')")
+
+
+async def purge_finished(conn: AsyncConnection, *, before: datetime, limit: int = 1000) -> int:
+    """Delete up to ``limit`` finished tasks that finished before ``before`` (their attempts go with them)."""
+    victims = (
+        sa.select(tasks.c.id)
+        .where(_FINISHED, tasks.c.finished_at < before)
+        .order_by(tasks.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = await conn.execute(sa.delete(tasks).where(tasks.c.id.in_(victims)))
+    return int(result.rowcount or 0)
+
+
+async def count_finished(conn: AsyncConnection, *, before: datetime) -> int:
+    return int(
+        (
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(tasks).where(_FINISHED, tasks.c.finished_at < before)
+            )
+        ).scalar_one()
+    )

@@ -1,0 +1,71 @@
+"""Bulk CLI work: ``taskcenter retry`` (many failed tasks at once) and ``taskcenter purge`` (retention)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from taskcenter import TaskCenter
+from taskcenter.cli import app
+from taskcenter.storage.schema import tasks
+
+runner = CliRunner()
+
+
+def _env(db: Path) -> dict[str, str]:
+    return {"TASKCENTER_DATABASE_URL": f"sqlite:///{db}", "TASKCENTER_LOG_FORMAT": "console"}
+
+
+def _seed(db: Path) -> TaskCenter:
+    tc = TaskCenter(f"sqlite:///{db}", business="shop")
+    for i in range(12):
+        task = tc.create_task("POST", "https://hooks.example.com/x", business_id=f"k{i}", delay=3600)
+        tc.cancel(task.id)
+    tc.create_task("POST", "https://hooks.example.com/x", business_id="live", delay=3600)
+    return tc
+
+
+def test_bulk_retry_requeues_every_matching_task_with_a_renewed_budget(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    tc = _seed(db)
+    result = runner.invoke(app, ["retry", "--status", "cancelled", "--business", "shop"], env=_env(db))
+    assert result.exit_code == 0, result.output
+    assert "retried 12 tasks" in result.stdout
+    page, _ = tc.list_tasks(status=["pending"], limit=100)
+    assert len(page) == 13
+    tc.close()
+
+
+def test_bulk_retry_refuses_statuses_that_cannot_be_retried(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    result = runner.invoke(app, ["retry", "--status", "pending"], env=_env(db))
+    assert result.exit_code == 1
+    assert "only failed or cancelled" in result.stderr
+
+
+def test_purge_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    engine = sa.create_engine(f"sqlite:///{db}")
+    old = datetime.now(UTC) - timedelta(days=100)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(tasks).where(tasks.c.business_id.in_(["k0", "k1", "k2"])).values(finished_at=old)
+        )
+    result = runner.invoke(app, ["purge", "--older-than", "90d", "--yes"], env=_env(db))
+    assert result.exit_code == 0, result.output
+    assert "purged 3 finished tasks" in result.stdout
+    with engine.connect() as conn:
+        left = {r.business_id for r in conn.execute(sa.select(tasks.c.business_id))}
+    engine.dispose()
+    assert left == {f"k{i}" for i in range(3, 12)} | {"live"}
+
+
+def test_purge_rejects_a_duration_it_cannot_read(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["purge", "--older-than", "3x"], env=_env(tmp_path / "t.db"))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
