@@ -223,7 +223,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             return _FileSettings(**overrides)
         return Settings(**overrides)
     except tomllib.TOMLDecodeError as exc:
-        raise ValidationError(f"the configuration file is not valid TOML: {exc}", field="config") from exc
+        name = config_file or "taskcenter.toml"
+        raise ValidationError(f"config file {name} is not valid TOML: {exc}", field="config") from exc
     except PydanticValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"
