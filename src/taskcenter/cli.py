@@ -173,7 +173,7 @@ async def _serve(settings: Settings, *, with_worker: bool) -> None:
     from taskcenter.api import create_app
 
     async def work(rt: Runtime) -> None:
-        server = _Server(create_app(rt), settings)
+        server = _Server(create_app(rt, dispatcher_running=with_worker), settings)
         dispatcher = rt.dispatcher() if with_worker else None
 
         def stop() -> None:
