@@ -213,3 +213,11 @@ async def test_problem_responses_are_declared_in_the_openapi_document(api: Api) 
         assert "application/problem+json" in create["responses"][code]["content"], code
     assert spec["components"]["schemas"]["TaskCreate"]["examples"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+async def test_a_bad_url_is_explained_without_internals(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.post(
+        "/tasks", json=task_body("a", url="ftp://files.example.com/x"), headers=key
+    )
+    assert response.json()["detail"] == "url: must be an absolute http or https URL"

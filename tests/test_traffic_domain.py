@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -42,11 +43,11 @@ bursts = st.integers(min_value=1, max_value=50)
 
 
 def admit_one_host(
-    count: int, state: State, limits: Limits, now: float, busy: int = 0
+    count: int, state: State, limits: Limits, now: float, busy: int = 0, promised: str | None = None
 ) -> tuple[dict[int, Verdict], State]:
     """Admit ``count`` candidates of host ``h`` (one business, no business limit)."""
     verdicts, hosts, _ = admit(
-        [Candidate(i, "h:80", 1) for i in range(count)],
+        [Candidate(i, "h:80", 1, promised) for i in range(count)],
         hosts={"h:80": (state, limits, busy)},
         businesses={1: (FRESH, OPEN_BUSINESS, 0)},
         now=now,
@@ -175,13 +176,96 @@ def test_held_tasks_come_back_in_the_future_spread_at_the_rate(
     assert all(math.isfinite(t) and t > now for t in held)
     # The n-th held task is due when the n-th token will have been earned: a backlog returns at the rate.
     for n, due in enumerate(held, start=1):
-        assert due == pytest.approx(now + (n - state.tokens) / rate)
+        assert due - now == pytest.approx(n / rate, abs=1e-3)
+    assert state.booked_until == pytest.approx(held[-1], abs=1e-3)
     assert {v.reason for v in verdicts.values()} == {"host_rate"}
+
+
+@given(
+    rate=rates,
+    burst=bursts,
+    batches=st.lists(st.integers(min_value=1, max_value=30), min_size=2, max_size=8),
+    gap=st.floats(min_value=0.0, max_value=0.05),
+)
+def test_held_tasks_of_successive_batches_are_promised_successive_tokens(
+    rate: float, burst: int, batches: list[int], gap: float
+) -> None:
+    """Batch after batch, no token is promised twice: the backlog is spread once, not re-queued for the same
+    next few tokens by every claim."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    state, now = FRESH, 1000.0
+    due: list[float] = []
+    for count in batches:
+        verdicts, state = admit_one_host(count, state, limits, now)
+        due += [v.defer_until for v in verdicts.values() if v.defer_until is not None]
+        now += gap
+    due.sort()
+    assert all(b - a >= 1 / rate - 1e-6 for a, b in itertools.pairwise(due))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=rates, burst=bursts, count=st.integers(min_value=1, max_value=120))
+def test_a_held_task_that_comes_back_when_due_finds_its_token(rate: float, burst: int, count: int) -> None:
+    """Held tasks returning at their due times, in order, are each let through: none is held twice."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    verdicts, state = admit_one_host(count, FRESH, limits, now=1000.0)
+    returning = sorted((v.defer_until, n) for n, v in verdicts.items() if v.defer_until is not None)
+    assert admitted(verdicts) + len(returning) == count
+    for due, _task in returning:
+        again, state = admit_one_host(1, state, limits, now=due, promised="host")
+        assert admitted(again) == 1, f"held again at {due}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(min_value=0.5, max_value=200.0),
+    count=st.integers(min_value=2, max_value=60),
+    lateness=st.lists(st.floats(min_value=0.0, max_value=0.5), min_size=60, max_size=60),
+)
+def test_a_promised_task_whose_token_is_late_waits_only_for_that_token(
+    rate: float, count: int, lateness: list[float]
+) -> None:
+    """With a bucket of one, every late send delays the next token: the promised task waits the difference,
+    never the whole backlog again (which would send it round the claim loop, and to the back)."""
+    limits = Limits(rate_per_second=rate, burst=1)
+    verdicts, state = admit_one_host(count, FRESH, limits, now=1000.0)
+    horizon = state.booked_until
+    for (due, _task), late in zip(
+        sorted((v.defer_until, n) for n, v in verdicts.items() if v.defer_until is not None),
+        lateness,
+        strict=False,
+    ):
+        now = due + late / rate  # the dispatcher got to it a fraction of a token late
+        again, state = admit_one_host(1, state, limits, now=now, promised="host")
+        while admitted(again) == 0:
+            [wait] = again.values()
+            assert wait.defer_until is not None and wait.defer_until - now <= 1 / rate + 1e-3
+            now = wait.defer_until
+            again, state = admit_one_host(1, state, limits, now=now, promised="host")
+        assert state.booked_until == horizon  # nobody was booked anew
+
+
+def test_a_lapsed_promise_is_forgotten() -> None:
+    limits = Limits(rate_per_second=10.0, burst=1)
+    stale = State(tokens=0.0, refilled_at=1000.0, booked_until=900.0)
+    verdicts, state = admit_one_host(1, stale, limits, now=1000.0)
+    [held] = verdicts.values()
+    assert held.defer_until == pytest.approx(1000.1, abs=1e-3)
+    assert state.booked_until == pytest.approx(1000.1, abs=1e-6)
 
 
 def test_no_rate_means_no_bucket() -> None:
     verdicts, _ = admit_one_host(500, FRESH, Limits(), now=1000.0)
     assert admitted(verdicts) == 500
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0])
+def test_a_rate_of_zero_or_less_means_no_rate_limit(rate: float) -> None:
+    """As for the host_rate_per_second setting; it never stalls a host or divides by zero."""
+    limits = Limits(rate_per_second=rate, burst=1)
+    assert limits.rate_per_second is None
+    verdicts, _ = admit_one_host(50, FRESH, limits, now=1000.0)
+    assert admitted(verdicts) == 50
 
 
 def test_business_bucket_holds_tasks_the_host_would_let_through() -> None:

@@ -20,6 +20,8 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskcenter._version import __version__
+from taskcenter.audit import AuditLog
+from taskcenter.cli_admin import _actor, audit_app, business_app, operator_app
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
@@ -38,6 +40,9 @@ task_app = typer.Typer(help="Create, inspect, cancel and retry tasks.", no_args_
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 app.add_typer(config_app, name="config")
+app.add_typer(business_app, name="business")
+app.add_typer(operator_app, name="operator")
+app.add_typer(audit_app, name="audit")
 # soft_wrap: a long line stays one line (errors must be one line; long URLs stay greppable).
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -390,9 +395,23 @@ def task_list(
 def task_cancel(
     task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")], config: ConfigOpt = None
 ) -> None:
-    """Cancel a task that has not finished."""
-    task = _run(_with_runtime(_settings(config), lambda rt: rt.service.cancel(None, task_id)))
+    """Cancel a task that has not finished (written to the audit log)."""
+    task = _run(
+        _with_runtime(
+            _settings(config), lambda rt: _audited(rt, "task.cancel", rt.service.cancel(None, task_id))
+        )
+    )
     out.print(f"task {task.id} is {task.status}", highlight=False)
+
+
+async def _audited(rt: Runtime, action: str, change: Coroutine[Any, Any, Task]) -> Task:
+    """Apply a task change made from the command line and record it in the audit log as ``cli:<user>``."""
+    task = await change
+    business = await rt.service.business(task.business_code)
+    await AuditLog(rt.db, clock=rt.clock).record(
+        _actor(), action, "task", task.id, business_pk=business.pk, details={"business_id": task.business_id}
+    )
+    return task
 
 
 @task_app.command("retry")
@@ -400,7 +419,11 @@ def task_retry(
     task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")], config: ConfigOpt = None
 ) -> None:
     """Send a failed or cancelled task again, with a renewed attempt budget (was http-request-task:retry)."""
-    task = _run(_with_runtime(_settings(config), lambda rt: rt.service.retry(None, task_id)))
+    task = _run(
+        _with_runtime(
+            _settings(config), lambda rt: _audited(rt, "task.retry", rt.service.retry(None, task_id))
+        )
+    )
     out.print(
         f"task {task.id} is {task.status} again ({task.max_attempts - task.attempts} attempts)",
         highlight=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ PREFIX_LENGTH = 12
 AUTH_CACHE_TTL_S = 5.0
 AUTH_CACHE_SIZE = 10_000
 LAST_USED_EVERY_S = 60.0
+_CODE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,8 @@ class Authenticator:
         """
         if not token:
             raise Unauthenticated("send Authorization: Bearer <API key or JWT>")
+        if len(token) > 4096 or not token.isascii() or not token.isprintable() or " " in token:
+            raise Unauthenticated("invalid credentials")  # and never let such text reach a query
         hashed = digest(token)
         now = time.monotonic()
         cached = self._cache.get(hashed)
@@ -144,10 +148,10 @@ class Authenticator:
             subject = jwt.decode(token, options={"verify_signature": False}).get("sub")
         except jwt.PyJWTError as exc:
             raise Unauthenticated("invalid credentials: not an API key or a valid JWT") from exc
-        if header.get("alg") != "HS256" or not isinstance(subject, str) or not subject:
+        if header.get("alg") != "HS256" or not isinstance(subject, str) or not _CODE.match(subject):
             raise Unauthenticated("a JWT must be HS256-signed and name the business code in sub")
         async with self.db.read() as conn:
-            stmt = sa.select(businesses).where(businesses.c.code == subject[:64])
+            stmt = sa.select(businesses).where(businesses.c.code == subject)
             row = (await conn.execute(stmt)).mappings().first()
         if row is None or not row["jwt_secret"]:
             raise Unauthenticated("invalid JWT")

@@ -35,7 +35,7 @@ class ApiContext:
     dispatcher_running: bool
 
 
-def context(request: Request) -> ApiContext:
+async def context(request: Request) -> ApiContext:
     """The application's :class:`ApiContext`."""
     ctx: ApiContext = request.app.state.ctx
     return ctx

@@ -138,7 +138,11 @@ def _validation_problem(errors: list[Any]) -> Response:
         )
     if first.get("type") == "missing" and field is None:
         return problem(422, "validation", "a JSON body is required", field="body")
-    detail = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    message = str(first.get("msg"))
+    if first.get("type") == "string_pattern_mismatch":  # pydantic would quote the regular expression
+        url = field is not None and field.endswith("url")
+        message = "must be an absolute http or https URL" if url else "does not have the expected format"
+    detail = f"{field}: {message}" if field else message
     return problem(422, "validation", detail, field=field or "body")
 
 

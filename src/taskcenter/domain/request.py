@@ -80,6 +80,8 @@ def validate_url(url: Any, field: str = "url") -> str:
         )
     if not parts.hostname:
         raise ValidationError(f"{field} has no host", field=field)
+    if len(parts.hostname) > 253:
+        raise ValidationError(f"{field} has a host name longer than 253 characters", field=field)
     if port == 0:
         raise ValidationError(f"{field} has port 0", field=field)
     if parts.username or parts.password:
@@ -136,9 +138,9 @@ def encode_body(
     if len(given) > 1:
         raise ValidationError(f"give only one of json, form, body (got {', '.join(given)})", field=given[1])
     if content_type is not None and (
-        not isinstance(content_type, str) or any(c in content_type for c in "\r\n")
+        not isinstance(content_type, str) or len(content_type) > 255 or any(c in content_type for c in "\r\n")
     ):
-        raise ValidationError("content_type must be a string", field="content_type")
+        raise ValidationError("content_type must be a string of at most 255 characters", field="content_type")
     if has_json or json_body is not None:
         try:
             text = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

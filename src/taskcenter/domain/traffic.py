@@ -16,11 +16,16 @@ HOST_FAILURES = frozenset({"server_error", "timeout", "network_error"})
 NOT_EVIDENCE = frozenset({"blocked", "interrupted"})
 #: Most recent outcomes a breaker's failure-ratio window holds (the stored window is a string of this length).
 MAX_BREAKER_WINDOW = 100
+#: A held task is due this long after its token: it then finds a whole token, not 0.99999 of one.
+_SLOT_SLACK_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one host (from its policy, else the defaults) or one business. ``None`` means unlimited."""
+    """Limits of one host (from its policy, else the defaults) or one business. ``None`` means unlimited.
+
+    A rate of 0 or less means no rate limit, as in the ``host_rate_per_second`` setting.
+    """
 
     rate_per_second: float | None = None
     burst: int | None = None
@@ -32,6 +37,10 @@ class Limits:
     paused_until: float = 0.0
     """An operator's pause of the host (epoch seconds), on top of any ``Retry-After`` pause in the state."""
 
+    def __post_init__(self) -> None:
+        if self.rate_per_second is not None and not self.rate_per_second > 0:
+            object.__setattr__(self, "rate_per_second", None)
+
     @property
     def capacity(self) -> float:
         if self.rate_per_second is None:
@@ -42,7 +51,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class State:
-    """The shared state of one host or business, as stored. Times are epoch seconds."""
+    """The shared state of one host or business, as stored (but ``booked_until``). Times are epoch seconds."""
 
     tokens: float
     refilled_at: float
@@ -52,6 +61,8 @@ class State:
     open_until: float = 0.0
     probe_until: float = 0.0  # a half-open probe is in flight until then
     paused_until: float = 0.0
+    booked_until: float = 0.0
+    """The last token already promised to a held task. Each dispatcher keeps its own, in memory."""
 
 
 def refill(state: State, limits: Limits, now: float) -> State:
@@ -74,6 +85,20 @@ def next_token_at(state: State, limits: Limits, now: float, position: int) -> fl
     return now + max(0.0, missing) / rate
 
 
+def book(state: State, limits: Limits, now: float) -> State:
+    """Promise a held task the first token nobody was promised yet: it is due at ``booked_until``.
+
+    Tokens are promised one after the other, across claimed batches, so a backlog of N held tasks comes back
+    one token apart over N / rate seconds instead of every batch queueing for the same next few tokens (which
+    sends the whole backlog round the claim loop again and again). A promise in the past has lapsed.
+    """
+    rate = limits.rate_per_second
+    if rate is None:
+        return state
+    slot = max(next_token_at(state, limits, now, 1), state.booked_until + 1.0 / rate)
+    return replace(state, booked_until=slot)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """For one task: go now (``defer_until is None``), or wait until then. ``reason`` names what held it."""
@@ -89,6 +114,10 @@ class Candidate:
     task_id: int
     host: str
     business: int
+    promised: str | None = None
+    """``"host"`` or ``"business"``: this dispatcher held the task earlier and promised it a token of that
+    bucket. If the token is not quite there yet (the previous one went out late) it waits for it, keeping its
+    place, instead of queueing behind every promise made since."""
 
 
 def admit(
@@ -102,15 +131,13 @@ def admit(
 
     A task goes only if its host is not paused, its breaker lets it through, and both its host and its business
     have a token and an in-flight slot. Held tasks get the earliest time worth looking again, spread out by the
-    rate so a backlog comes back at the pace it can be sent, not all at once.
+    rate so a backlog comes back at the pace it can be sent, not all at once (see :func:`book`).
     """
     host_state = {h: refill(s, lim, now) for h, (s, lim, _n) in hosts.items()}
     biz_state = {b: refill(s, lim, now) for b, (s, lim, _n) in businesses.items()}
     host_busy = {h: n for h, (_s, _l, n) in hosts.items()}
     biz_busy = {b: n for b, (_s, _l, n) in businesses.items()}
     gated_hosts = {h for h in hosts if not h.startswith("processor:")}
-    waiting_host: dict[str, int] = {}
-    waiting_biz: dict[int, int] = {}
     verdicts: dict[int, Verdict] = {}
     for c in candidates:
         hs, hl = host_state[c.host], hosts[c.host][1]
@@ -126,14 +153,20 @@ def admit(
             verdicts[c.task_id] = Verdict(now + 0.05, "business_in_flight")
             continue
         if hl.rate_per_second is not None and hs.tokens < 1:
-            waiting_host[c.host] = waiting_host.get(c.host, 0) + 1
-            verdicts[c.task_id] = Verdict(next_token_at(hs, hl, now, waiting_host[c.host]), "host_rate")
+            if c.promised == "host":
+                due = next_token_at(hs, hl, now, 1)
+            else:
+                host_state[c.host] = hs = book(hs, hl, now)
+                due = hs.booked_until
+            verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "host_rate")
             continue
         if bl.rate_per_second is not None and bs.tokens < 1:
-            waiting_biz[c.business] = waiting_biz.get(c.business, 0) + 1
-            verdicts[c.task_id] = Verdict(
-                next_token_at(bs, bl, now, waiting_biz[c.business]), "business_rate"
-            )
+            if c.promised == "business":
+                due = next_token_at(bs, bl, now, 1)
+            else:
+                biz_state[c.business] = bs = book(bs, bl, now)
+                due = bs.booked_until
+            verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "business_rate")
             continue
         if hl.rate_per_second is not None:
             hs = replace(hs, tokens=hs.tokens - 1)

@@ -80,7 +80,7 @@ class Database:
             _sqlite_pragmas(self.read_engine, immediate=False)
         else:
             self.write_engine = create_async_engine(
-                target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **common
+                target, pool_size=pool_size, max_overflow=pool_size, **common
             )
             self.read_engine = self.write_engine
 

@@ -6,9 +6,10 @@ so every dispatcher of a cluster takes tokens from the same buckets and sees the
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,9 @@ from taskcenter.domain.traffic import Candidate, Limits, State, admit, record
 from taskcenter.storage.schema import business_state, host_state, tasks
 
 _PROCESSING = sa.text("status = 'processing'")
+#: Which bucket a task held for a token was promised one of (see ``Candidate.promised``).
+_PROMISES = {"host_rate": "host", "business_rate": "business"}
+_MAX_PROMISES = 10_000
 
 
 def _state(row: Mapping[Any, Any] | None) -> State:
@@ -77,6 +81,15 @@ def _host_values(s: State) -> dict[str, Any]:
     }
 
 
+def _keep_promises(booked: dict[Any, float], states: Mapping[Any, State], now: float) -> None:
+    """Remember the tokens promised to held tasks; forget promises that have lapsed."""
+    for key, state in states.items():
+        if state.booked_until > now:
+            booked[key] = state.booked_until
+        else:
+            booked.pop(key, None)
+
+
 def _insert_missing(dialect: str, table: sa.Table, key: str, values: Iterable[Any]) -> Any:
     ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     return ins.values([{key: v} for v in values]).on_conflict_do_nothing(index_elements=[key])
@@ -93,6 +106,11 @@ class TrafficControl:
     clean_hosts: set[str] = field(default_factory=set)
     """Hosts last seen closed, unpaused, without failures: an all-success batch for them needs no write."""
     deferred: Counter[str] = field(default_factory=Counter)
+    booked_hosts: dict[str, float] = field(default_factory=dict)
+    """Per host, the last token this dispatcher promised to a held task (see ``domain.traffic.book``)."""
+    booked_businesses: dict[int, float] = field(default_factory=dict)
+    promised: dict[int, tuple[str, float]] = field(default_factory=dict)
+    """Tasks this dispatcher held for a token: which bucket (``host``/``business``) and when it is due."""
 
     async def _lock_states(
         self, conn: AsyncConnection, hosts: set[str], bizs: set[int]
@@ -143,12 +161,16 @@ class TrafficControl:
         """Split a just-claimed batch into tasks that go now and deferrals ``(task id, due again at)``."""
         if not rows:
             return [], []
-        ts = now.timestamp()
+        entered = time.monotonic()
         hosts = {r["host"] for r in rows}
         bizs = {r["business_pk"] for r in rows}
         host_lim = {h: self.host_limits(h) for h in hosts}
         biz_lim = {b: self.business_limits(b) for b in bizs}
         h_states, b_states = await self._lock_states(conn, hosts, bizs)
+        # Decide as of now, not as of when the claim began: under contention the wait for these row locks is
+        # the longest part of a claim, and tokens spent "in the past" would let the next dispatcher spend the
+        # same seconds again (two bursts back to back at the receiver).
+        ts = now.timestamp() + (time.monotonic() - entered)
         claimed_h = Counter(r["host"] for r in rows)
         claimed_b = Counter(r["business_pk"] for r in rows)
         # In flight elsewhere = processing now minus this batch (which the claim just marked processing).
@@ -156,19 +178,23 @@ class TrafficControl:
         capped_b = {b for b in bizs if biz_lim[b].max_in_flight is not None}
         busy_h = await self._in_flight(conn, tasks.c.host, capped_h) if capped_h else Counter()
         busy_b = await self._in_flight(conn, tasks.c.business_pk, capped_b) if capped_b else Counter()
+        booked_h = {h: replace(h_states[h], booked_until=self.booked_hosts.get(h, 0.0)) for h in hosts}
+        booked_b = {b: replace(b_states[b], booked_until=self.booked_businesses.get(b, 0.0)) for b in bizs}
         verdicts, new_h, new_b = admit(
-            [Candidate(r["id"], r["host"], r["business_pk"]) for r in rows],
-            hosts={h: (h_states[h], host_lim[h], max(0, busy_h[h] - claimed_h[h])) for h in hosts},
-            businesses={b: (b_states[b], biz_lim[b], max(0, busy_b[b] - claimed_b[b])) for b in bizs},
+            [Candidate(r["id"], r["host"], r["business_pk"], self._promise(r["id"])) for r in rows],
+            hosts={h: (booked_h[h], host_lim[h], max(0, busy_h[h] - claimed_h[h])) for h in hosts},
+            businesses={b: (booked_b[b], biz_lim[b], max(0, busy_b[b] - claimed_b[b])) for b in bizs},
             now=ts,
         )
-        changed_h = [_host_params(h, s) for h, s in new_h.items() if s != h_states[h]]
+        _keep_promises(self.booked_hosts, new_h, ts)
+        _keep_promises(self.booked_businesses, new_b, ts)
+        changed_h = [_host_params(h, s) for h, s in new_h.items() if s != booked_h[h]]
         if changed_h:
             await conn.execute(_UPDATE_HOST, changed_h)
         changed_b = [
             {"b_pk": b, "v_tokens": s.tokens, "v_refilled_at": s.refilled_at}
             for b, s in new_b.items()
-            if s != b_states[b]
+            if s != booked_b[b]
         ]
         if changed_b:
             await conn.execute(_UPDATE_BUSINESS, changed_b)
@@ -184,7 +210,17 @@ class TrafficControl:
             if v.defer_until is not None:
                 self.deferred[v.reason or "deferred"] += 1
                 later.append((r["id"], datetime.fromtimestamp(v.defer_until, UTC)))
+                if v.reason in _PROMISES:
+                    self.promised[r["id"]] = (_PROMISES[v.reason], v.defer_until)
+        if len(self.promised) > _MAX_PROMISES:
+            # Tasks another dispatcher took (or that were cancelled) never come back here: drop lapsed promises.
+            self.promised = {i: p for i, p in self.promised.items() if p[1] > ts - 60.0}
         return go, later
+
+    def _promise(self, task_id: int) -> str | None:
+        """The bucket this dispatcher promised the task a token of, if it did (the promise is used up)."""
+        promise = self.promised.pop(task_id, None)
+        return promise[0] if promise is not None else None
 
     def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
         return any(
