@@ -6,6 +6,7 @@ It only orchestrates: what an outcome means lives in ``domain``, HTTP in ``sende
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -81,6 +82,8 @@ class Dispatcher:
         self._results_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._sending: dict[int, asyncio.Task[None]] = {}
+        self._ready: collections.deque[Mapping[str, Any]] = collections.deque()
+        self._policies: dict[str, RetryPolicy] = {}
         self._held: set[int] = set()  # claimed and not yet written back: their leases need heartbeats
         self._results: list[queue.Finished] = []
         self._pending_events: list[tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None]] = []
@@ -146,17 +149,21 @@ class Dispatcher:
 
     async def _claim_loop(self) -> None:
         cfg = self.config
-        # Claim in chunks: one statement per quarter of the slots, not one per freed slot.
+        # Claimed tasks wait in a small local buffer so that a freed slot is refilled at once instead of after
+        # the next claim's round trip. The buffer holds at most one batch; its tasks are leased (heartbeats
+        # cover them) and go back unsent on shutdown.
+        capacity = cfg.concurrency + cfg.claim_batch
+        # Claim in chunks: one statement per quarter batch of free room, not one per freed slot.
         low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
         while not self._stopping.is_set():
-            free = cfg.concurrency - len(self._sending)
-            if free < low_water and self._sending:
+            room = capacity - len(self._sending) - len(self._ready)
+            if room < low_water:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
             self._claimed_last = 0
-            limit = min(free, cfg.claim_batch)
+            limit = min(room, cfg.claim_batch)
             try:
                 rows = await queue.claim(
                     self.db,
@@ -173,12 +180,20 @@ class Dispatcher:
                 continue
             self.metrics.claimed.inc(len(rows))
             for row in rows:
-                self._start(row)
-            self.metrics.in_flight.set(len(self._sending))
+                self._held.add(row["id"])
+                self._ready.append(row)
+            self._pump()
             if max(self._claimed_last, len(rows)) == limit:
                 # A full batch (even if traffic control held some back): more may be due right now.
                 continue
             await self._sleep(await self._until_next_due())
+
+    def _pump(self) -> None:
+        """Start buffered tasks while there are free slots."""
+        limit = self.config.concurrency
+        while self._ready and len(self._sending) < limit and not self._stopping.is_set():
+            self._start(self._ready.popleft())
+        self.metrics.in_flight.set(len(self._sending))
 
     async def _admit(
         self, conn: Any, rows: Any, now: datetime
@@ -213,13 +228,13 @@ class Dispatcher:
 
     def _start(self, row: Mapping[str, Any]) -> None:
         task_id = row["id"]
-        self._held.add(task_id)
         task = asyncio.create_task(self._attempt(row), name=f"tc-task-{task_id}")
         self._sending[task_id] = task
         task.add_done_callback(functools.partial(self._sent, task_id))
 
     def _sent(self, task_id: int, _task: object = None) -> None:
         self._sending.pop(task_id, None)
+        self._pump()
         self._slot_freed.set()
 
     # -- one attempt ----------------------------------------------------------------------------------
@@ -318,6 +333,16 @@ class Dispatcher:
             kind, text = "processor_error", f"{type(exc).__name__}: {exc}"
         return AttemptResult(error_kind=kind, error=text[:2000]), None, int((time.perf_counter() - t0) * 1000)
 
+    def _policy(self, retry: Mapping[str, Any]) -> RetryPolicy:
+        """Parse (and validate) each distinct stored policy once, not once per attempt."""
+        key = repr(sorted(retry.items()))
+        policy = self._policies.get(key)
+        if policy is None:
+            if len(self._policies) > 1000:
+                self._policies.clear()
+            policy = self._policies[key] = RetryPolicy.from_dict(retry)
+        return policy
+
     def _record(
         self,
         row: Mapping[str, Any],
@@ -330,7 +355,7 @@ class Dispatcher:
         result_value: Any,
     ) -> None:
         now = self.clock()
-        policy = RetryPolicy.from_dict(row["retry"])
+        policy = self._policy(row["retry"])
         classification = classify(attempt, row["success_codes"], row["retry_on"] or ())
         decision = decide(
             # The n-th retry of the current budget (manual retries renew the budget on top of spent attempts).

@@ -5,6 +5,7 @@ Pure classification and policy checks, plus an aiohttp resolver that vets the ad
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -306,12 +307,25 @@ def check_url(url: str | URL, policy: GuardPolicy) -> URL:
     host = parsed.raw_host
     if not host:
         raise BlockedAddress(f"URL has no host: {url}", reason="no host")
-    if _host_verdict(host, policy):
-        return parsed
-    ip = literal_address(host)
-    if ip is not None:
-        check_address(ip, host, policy)
+    blocked = _host_check(host, policy)
+    if blocked is not None:
+        raise blocked
     return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_check(host: str, policy: GuardPolicy) -> BlockedAddress | None:
+    """The verdict on a URL host (allowed names, IP literals), cached: it depends on nothing else, and scanning
+    the allowed networks for every request of a busy host showed up in the dispatcher's profile."""
+    if _host_verdict(host, policy):
+        return None
+    try:
+        ip = literal_address(host)
+        if ip is not None:
+            check_address(ip, host, policy)
+    except BlockedAddress as exc:
+        return exc
+    return None
 
 
 class GuardedResolver(AbstractResolver):
