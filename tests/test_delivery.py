@@ -99,6 +99,7 @@ async def test_exhausted_retries_fail_the_task(runtime: Runtime, receiver: Recei
     done = await runtime.service.get_task(biz, task.id)
     assert done.attempts == 2 and done.outcome == "server_error"
     assert done.last_response is not None and done.last_response["status_code"] == 502
+    assert isinstance(done.last_response["duration_ms"], int)
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,9 @@ async def test_task_to_loopback_fails_blocked_and_no_packet_leaves(
     async with guarded(db_url) as rt:
         biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
         to_receiver = await rt.service.create_task(biz, {"business_id": "r", "url": receiver.url("/hook")})
-        to_counter = await rt.service.create_task(biz, {"business_id": "c", "url": f"http://127.0.0.1:{counter.port}/"})
+        to_counter = await rt.service.create_task(
+            biz, {"business_id": "c", "url": f"http://127.0.0.1:{counter.port}/"}
+        )
         async with running(rt):
             for task in (to_receiver, to_counter):
                 await wait_status(rt, biz, task.id, "failed")
@@ -97,7 +99,9 @@ async def test_a_name_resolving_to_loopback_is_blocked_after_dns(
     """The check is on the addresses connected to: ``localhost`` is refused once it resolves."""
     async with guarded(db_url) as rt:
         biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
-        task = await rt.service.create_task(biz, {"business_id": "n", "url": f"http://localhost:{counter.port}/"})
+        task = await rt.service.create_task(
+            biz, {"business_id": "n", "url": f"http://localhost:{counter.port}/"}
+        )
         async with running(rt):
             await wait_status(rt, biz, task.id, "failed")
         done = await rt.service.get_task(biz, task.id)
@@ -106,7 +110,9 @@ async def test_a_name_resolving_to_loopback_is_blocked_after_dns(
     assert counter.connections == 0
 
 
-async def test_business_allow_networks_lets_only_that_business_through(db_url: str, receiver: Receiver) -> None:
+async def test_business_allow_networks_lets_only_that_business_through(
+    db_url: str, receiver: Receiver
+) -> None:
     """Set on a running dispatcher: the business's list arrives with the next policy reload (every 2 s)."""
     async with guarded(db_url) as rt:
         trusted = await rt.service.ensure_business("trusted", rate_limit_per_minute=FAST)
@@ -114,7 +120,9 @@ async def test_business_allow_networks_lets_only_that_business_through(db_url: s
         async with running(rt):
             await set_lists(rt, trusted, allow_networks=["127.0.0.0/8"])
             await asyncio.sleep(2.5)  # one reload interval, and a little
-            allowed = await rt.service.create_task(trusted, {"business_id": "t", "url": receiver.url("/trusted")})
+            allowed = await rt.service.create_task(
+                trusted, {"business_id": "t", "url": receiver.url("/trusted")}
+            )
             refused = await rt.service.create_task(other, {"business_id": "o", "url": receiver.url("/other")})
             await wait_status(rt, trusted, allowed.id, "succeeded")
             await wait_status(rt, other, refused.id, "failed")
@@ -125,7 +133,9 @@ async def test_business_allow_networks_lets_only_that_business_through(db_url: s
 async def test_global_deny_hosts_wins_over_allowed_networks(db_url: str, counter: ConnectionCounter) -> None:
     async with guarded(db_url, allow_networks="127.0.0.0/8,::1/128", deny_hosts="localhost") as rt:
         biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
-        denied = await rt.service.create_task(biz, {"business_id": "d", "url": f"http://localhost:{counter.port}/"})
+        denied = await rt.service.create_task(
+            biz, {"business_id": "d", "url": f"http://localhost:{counter.port}/"}
+        )
         async with running(rt):
             await wait_status(rt, biz, denied.id, "failed")
         done = await rt.service.get_task(biz, denied.id)
@@ -134,7 +144,9 @@ async def test_global_deny_hosts_wins_over_allowed_networks(db_url: str, counter
     assert counter.connections == 0
 
 
-async def test_business_deny_hosts_closes_a_host_for_that_business_only(db_url: str, receiver: Receiver) -> None:
+async def test_business_deny_hosts_closes_a_host_for_that_business_only(
+    db_url: str, receiver: Receiver
+) -> None:
     async with guarded(db_url, allow_networks="127.0.0.0/8") as rt:
         careful = await rt.service.ensure_business("careful", rate_limit_per_minute=FAST)
         other = await rt.service.ensure_business("other", rate_limit_per_minute=FAST)
@@ -149,7 +161,9 @@ async def test_business_deny_hosts_closes_a_host_for_that_business_only(db_url: 
     assert [r.path for r in receiver.requests] == ["/other"]
 
 
-async def test_guard_default_lets_the_test_settings_reach_loopback(runtime: Runtime, receiver: Receiver) -> None:
+async def test_guard_default_lets_the_test_settings_reach_loopback(
+    runtime: Runtime, receiver: Receiver
+) -> None:
     """Control: the same task is delivered when TASKCENTER_ALLOW_NETWORKS lets loopback through."""
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
     task = await runtime.service.create_task(biz, {"business_id": "ok", "url": receiver.url("/hook")})

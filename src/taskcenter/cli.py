@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
 from taskcenter.cli_admin import _actor, audit_app, business_app, operator_app
+from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
@@ -43,6 +44,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(business_app, name="business")
 app.add_typer(operator_app, name="operator")
 app.add_typer(audit_app, name="audit")
+app.add_typer(host_app, name="host")
 # soft_wrap: a long line stays one line (errors must be one line; long URLs stay greppable).
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

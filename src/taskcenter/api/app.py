@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from taskcenter import __version__
-from taskcenter.api import businesses, operations, problems, tasks
+from taskcenter.api import businesses, hosts, operations, problems, tasks
 from taskcenter.api.auth import ApiContext
 from taskcenter.api.schemas import Problem
 from taskcenter.audit import AuditLog
@@ -135,7 +135,7 @@ def create_app(
     )
     app.state.ctx = ctx
     api = APIRouter(prefix=PREFIX)
-    for module in (tasks, businesses, operations):
+    for module in (tasks, businesses, hosts, operations):
         api.include_router(module.router)
     app.include_router(api)
     # Probes and scrapers usually look at the root; same handlers, kept out of the documented API.

@@ -18,6 +18,9 @@ NOT_EVIDENCE = frozenset({"blocked", "interrupted"})
 MAX_BREAKER_WINDOW = 100
 #: A held task is due this long after its token: it then finds a whole token, not 0.99999 of one.
 _SLOT_SLACK_S = 1e-4
+#: What counts as a whole token. Epoch seconds carry ~2e-7 s of rounding, i.e. 2e-4 of a token at 1,000/s;
+#: the shortfall stays in the bucket as a debt, so the long-run rate is unchanged.
+_WHOLE_TOKEN = 1 - 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +119,9 @@ class Candidate:
     business: int
     promised: str | None = None
     """``"host"`` or ``"business"``: this dispatcher held the task earlier and promised it a token of that
-    bucket. If the token is not quite there yet (the previous one went out late) it waits for it, keeping its
-    place, instead of queueing behind every promise made since."""
+    bucket. If the token is not quite there yet (the previous one went out late) it waits for the next one,
+    keeping its place, instead of queueing behind every promise made since (with a bucket of one, that token
+    would otherwise be lost)."""
 
 
 def admit(
@@ -139,6 +143,10 @@ def admit(
     biz_busy = {b: n for b, (_s, _l, n) in businesses.items()}
     gated_hosts = {h for h in hosts if not h.startswith("processor:")}
     verdicts: dict[int, Verdict] = {}
+    # One promised task per bucket and batch may wait for the very next token; if more of them are short,
+    # the schedule has slipped (tokens were lost while the dispatcher was late) and they queue up again.
+    next_token_host: set[str] = set()
+    next_token_biz: set[int] = set()
     for c in candidates:
         hs, hl = host_state[c.host], hosts[c.host][1]
         bs, bl = biz_state[c.business], businesses[c.business][1]
@@ -152,16 +160,18 @@ def admit(
         if bl.max_in_flight is not None and biz_busy[c.business] >= bl.max_in_flight:
             verdicts[c.task_id] = Verdict(now + 0.05, "business_in_flight")
             continue
-        if hl.rate_per_second is not None and hs.tokens < 1:
-            if c.promised == "host":
+        if hl.rate_per_second is not None and hs.tokens < _WHOLE_TOKEN:
+            if c.promised == "host" and c.host not in next_token_host:
+                next_token_host.add(c.host)
                 due = next_token_at(hs, hl, now, 1)
             else:
                 host_state[c.host] = hs = book(hs, hl, now)
                 due = hs.booked_until
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "host_rate")
             continue
-        if bl.rate_per_second is not None and bs.tokens < 1:
-            if c.promised == "business":
+        if bl.rate_per_second is not None and bs.tokens < _WHOLE_TOKEN:
+            if c.promised == "business" and c.business not in next_token_biz:
+                next_token_biz.add(c.business)
                 due = next_token_at(bs, bl, now, 1)
             else:
                 biz_state[c.business] = bs = book(bs, bl, now)

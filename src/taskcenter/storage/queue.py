@@ -300,7 +300,9 @@ async def finish(
                     "b_next": r.next_attempt_at,
                     "b_started": r.started_at,
                     "b_finished": r.finished_at,
-                    "b_response": r.response,
+                    "b_response": {**r.response, "duration_ms": r.duration_ms}
+                    if r.response is not None
+                    else None,
                     "b_error": r.error,
                     "b_result": r.result,
                     "b_now": now,
