@@ -38,6 +38,11 @@ OPERATOR_OPERATIONS = {
     ("DELETE", "/api/v1/businesses/{code}"),
     ("GET", "/api/v1/stats"),
     ("GET", "/api/v1/audit"),
+    ("GET", "/api/v1/hosts"),
+    ("GET", "/api/v1/hosts/{host}"),
+    ("PUT", "/api/v1/hosts/{host}"),
+    ("POST", "/api/v1/hosts/{host}/pause"),
+    ("POST", "/api/v1/hosts/{host}/resume"),
 }
 
 
