@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ class WorkerProcess:
         )
         for key, value in settings.items():
             env[f"TASKCENTER_{key.upper()}"] = str(value)
+        # Output goes to a file, not a pipe: an unread pipe fills at 64 KiB and blocks a chatty worker.
+        self.log = tempfile.NamedTemporaryFile(prefix="tc-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [TASKCENTER, "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [TASKCENTER, "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
 
     def terminate(self, timeout: float = 20) -> int:
@@ -39,19 +42,19 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
     def output(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        out, err = self.proc.communicate(timeout=5)
-        return (out or "") + (err or "")
+        """Everything the worker printed so far."""
+        return Path(self.log.name).read_text(errors="replace")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = 10) -> None:
-        """Give the interpreter time to start and the dispatcher to claim its first batch."""
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Block until the worker's dispatcher has started (it logs so)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"worker died at start:\n{self.output()}")
-            time.sleep(0.1)
-            return
+            if "started (concurrency" in self.output():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"worker not started within {timeout} s:\n{self.output()}")

@@ -38,10 +38,12 @@ async def test_worker_processes_never_send_the_same_attempt_twice(
     receiver.set_default(Reply(status=200, delay_s=0.005))
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
     total = 900
+    procs = [WorkerProcess(db_url, concurrency=20) for _ in range(workers)]
+    # All workers up and waiting before any task exists, so that each has a fair chance at the queue.
+    await asyncio.gather(*(asyncio.to_thread(p.wait_ready) for p in procs))
     for start in range(0, total, 300):
         items = [{"business_id": f"k{i}", "url": receiver.url("/multi")} for i in range(start, start + 300)]
         await runtime.service.create_tasks(biz, items)
-    procs = [WorkerProcess(db_url, concurrency=20) for _ in range(workers)]
     try:
         await receiver.wait_for(total, "/multi", timeout=60)
         for _ in range(200):

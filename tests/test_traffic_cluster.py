@@ -69,13 +69,10 @@ async def test_worker_processes_share_one_host_rate_limit(
     assert long_run == pytest.approx(RATE, rel=0.05)
     assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 1)}
     async with runtime.db.read() as conn:
-        by_worker = dict(
-            (
-                await conn.execute(
-                    sa.select(attempts_table.c.worker, sa.func.count()).group_by(attempts_table.c.worker)
-                )
-            ).all()
+        counts = await conn.execute(
+            sa.select(attempts_table.c.worker, sa.func.count()).group_by(attempts_table.c.worker)
         )
+        by_worker: dict[str, int] = {worker: n for worker, n in counts.all()}
     assert len(by_worker) == workers, "every process took a share of the one limit"
     assert sum(by_worker.values()) == TOTAL
     assert codes == [0] * workers

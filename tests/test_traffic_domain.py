@@ -71,10 +71,12 @@ def admitted(verdicts: dict[int, Verdict]) -> int:
         max_size=40,
     ),
 )
-def test_tokens_stay_between_zero_and_the_bucket_capacity(
+def test_tokens_never_exceed_the_bucket_capacity_nor_go_negative(
     rate: float, burst: int, tokens: float, steps: list[tuple[float, int]]
 ) -> None:
-    """Even a stored state with more tokens than a (since lowered) capacity is cut back on the next refill."""
+    """Even a stored state with more tokens than a (since lowered) capacity is cut back on the next refill.
+
+    "Negative" up to rounding: a token short by less than a thousandth counts as whole and is owed back."""
     limits = Limits(rate_per_second=rate, burst=burst)
     state, now = State(tokens=tokens, refilled_at=100.0), 100.0
     for gap, count in steps:

@@ -24,6 +24,7 @@ from taskcenter.errors import (
     Forbidden,
     InvalidTransition,
     LimitExceeded,
+    TaskCenterError,
     TaskNotFound,
     ValidationError,
 )
@@ -360,7 +361,17 @@ class TaskService:
         return row
 
     def _task(self, row: Mapping[Any, Any]) -> Task:
-        return Task.from_row(row, mask_headers)
+        return Task.from_row(row, self._masked)
+
+    def _masked(self, stored: Mapping[str, str]) -> dict[str, str]:
+        """Stored headers as shown: opened first so masks keep the scheme (``Bearer ***``), as attempts show them.
+
+        A value the configured keys cannot open is shown fully masked rather than failing the read.
+        """
+        try:
+            return mask_headers(self.box.open_headers(stored))
+        except TaskCenterError:
+            return mask_headers(stored)
 
     async def get_task(self, business: Business | None, ref: str | int) -> Task:
         """One task by UUID or numeric id; another business's task is :class:`TaskNotFound`."""
@@ -496,7 +507,6 @@ class TaskService:
             task = self._task(await self._row(conn, business, row["id"]))
         self.notifier.wake()
         return task
-
 
     # -- bulk work (CLI) -------------------------------------------------------------------------------
 
