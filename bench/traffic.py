@@ -1,0 +1,373 @@
+"""Traffic-control figures: fairness between businesses, the cost of a sick host to a healthy one, and the
+cost of per-host limiter bookkeeping, each against its target with its baseline measured in the same run.
+
+    python3 dev.py bench traffic --backend both [--part fairness|sick|limiter|all]
+
+- fairness: business A holds a backlog (bulk-created, not timed) that one worker process drains; meanwhile this
+  script creates business B's tasks one at a time at a steady rate (``TaskService.create_task``, the API's path).
+  B's start lag = arrival at the receiver − the task's due time (``next_attempt_at`` as stored).
+- sick: healthy host H (a receiver answering 200) alone, then with sick host S's tasks mixed in (a second receiver
+  process holding every request past the task's timeout), then H alone again; H's delivery rate is compared with
+  the mean of the two runs alone.
+- limiter: tasks spread over many hosts (one receiver process listening on many ports) delivered with no host
+  policies, with a generous policy on every host (a rate that never binds), and with none again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import web
+
+if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    LOOPBACK,
+    PG_URL,
+    STATE,
+    BenchError,
+    Child,
+    Fleet,
+    Receiver,
+    ReceiverState,
+    _arrivals,
+    _deliver,
+    _reset,
+    _stats,
+    backends,
+    bench_settings,
+    deliver_backlog,
+    emit,
+    enqueue,
+    fresh_database,
+    header,
+    percentile,
+    run_loop,
+    run_script,
+    table,
+    task_item,
+    until_stopped,
+)
+
+TARGET_FAIR_P99_MS = 500.0
+TARGET_SICK_COST = 0.10
+TARGET_LIMITER_COST = 0.10
+BUSINESS_B = "bench-b"
+
+
+# -- a receiver listening on many ports (its own process) ---------------------------------------------------
+
+
+async def _receivers_main(args: argparse.Namespace) -> None:
+    """One aiohttp app (bench.common's receiver handlers, one shared state) on ``ports`` loopback ports."""
+    app = web.Application()
+    app[STATE] = ReceiverState()
+    app.router.add_get("/_bench/stats", _stats)
+    app.router.add_get("/_bench/arrivals", _arrivals)
+    app.router.add_post("/_bench/reset", _reset)
+    app.router.add_route("*", "/{tail:.*}", _deliver)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    for _ in range(args.ports):
+        await web.TCPSite(runner, LOOPBACK, 0, backlog=1024).start()
+    emit("ready", ports=[a[1] for a in runner.addresses])
+    await until_stopped(args.max_seconds)
+    await runner.cleanup()
+
+
+def child(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.traffic")
+    parser.add_argument("role", choices=["receivers"])
+    parser.add_argument("--ports", type=int, default=50)
+    parser.add_argument("--max-seconds", type=float, default=900)
+    run_loop(_receivers_main(parser.parse_args(argv)))
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+async def receiver(fleet: Fleet, name: str, max_seconds: float, sleep_s: float = 0.0) -> Receiver:
+    proc = await fleet.spawn(name, "bench.common", "receiver", "--max-seconds", str(max_seconds),
+                             "--sleep", str(sleep_s))  # fmt: skip
+    ready = await proc.event("ready", timeout=30)
+    return Receiver(proc, int(ready["port"]))
+
+
+def load() -> str:
+    import os
+
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+async def stop_worker(worker: Child) -> None:
+    await worker.stop(timeout=30)
+
+
+# -- fairness ----------------------------------------------------------------------------------------------
+
+
+async def fairness(fleet: Fleet, backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    from taskcenter.runtime import Runtime
+    from taskcenter.storage.schema import businesses
+
+    rec = await receiver(fleet, f"traffic-receiver-fair-{backend}", args.timeout)
+    db_url = await fresh_database(backend, f"traffic-fair-{backend}", args.pg_url)
+    print(
+        f"-- {backend} fairness: bulk-creating A's backlog of {args.backlog:,} tasks (not timed) ...",
+        flush=True,
+    )
+    count, _ = await enqueue(db_url, (task_item(i, rec.url(), prefix="a") for i in range(args.backlog)))
+    rt = Runtime(bench_settings(db_url))
+    await rt.start()
+    try:
+        await rt.service.ensure_business(BUSINESS_B)
+        async with rt.db.write() as conn:
+            await conn.execute(sa.update(businesses).where(businesses.c.code == BUSINESS_B).values(
+                max_active_tasks=100_000_000, rate_limit_per_minute=100_000_000, max_in_flight=None))  # fmt: skip
+        business_b = await rt.service.business(BUSINESS_B, refresh=True)
+        worker, _ready = await fleet.worker(db_url, concurrency=args.concurrency, max_seconds=args.timeout,
+                                            name=f"traffic-worker-fair-{backend}", grace_s=1.0)  # fmt: skip
+        await asyncio.sleep(2.0)  # the worker is draining A's backlog at full speed
+        a_before = (await rec.stats())["ok"]
+        t_start = time.time()
+        print(f"-- {backend} fairness: B creates {args.b_rate:g}/s for {args.b_seconds:g} s ...", flush=True)
+        due: dict[str, float] = {}
+        returned: dict[str, float] = {}  # when the create call returned: the task was committed by then
+        calls: list[float] = []
+        n_b = int(args.b_rate * args.b_seconds)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n in range(n_b):
+            delay = start + n / args.b_rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            called = time.time()
+            task = await rt.service.create_task(business_b, task_item(n, rec.url(), prefix="b"))
+            returned[task.id] = time.time()
+            calls.append((returned[task.id] - called) * 1000)
+            when = task.next_attempt_at or task.created_at
+            due[task.id] = when.replace(tzinfo=when.tzinfo or UTC).timestamp()
+        deadline = time.monotonic() + args.b_wait
+        while True:
+            arrived = {a[0]: a[2] for a in await rec.arrivals() if a[0] in due}
+            if len(arrived) == len(due) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        t_end = time.time()
+        a_after = (await rec.stats())["ok"]
+        await stop_worker(worker)
+    finally:
+        await rt.close()
+        await rec.child.stop()
+    lags = [(arrived[i] - due[i]) * 1000 for i in due if i in arrived]
+    after_commit = [(arrived[i] - returned[i]) * 1000 for i in due if i in arrived]
+    return {"backend": backend, "b_tasks": n_b, "b_arrived": len(lags), "lags": lags, "backlog": count,
+            "calls": calls, "after_commit": after_commit,
+            "a_rate": (a_after - a_before) / (t_end - t_start), "load": load()}  # fmt: skip
+
+
+# -- sick host ---------------------------------------------------------------------------------------------
+
+
+async def healthy_rate(
+    fleet: Fleet, backend: str, h: Receiver, s: Receiver, args: argparse.Namespace, *, mixed: bool, label: str
+) -> dict[str, Any]:
+    """H's delivery rate from the worker's start to H's last task answered (S's tasks mixed in or not)."""
+    await h.reset()
+    await s.reset(sleep_s=args.sick_hold)
+    db_url = await fresh_database(backend, f"traffic-sick-{backend}", args.pg_url)
+    every = round(1 / args.sick_share) if mixed else 0
+
+    def items() -> Any:
+        for n in range(args.sick_tasks):
+            yield task_item(n, h.url(), prefix="h", timeout=args.sick_timeout)
+            if every and n % every == 0:
+                yield task_item(n, s.url(), prefix="s", timeout=args.sick_timeout)
+
+    count, _ = await enqueue(db_url, items())
+    worker, ready = await fleet.worker(db_url, concurrency=args.concurrency, max_seconds=args.timeout,
+                                       name=f"traffic-worker-sick-{backend}-{label}", grace_s=1.0)  # fmt: skip
+    stats = await h.wait_ok(args.sick_tasks, timeout=max(120.0, args.sick_tasks / 50))
+    s_stats = await s.stats()
+    await stop_worker(worker)
+    seconds = stats["last_ok"] - ready["t"]
+    return {"label": label, "mixed": mixed, "tasks": count, "h_tasks": args.sick_tasks, "seconds": seconds,
+            "rate": args.sick_tasks / seconds, "s_requests": s_stats["requests"] + s_stats["in_flight"],
+            "load": load()}  # fmt: skip
+
+
+async def sick_host(fleet: Fleet, backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    h = await receiver(fleet, f"traffic-receiver-h-{backend}", args.timeout)
+    s = await receiver(fleet, f"traffic-receiver-s-{backend}", args.timeout, sleep_s=args.sick_hold)
+    runs = []
+    try:
+        for label, mixed in (("H alone", False), ("H + S", True), ("H alone (again)", False)):
+            print(f"-- {backend} sick host: {label} ...", flush=True)
+            runs.append({"backend": backend, **await healthy_rate(fleet, backend, h, s, args, mixed=mixed,
+                                                                   label=label)})  # fmt: skip
+    finally:
+        await h.child.stop()
+        await s.child.stop()
+    return runs
+
+
+# -- limiter overhead --------------------------------------------------------------------------------------
+
+
+async def add_policies(db_url: str, hosts: list[str]) -> None:
+    """A generous policy on every host: a rate and in-flight cap far above what the run reaches."""
+    from taskcenter.storage.database import Database
+    from taskcenter.storage.schema import host_policies
+
+    db = Database(db_url, pool_size=1)
+    now = datetime.now(UTC)
+    try:
+        async with db.write() as conn:
+            await conn.execute(sa.insert(host_policies), [
+                {"host": h, "rate_per_second": 1_000_000.0, "burst": 1_000_000, "max_in_flight": 100_000,
+                 "updated_at": now} for h in hosts])  # fmt: skip
+    finally:
+        await db.close()
+
+
+async def limiter(fleet: Fleet, backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    proc = await fleet.spawn(f"traffic-receivers-{backend}", "bench.traffic", "receivers", "--ports",
+                             str(args.hosts), "--max-seconds", str(args.timeout))  # fmt: skip
+    ports = [int(p) for p in (await proc.event("ready", timeout=60))["ports"]]
+    rec = Receiver(proc, ports[0])
+    urls = [f"http://{LOOPBACK}:{p}/hook" for p in ports]
+    runs = []
+    try:
+        for label, policies in (("no policies", False), ("generous policy on every host", True),
+                                ("no policies (again)", False)):  # fmt: skip
+            print(f"-- {backend} limiter: {label}, {args.limiter_tasks:,} tasks over {len(ports)} hosts ...",
+                  flush=True)  # fmt: skip
+            db_url = await fresh_database(backend, f"traffic-limiter-{backend}", args.pg_url)
+            count, _ = await enqueue(
+                db_url, (task_item(n, urls[n % len(urls)]) for n in range(args.limiter_tasks))
+            )
+            if policies:
+                await add_policies(db_url, [f"{LOOPBACK}:{p}" for p in ports])
+            d = await deliver_backlog(fleet, rec, db_url, count, concurrency=args.concurrency,
+                                      name=f"traffic-worker-limiter-{backend}", timeout=max(120.0, count / 50))  # fmt: skip
+            runs.append({"backend": backend, "label": label, "policies": policies, "tasks": count,
+                         "arrival_rate": d.arrival_rate, "done_rate": d.done_rate,
+                         "cpu_us": d.worker_cpu_s / count * 1e6, "load": load()})  # fmt: skip
+    finally:
+        await proc.stop()
+    return runs
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dict[str, Any]],
+           args: argparse.Namespace) -> None:  # fmt: skip
+    if fair:
+        print(f"\nfairness: A's backlog drained by one worker (concurrency {args.concurrency}); B creates "
+              f"{args.b_rate:g}/s for {args.b_seconds:g} s; B's start lag = arrival - due time")  # fmt: skip
+        print(table(["backend", "A backlog", "B arrived", "B lag p50", "B lag p99", "B lag max", "A rate meanwhile",
+                     "target", "verdict", "load avg"], [
+            [r["backend"], r["backlog"], f"{r['b_arrived']} of {r['b_tasks']}",
+             f"{percentile(r['lags'], 50):.0f} ms", f"{percentile(r['lags'], 99):.0f} ms",
+             f"{max(r['lags'], default=float('nan')):.0f} ms", f"{r['a_rate']:,.0f}/s",
+             f"p99 < {TARGET_FAIR_P99_MS:g} ms",
+             "pass" if r["b_arrived"] == r["b_tasks"] and percentile(r["lags"], 99) < TARGET_FAIR_P99_MS else "FAIL",
+             r["load"]] for r in fair]))  # fmt: skip
+        print("   where B's lag went: the create call itself (this script's process writing beside the worker) and "
+              "arrival - create returned (the task was committed by then):")  # fmt: skip
+        print(table(["backend", "create call p50", "create call p99", "after commit p50", "after commit p99"], [
+            [r["backend"], f"{percentile(r['calls'], 50):.0f} ms", f"{percentile(r['calls'], 99):.0f} ms",
+             f"{percentile(r['after_commit'], 50):.0f} ms", f"{percentile(r['after_commit'], 99):.0f} ms"]
+            for r in fair]))  # fmt: skip
+    if sick:
+        print(f"\nsick host: S holds every request {args.sick_hold:g} s, task timeout {args.sick_timeout:g} s; "
+              f"{args.sick_tasks:,} H tasks, S tasks ~{args.sick_share:.0%} of H's when mixed")  # fmt: skip
+        rows = []
+        for backend in dict.fromkeys(r["backend"] for r in sick):
+            runs = [r for r in sick if r["backend"] == backend]
+            alone = statistics.fmean(r["rate"] for r in runs if not r["mixed"])
+            for r in runs:
+                cost = 1 - r["rate"] / alone
+                rows.append([backend, r["label"], r["tasks"], f"{r['seconds']:.1f} s", f"{r['rate']:,.0f}/s",
+                             r["s_requests"] if r["mixed"] else "-", f"{cost:+.1%}" if r["mixed"] else "-",
+                             f"< {TARGET_SICK_COST:.0%}" if r["mixed"] else "",
+                             ("pass" if cost < TARGET_SICK_COST else "FAIL") if r["mixed"] else "",
+                             r["load"]])  # fmt: skip
+        print(table(["backend", "run", "tasks", "H time", "H rate", "S requests", "cost to H (vs mean alone)",
+                     "target", "verdict", "load avg"], rows))  # fmt: skip
+    if lim:
+        print(f"\nlimiter overhead: {args.limiter_tasks:,} tasks over {args.hosts} hosts (ports), one worker, "
+              f"concurrency {args.concurrency}; rate to all succeeded in the database")  # fmt: skip
+        rows = []
+        for backend in dict.fromkeys(r["backend"] for r in lim):
+            runs = [r for r in lim if r["backend"] == backend]
+            none = statistics.fmean(r["done_rate"] for r in runs if not r["policies"])
+            for r in runs:
+                cost = 1 - r["done_rate"] / none
+                rows.append([backend, r["label"], f"{r['arrival_rate']:,.0f}/s", f"{r['done_rate']:,.0f}/s",
+                             f"{r['cpu_us']:.0f} us", f"{cost:+.1%}" if r["policies"] else "-",
+                             f"< {TARGET_LIMITER_COST:.0%}" if r["policies"] else "",
+                             ("pass" if cost < TARGET_LIMITER_COST else "FAIL") if r["policies"] else "",
+                             r["load"]])  # fmt: skip
+        print(table(["backend", "run", "to last arrival", "to all succeeded", "worker CPU/task",
+                     "cost (vs mean without)", "target", "verdict", "load avg"], rows))  # fmt: skip
+
+
+async def main(args: argparse.Namespace) -> None:
+    parts = ["fairness", "sick", "limiter"] if args.part == "all" else [args.part]
+    fair: list[dict[str, Any]] = []
+    sick: list[dict[str, Any]] = []
+    lim: list[dict[str, Any]] = []
+    async with Fleet(args.timeout) as fleet, asyncio.timeout(args.timeout):
+        for backend in backends(args.backend):
+            if "fairness" in parts:
+                fair.append(await fairness(fleet, backend, args))
+            if "sick" in parts:
+                sick += await sick_host(fleet, backend, args)
+            if "limiter" in parts:
+                lim += await limiter(fleet, backend, args)
+    header("traffic control: fairness, sick host, limiter overhead (one worker process each)")
+    report(fair, sick, lim, args)
+    if any(r["b_arrived"] < r["b_tasks"] for r in fair):
+        raise BenchError(f"some of B's tasks had not arrived {args.b_wait:g} s after the last was created")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/traffic.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--part", choices=["fairness", "sick", "limiter", "all"], default="all")
+    parser.add_argument("--concurrency", type=int, default=100, help="the worker's requests in flight")
+    parser.add_argument("--backlog", type=int, default=100_000, help="fairness: business A's backlog")
+    parser.add_argument("--b-rate", type=float, default=20, help="fairness: B's creates per second")
+    parser.add_argument("--b-seconds", type=float, default=10, help="fairness: how long B creates")
+    parser.add_argument(
+        "--b-wait", type=float, default=120, help="fairness: how long to wait for B's last task to arrive"
+    )
+    parser.add_argument("--sick-tasks", type=int, default=10_000, help="sick: tasks to the healthy host")
+    parser.add_argument("--sick-share", type=float, default=0.1, help="sick: S tasks per H task when mixed")
+    parser.add_argument("--sick-timeout", type=float, default=2.0, help="sick: every task's timeout, seconds")
+    parser.add_argument("--sick-hold", type=float, default=10.0, help="sick: how long S holds each request")
+    parser.add_argument("--hosts", type=int, default=50, help="limiter: hosts (receiver ports)")
+    parser.add_argument("--limiter-tasks", type=int, default=10_000, help="limiter: tasks per run")
+    parser.add_argument(
+        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
+    )
+    parser.add_argument("--timeout", type=float, default=1200, help="hard limit on the whole script, seconds")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "receivers":
+        child()
+    else:
+        run_script(main(parse()))
