@@ -234,7 +234,8 @@ async def test_finish_records_the_attempt_and_moves_the_task(db: Database, busin
     assert (row["status"], row["attempts"], row["outcome"]) == ("succeeded", 1, "success")
     assert row["lease_owner"] is None and row["lease_expires_at"] is None
     assert row["finished_at"] == T0 + timedelta(seconds=1)
-    assert row["last_response"] == {"status_code": 200, "body": "ok"}
+    # The task keeps the response with the attempt's duration (DESIGN: last_response {…, duration_ms}).
+    assert row["last_response"] == {"status_code": 200, "body": "ok", "duration_ms": 12}
     [attempt] = await attempts_of(db, task_id)
     assert (attempt["number"], attempt["outcome"], attempt["worker"]) == (1, "success", "w1")
 
