@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from taskcenter.audit import AuditLog
@@ -51,30 +52,41 @@ def _actor() -> str:
         return "cli:unknown"
 
 
-def _run(config: Path | None, work: Callable[[Runtime, BusinessService], Coroutine[Any, Any, T]]) -> T:
-    """Build a runtime from the settings, run ``work``; a TaskCenterError becomes one line and exit code 1."""
+def run_with_runtime(config: Path | None, work: Callable[[Runtime, Settings], Coroutine[Any, Any, T]]) -> T:
+    """Load the settings, start a runtime, run ``work``, close the runtime — for every admin command.
+
+    A bad setting is one line and exit code 2; a TaskCenterError while working is one line and exit code 1.
+    """
     try:
         settings: Settings = load_settings(config)
     except TaskCenterError as exc:
-        raise _fail(exc.message, 2) from None
+        raise _fail(escape(exc.message), 2) from None
 
     async def main() -> T:
         rt = Runtime(settings)
         try:
             await rt.start()
-            audit = AuditLog(rt.db, clock=rt.clock)
-            service = BusinessService(
-                db=rt.db, box=rt.box, tasks=rt.service, audit=audit, key_grace_hours=settings.key_grace_hours,
-                clock=rt.clock,
-            )  # fmt: skip
-            return await work(rt, service)
+            return await work(rt, settings)
         finally:
             await rt.close()
 
     try:
         return asyncio.run(main())
     except TaskCenterError as exc:
-        raise _fail(exc.message) from None
+        raise _fail(escape(exc.message)) from None
+
+
+def _run(config: Path | None, work: Callable[[Runtime, BusinessService], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` with the business service of a fresh runtime."""
+
+    async def with_service(rt: Runtime, settings: Settings) -> T:
+        service = BusinessService(
+            db=rt.db, box=rt.box, tasks=rt.service, audit=AuditLog(rt.db, clock=rt.clock),
+            key_grace_hours=settings.key_grace_hours, clock=rt.clock,
+        )  # fmt: skip
+        return await work(rt, service)
+
+    return run_with_runtime(config, with_service)
 
 
 def _print_json(data: Any) -> None:

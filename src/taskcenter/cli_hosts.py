@@ -6,7 +6,6 @@ pick them up within a few seconds.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,10 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from taskcenter.audit import AuditLog
-from taskcenter.cli_admin import ConfigOpt, JsonOpt, _actor, _console, _fail, _print_json
-from taskcenter.config import Settings, load_settings
+from taskcenter.cli_admin import ConfigOpt, JsonOpt, _actor, _console, _fail, _print_json, run_with_runtime
+from taskcenter.config import Settings
 from taskcenter.domain.task import rfc3339
-from taskcenter.errors import TaskCenterError
 from taskcenter.hosts import POLICY_FIELDS, HostService, HostView
 from taskcenter.runtime import Runtime
 
@@ -38,31 +36,19 @@ _NONE_READS = {"burst": "1 s of the rate", "breaker_ratio": "off"}
 
 
 def _run(config: Path | None, work: Callable[[HostService], Coroutine[Any, Any, T]]) -> T:
-    """Build a runtime from the settings and run ``work``; a TaskCenterError becomes one line and exit code 1."""
-    try:
-        settings: Settings = load_settings(config)
-    except TaskCenterError as exc:
-        raise _fail(exc.message, 2) from None
+    """Run ``work`` with the host service of a fresh runtime."""
 
-    async def main() -> T:
-        rt = Runtime(settings)
-        try:
-            await rt.start()
-            service = HostService(
-                db=rt.db,
-                audit=AuditLog(rt.db, clock=rt.clock),
-                defaults=settings.host_defaults(),
-                clock=rt.clock,
-                settle_s=rt.policies.refresh_s,
-            )
-            return await work(service)
-        finally:
-            await rt.close()
+    async def with_service(rt: Runtime, settings: Settings) -> T:
+        service = HostService(
+            db=rt.db,
+            audit=AuditLog(rt.db, clock=rt.clock),
+            defaults=settings.host_defaults(),
+            clock=rt.clock,
+            settle_s=rt.policies.refresh_s,
+        )
+        return await work(service)
 
-    try:
-        return asyncio.run(main())
-    except TaskCenterError as exc:
-        raise _fail(escape(exc.message)) from None
+    return run_with_runtime(config, with_service)
 
 
 def _duration_s(text: str) -> float:
