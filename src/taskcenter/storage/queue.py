@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.storage.database import Database
-from taskcenter.storage.schema import DUE_SQL, attempts, businesses, tasks
+from taskcenter.storage.schema import DUE_SQL, attempts, tasks
 
 # Literal predicates (not bound parameters) so PostgreSQL's generic plans can still use the partial indexes.
 _DUE = sa.text(DUE_SQL)
@@ -439,15 +439,3 @@ async def rescue(db: Database, *, now: datetime, limit: int = 500) -> list[int]:
             [{"b_id": r.id, "b_now": now} for r in rows],
         )
     return [r.id for r in rows]
-
-
-async def business_codes(db: Database, pks: Iterable[int]) -> dict[int, str]:
-    """Business codes by primary key (the dispatcher caches these)."""
-    wanted = list(set(pks))
-    if not wanted:
-        return {}
-    async with db.read() as conn:
-        rows = await conn.execute(
-            sa.select(businesses.c.id, businesses.c.code).where(businesses.c.id.in_(wanted))
-        )
-        return {r.id: r.code for r in rows}
