@@ -153,6 +153,33 @@ async def test_host_rate_and_burst_bound_every_one_second_window(
     assert 40 / (times[-1] - times[4]) == pytest.approx(10, rel=0.1)
 
 
+async def test_host_rate_holds_at_the_receiver_when_a_stall_delays_the_admitted_burst(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """The loop stalls 0.4 s right after the first admission (as a GC pause or a slow commit would): the burst
+    leaves late, the held tasks due meanwhile must not leave with it."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=10, burst=5)
+    await make_tasks(runtime, biz, receiver.url("/stall"), 30, "s")
+    async with running(runtime, concurrency=20) as dispatcher:
+        assert dispatcher.traffic is not None
+        admit = dispatcher.traffic.admit
+        stalled = False
+
+        async def admit_then_stall(*args: Any) -> Any:
+            nonlocal stalled
+            verdict = await admit(*args)
+            if not stalled:
+                stalled = True
+                time.sleep(0.4)  # blocks the event loop, like a long GC pause
+            return verdict
+
+        dispatcher.traffic.admit = admit_then_stall  # type: ignore[method-assign,assignment]
+        await receiver.wait_for(30, "/stall", timeout=15)
+    assert stalled
+    assert_within_rate(arrivals(receiver, "/stall"), 10, 5, first_slack=0.0)
+
+
 async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(
     runtime: Runtime, receiver: Receiver
 ) -> None:

@@ -19,6 +19,7 @@ from taskcenter.domain.traffic import (
     State,
     Verdict,
     admit,
+    pace,
     record,
     refill,
 )
@@ -506,3 +507,43 @@ def test_pause_over_lets_tasks_through_at_the_rate() -> None:
     paused = record(refill(FRESH, limits, 1000.0), limits, ["rate_limited"], 1000.0, 1002.0)
     verdicts, _ = admit_one_host(5, paused, limits, now=1002.0)
     assert admitted(verdicts) == 2
+
+
+# -- send-time pacing -------------------------------------------------------------------------------------
+
+
+def test_pace_lets_a_full_bucket_go_then_spaces_requests_by_the_rate() -> None:
+    limits = Limits(rate_per_second=10, burst=5)
+    state, waits = None, []
+    for _ in range(8):
+        state, wait = pace(state, limits, 100.0)
+        waits.append(round(wait, 3))
+    # Five leave at once; each later one waits for its own token, queued behind the ones already waiting.
+    assert waits == [0.0] * 5 + [0.1, 0.2, 0.3]
+
+
+def test_pace_after_a_stall_bounds_every_window_from_the_first_send() -> None:
+    """Tasks admitted on time but sent after a 0.4 s stall must not leave as one clump of 5 + 4."""
+    limits = Limits(rate_per_second=10, burst=5)
+    state = None
+    leave = []
+    for _ in range(9):  # the burst plus the four held tasks that fell due during the stall
+        state, wait = pace(state, limits, 0.4)
+        leave.append(0.4 + wait)
+    assert sum(1 for t in leave if t < 0.4 + 1.0) <= 15
+    assert leave[5:] == pytest.approx([0.5, 0.6, 0.7, 0.8], abs=1e-3)
+
+
+def test_pace_never_binds_while_sends_follow_the_rate() -> None:
+    limits = Limits(rate_per_second=10, burst=1)
+    state = None
+    for i in range(20):
+        state, wait = pace(state, limits, 1.0 + i * 0.1)
+        assert wait == 0.0
+
+
+def test_pace_without_a_rate_never_waits() -> None:
+    state = None
+    for _ in range(1000):
+        state, wait = pace(state, Limits(), 5.0)
+        assert wait == 0.0

@@ -26,6 +26,7 @@ from taskcenter.crypto import SecretBox, mask_headers
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
 from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
+from taskcenter.domain.traffic import State, pace
 from taskcenter.errors import PermanentFailure, StorageError, TaskCenterError
 from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
@@ -85,6 +86,7 @@ class Dispatcher:
         self._ready: collections.deque[Mapping[str, Any]] = collections.deque()
         self._policies: dict[str, RetryPolicy] = {}
         self._held: set[int] = set()  # claimed and not yet written back: their leases need heartbeats
+        self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
         self._pending_events: list[tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None]] = []
         self.delivered = 0
@@ -241,7 +243,27 @@ class Dispatcher:
 
     # -- one attempt ----------------------------------------------------------------------------------
 
+    async def _pace(self, host: str) -> None:
+        """Wait, if need be, so this dispatcher's requests to ``host`` leave at no more than its rate.
+
+        Admission already spent the shared tokens; this only spaces out requests that a stall between admission
+        and sending bunched together (see ``domain.traffic.pace``). A cancellation here (shutdown) leaves the task
+        unsent and unrecorded, so it is released without an attempt charged.
+        """
+        assert self.traffic is not None
+        limits = self.traffic.host_limits(host)
+        if limits.rate_per_second is None:
+            return
+        if len(self._pacers) > 10_000:
+            self._pacers.clear()
+        self._pacers[host], wait = pace(self._pacers.get(host), limits, time.monotonic())
+        if wait > 0:
+            self.traffic.deferred["host_pace"] += 1
+            await asyncio.sleep(wait)
+
     async def _attempt(self, row: Mapping[str, Any]) -> None:
+        if self.traffic is not None and row["type"] == "http":
+            await self._pace(row["host"])
         started = self.clock()
         number = row["attempts"] + 1
         request_record: dict[str, Any] | None = None

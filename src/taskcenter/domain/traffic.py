@@ -102,6 +102,24 @@ def book(state: State, limits: Limits, now: float) -> State:
     return replace(state, booked_until=slot)
 
 
+def pace(state: State | None, limits: Limits, now: float) -> tuple[State, float]:
+    """A dispatcher's own last check as a request leaves: how long to wait so its sends keep the host's rate.
+
+    Admission spends the shared bucket's tokens when a task is claimed; the request leaves a little later. When
+    that delay grows (the event loop or the claim's commit stalls), tasks admitted on time leave in a clump,
+    together with the held ones that fall due meanwhile, and the receiver sees more than the rate allows. This
+    local bucket of the same size replays the rate at the moment of sending: it never binds while sends follow
+    their admission, and after a stall it spaces the clump out again. ``None`` starts a full bucket. Waiting
+    requests queue up as debt (tokens below zero), so each one waits for its own token.
+    """
+    rate = limits.rate_per_second
+    if rate is None:
+        return State(tokens=0.0, refilled_at=now), 0.0
+    state = State(tokens=limits.capacity, refilled_at=now) if state is None else refill(state, limits, now)
+    wait = max(0.0, (_WHOLE_TOKEN - state.tokens) / rate)
+    return replace(state, tokens=state.tokens - 1), wait
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """For one task: go now (``defer_until is None``), or wait until then. ``reason`` names what held it."""
