@@ -24,6 +24,7 @@ from taskcenter.errors import (
     Forbidden,
     InvalidTransition,
     LimitExceeded,
+    StorageError,
     TaskCenterError,
     TaskNotFound,
     ValidationError,
@@ -95,6 +96,18 @@ class Business:
 
 
 @dataclass(slots=True)
+class _PendingCreate:
+    """A prepared row waiting for the next group commit, and the future its caller awaits."""
+
+    row: dict[str, Any]
+    done: asyncio.Future[None]
+
+
+#: At most this many single creates share one transaction (a batch's own limit).
+GROUP_COMMIT_MAX = 1000
+
+
+@dataclass(slots=True)
 class _ActiveCount:
     """A per-business count of live tasks, re-read from the database only when it may be near the limit."""
 
@@ -117,6 +130,11 @@ class TaskService:
     poll_interval_s: float = 5.0
     _businesses: dict[str, Business] = field(default_factory=dict, init=False)
     _active: dict[int, _ActiveCount] = field(default_factory=dict, init=False)
+    _pending: list[_PendingCreate] = field(default_factory=list, init=False)
+    _flusher: asyncio.Task[None] | None = field(default=None, init=False)
+    group_commits: int = field(default=0, init=False)
+    """How many transactions single creates were written in, failed ones included (fewer than creates under
+    load)."""
 
     # -- businesses -----------------------------------------------------------------------------------
 
@@ -223,10 +241,7 @@ class TaskService:
         if connection is not None:
             await self.insert_prepared(connection, row)
         else:
-            async with self.db.write() as conn:
-                await self.insert_prepared(conn, row)
-            if self.needs_wakeup(row):
-                self.notifier.wake()
+            await self._group_commit(row)
         task = self._task_from_new_row(business, row)
         if self.events.wants("created"):
             await self.events.emit("created", task.to_dict())
@@ -236,6 +251,99 @@ class TaskService:
         """Insert a prepared row on ``conn`` (see :func:`taskcenter.storage.tasks.insert_row`)."""
         channel = NOTIFY_CHANNEL if self.needs_wakeup(row) else None
         row["id"] = await conn.run_sync(task_sql.insert_row, row, notify_channel=channel)
+
+    # -- group commit ---------------------------------------------------------------------------------
+    #
+    # Single creates that arrive while a transaction is being written wait for the next one and go in
+    # together: one multi-row INSERT … ON CONFLICT DO NOTHING RETURNING and one COMMIT for all of them, instead
+    # of a transaction (and on SQLite a turn of the one writer connection) each. An idle server writes the
+    # first create at once, so coalescing adds no wait; under load the groups grow with the backlog. Each
+    # caller still gets its own outcome: its row id, DuplicateTask naming the live task, or the error of its
+    # own row (a group that fails is retried one row per transaction, so one bad row fails only its caller).
+
+    async def _group_commit(self, row: dict[str, Any]) -> None:
+        """Store ``row`` in the next group transaction; sets ``row["id"]`` or raises that row's error."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append(_PendingCreate(row, done))
+        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush_groups(), name="tc-group-commit")
+        # A caller cancelled before its group is taken is simply not stored (the flusher skips it); once taken,
+        # its row is written with the group, as a create cancelled after its COMMIT would be.
+        await done
+
+    async def _flush_groups(self) -> None:
+        try:
+            while self._pending:
+                group = [p for p in self._pending[:GROUP_COMMIT_MAX] if not p.done.done()]
+                del self._pending[:GROUP_COMMIT_MAX]
+                if group:
+                    await self._store_group(group)
+        finally:
+            # Never leave a caller waiting (e.g. the flusher cancelled at shutdown).
+            left = self._pending if asyncio.current_task() is self._flusher else []
+            for pending in left:
+                if not pending.done.done():
+                    pending.done.set_exception(StorageError("the create was not stored: shutting down"))
+            left.clear()
+
+    async def _store_group(self, group: list[_PendingCreate]) -> None:
+        """One transaction for ``group``; each future gets its row's outcome. Never raises."""
+        outcomes: dict[int, BaseException | None] = {}
+        self.group_commits += 1
+        try:
+            async with self.db.write() as conn:
+                outcomes = await self._insert_group(conn, [p.row for p in group])
+        except TaskCenterError as exc:
+            if len(group) > 1:
+                # Something in the group broke the transaction: retry each row alone so that the error
+                # reaches only the caller whose row caused it.
+                for pending in group:
+                    pending.row.pop("id", None)  # set before the rollback; not stored
+                    await self._store_group([pending])
+                return
+            outcomes = {0: exc}
+        except asyncio.CancelledError:
+            for pending in group:
+                if not pending.done.done():
+                    pending.done.set_exception(StorageError("the create was not stored: shutting down"))
+            raise
+        except Exception as exc:  # a bug: report it to every caller rather than leave them waiting
+            outcomes = dict.fromkeys(range(len(group)), exc)
+        if any(outcomes.get(n) is None and self.needs_wakeup(p.row) for n, p in enumerate(group)):
+            self.notifier.wake()
+        for n, pending in enumerate(group):
+            if pending.done.done():
+                continue
+            error = outcomes.get(n)
+            if error is None:
+                pending.done.set_result(None)
+            else:
+                pending.done.set_exception(error)
+
+    async def _insert_group(
+        self, conn: AsyncConnection, rows: list[dict[str, Any]]
+    ) -> dict[int, BaseException | None]:
+        """Insert ``rows`` on ``conn``; sets each stored row's ``id``; returns each row's error (None: stored)."""
+        stored = (await conn.execute(task_sql.insert_one_statement(self.db.dialect), rows)).all()
+        ids = {str(s.uuid): int(s.id) for s in stored}
+        outcomes: dict[int, BaseException | None] = {}
+        for n, row in enumerate(rows):
+            row_id = ids.get(row["uuid"])
+            if row_id is not None:
+                row["id"] = row_id
+                outcomes[n] = None
+                continue
+            # ON CONFLICT skipped it: its business_id is live already (maybe by a row earlier in this group).
+            existing = await task_sql.live_task_uuid(conn, row["business_pk"], row["business_id"])
+            outcomes[n] = DuplicateTask(
+                f"business_id {row['business_id']!r} already has a live task {existing}",
+                existing_id=str(existing) if existing else None,
+            )
+        if stored and self.db.is_postgres and any(self.needs_wakeup(r) for r in rows if "id" in r):
+            # Delivered at commit: wakes the dispatchers of other processes.
+            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+        return outcomes
 
     async def create_tasks(
         self, business: Business, items: Sequence[Mapping[str, Any]], *, traceparent: str | None = None

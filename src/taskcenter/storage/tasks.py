@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -32,8 +33,12 @@ def insert_statement(dialect: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     )
 
 
+@functools.cache
 def insert_one_statement(dialect: str) -> Any:
-    """The single-row form of :func:`insert_statement`, with bound parameters (one compiled statement, reused)."""
+    """The single-row form of :func:`insert_statement`, with bound parameters (one compiled statement, reused).
+
+    Built once per dialect: constructing the statement object cost more per create than running it cached.
+    """
     ins = postgresql.insert(tasks) if dialect == "postgresql" else sqlite.insert(tasks)
     return ins.on_conflict_do_nothing(
         index_elements=[tasks.c.business_pk, tasks.c.business_id], index_where=_LIVE

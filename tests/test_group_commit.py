@@ -1,0 +1,134 @@
+"""Single creates that arrive together share one transaction (group commit), yet each caller keeps its own
+outcome: its task, a 409 naming the live task, or the error of its own row — never another caller's."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+
+from taskcenter.errors import DuplicateTask, StorageError
+from taskcenter.runtime import Runtime
+from taskcenter.storage.schema import tasks
+from tests.test_api_support import PROBLEM, Api, serving, task_body
+
+
+@pytest_asyncio.fixture
+async def api(db_url: str) -> AsyncIterator[Api]:
+    async with serving(db_url) as client:
+        yield client
+
+
+async def _stored(runtime: Runtime) -> dict[str, tuple[str, int]]:
+    """Every stored task: uuid -> (business_id, business_pk)."""
+    async with runtime.db.read() as conn:
+        rows = (await conn.execute(sa.select(tasks.c.uuid, tasks.c.business_id, tasks.c.business_pk))).all()
+    return {str(r.uuid): (r.business_id, r.business_pk) for r in rows}
+
+
+async def test_concurrent_creates_share_transactions_and_keep_their_own_results(api: Api) -> None:
+    key = await api.business_key("shop")
+    first = await api.create(key, "taken")  # also warms the active-task count
+    service = api.runtime.service
+    commits_before = service.group_commits
+    names = [f"order-{n}" for n in range(40)] + ["taken", "taken", "twice", "twice"]
+    responses = await asyncio.gather(
+        *(api.client.post("/tasks", json=task_body(name), headers=key) for name in names)
+    )
+    commits = service.group_commits - commits_before
+    assert commits < len(names), "concurrent creates were not coalesced"
+
+    by_name: dict[str, list[Any]] = {}
+    for name, response in zip(names, responses, strict=True):
+        by_name.setdefault(name, []).append(response)
+    # Every distinct new business_id is created, each response naming its own task.
+    stored = await _stored(api.runtime)
+    for n in range(40):
+        (response,) = by_name[f"order-{n}"]
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["business_id"] == f"order-{n}"
+        assert stored[body["id"]][0] == f"order-{n}"
+        assert response.headers["location"] == f"/api/v1/tasks/{body['id']}"
+    # A business_id already live answers 409 naming the live task, for each caller.
+    for response in by_name["taken"]:
+        assert response.status_code == 409 and response.headers["content-type"] == PROBLEM
+        problem = response.json()
+        assert problem["type"] == "https://taskcenter.dev/problems/duplicate"
+        assert problem["existing_id"] == first["id"] and problem["field"] == "business_id"
+    # Two callers racing for one new business_id: exactly one wins, the other is told which task holds it.
+    statuses = sorted(r.status_code for r in by_name["twice"])
+    assert statuses == [201, 409]
+    winner = next(r.json() for r in by_name["twice"] if r.status_code == 201)
+    loser = next(r.json() for r in by_name["twice"] if r.status_code == 409)
+    assert loser["existing_id"] == winner["id"]
+    assert sorted(b for b, _ in stored.values()) == sorted({*names})
+
+
+async def test_a_failing_row_fails_only_its_own_caller(runtime: Runtime) -> None:
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    # A business the database does not know: its row breaks the foreign key, a real failure of the transaction.
+    ghost = dataclasses.replace(shop, pk=shop.pk + 1000, code="ghost")
+    with pytest.raises(StorageError):
+        await service.create_task(ghost, task_body("warm-ghost"))  # alone; also warms its active count
+    await service.create_task(shop, task_body("warm-shop"))
+    commits_before = service.group_commits
+
+    names = [f"order-{n}" for n in range(10)]
+    calls = [service.create_task(shop, task_body(name)) for name in names[:5]]
+    calls.append(service.create_task(ghost, task_body("ghost-1")))
+    calls += [service.create_task(shop, task_body(name)) for name in names[5:]]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(outcomes[5], StorageError)
+    created = [o for n, o in enumerate(outcomes) if n != 5]
+    assert not any(isinstance(o, BaseException) for o in created), created
+    stored = await _stored(runtime)
+    for name, task in zip(names, created, strict=True):
+        assert not isinstance(task, BaseException)
+        assert task.business_id == name and task.business_code == "shop"
+        assert stored[task.id] == (name, shop.pk)
+        assert (await service.get_task(shop, task.id)).row_id == task.row_id
+    assert sorted(b for b, _ in stored.values()) == sorted([*names, "warm-shop"])
+    # The group failed once, then every row was retried alone.
+    assert service.group_commits - commits_before == 1 + len(calls)
+
+
+async def test_a_duplicate_inside_one_group_names_the_task_created_in_that_group(runtime: Runtime) -> None:
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    await service.create_task(shop, task_body("warm"))
+    commits_before = service.group_commits
+    outcomes = await asyncio.gather(
+        service.create_task(shop, task_body("same")),
+        service.create_task(shop, task_body("other")),
+        service.create_task(shop, task_body("same")),
+        return_exceptions=True,
+    )
+    assert service.group_commits - commits_before == 1
+    first, other, second = outcomes
+    assert not isinstance(first, BaseException) and not isinstance(other, BaseException)
+    assert isinstance(second, DuplicateTask) and second.existing_id == first.id
+    assert other.business_id == "other"
+
+
+async def test_a_caller_cancelled_before_its_group_is_written_stores_nothing(runtime: Runtime) -> None:
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    await service.create_task(shop, task_body("warm"))
+    kept = asyncio.ensure_future(service.create_task(shop, task_body("kept")))
+    dropped = asyncio.ensure_future(service.create_task(shop, task_body("dropped")))
+    await asyncio.sleep(0)  # both are queued; the flusher has not taken them yet
+    dropped.cancel()
+    task = await kept
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    stored = await _stored(runtime)
+    assert stored[task.id][0] == "kept"
+    assert "dropped" not in {b for b, _ in stored.values()}
