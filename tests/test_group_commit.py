@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 
 from taskcenter.errors import DuplicateTask, StorageError
 from taskcenter.runtime import Runtime
+from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.schema import tasks
 from tests.test_api_support import PROBLEM, Api, serving, task_body
 
@@ -132,3 +134,49 @@ async def test_a_caller_cancelled_before_its_group_is_written_stores_nothing(run
     stored = await _stored(runtime)
     assert stored[task.id][0] == "kept"
     assert "dropped" not in {b for b, _ in stored.values()}
+
+
+async def test_insert_many_stores_exactly_what_the_single_row_insert_stores(runtime: Runtime) -> None:
+    """The batch insert (one unnest statement on PostgreSQL) against the outbox's single-row insert."""
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    extra: dict[str, Any] = {
+        "headers": {"Authorization": "Bearer s3cret", "X-Trace": "1"},
+        "metadata": {"k": ["v", 1, None]},
+        "notify": {"url": "https://example.com/done"},
+        "success_codes": [200, 201],
+        "priority": 7,
+        "delay": 30,
+        "timeout": 2.5,
+        "retry": {"strategy": "intervals", "intervals": [1, 2]},
+    }
+    single = service.prepare(shop, task_body("single", **extra))
+    many = [service.prepare(shop, task_body(f"many-{n}", **extra)) for n in range(3)]
+    many.append(service.prepare(shop, task_body("no-extras")))
+    async with runtime.db.write() as conn:
+        await conn.run_sync(task_sql.insert_row, single)
+    async with runtime.db.write() as conn:
+        stored = await task_sql.insert_many(conn, [*many, dict(many[0], uuid=str(uuid.uuid4()))])
+    assert [u for _, u in stored] == [r["uuid"] for r in many]  # the repeated business_id is skipped
+
+    times = ("created_at", "updated_at", "next_attempt_at", "scheduled_at")
+
+    def comparable(row: Any) -> dict[str, Any]:
+        out = {
+            k: v for k, v in row._mapping.items() if k not in ("id", "uuid", "business_id", "body", *times)
+        }
+        out.update({k: row._mapping[k] - row.created_at for k in times})  # prepared a few µs apart
+        return out
+
+    async with runtime.db.read() as conn:
+        rows = {r.business_id: r for r in (await conn.execute(sa.select(tasks))).all()}
+        nulls = (
+            await conn.execute(sa.select(sa.func.count()).select_from(tasks).where(tasks.c.payload.is_(None)))
+        ).scalar_one()
+    assert len(rows) == 5
+    for n in range(3):
+        assert comparable(rows[f"many-{n}"]) == comparable(rows["single"])
+        assert rows[f"many-{n}"].body == f'{{"id":"many-{n}"}}'
+    assert rows["no-extras"].metadata is None and rows["no-extras"].notify is None
+    # Absent JSON values are stored alike by both inserts (JSON null, not SQL NULL): none or all of them.
+    assert nulls in (0, 5)

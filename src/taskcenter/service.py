@@ -325,8 +325,8 @@ class TaskService:
         self, conn: AsyncConnection, rows: list[dict[str, Any]]
     ) -> dict[int, BaseException | None]:
         """Insert ``rows`` on ``conn``; sets each stored row's ``id``; returns each row's error (None: stored)."""
-        stored = (await conn.execute(task_sql.insert_one_statement(self.db.dialect), rows)).all()
-        ids = {str(s.uuid): int(s.id) for s in stored}
+        stored = await task_sql.insert_many(conn, rows)
+        ids = {uuid: row_id for row_id, uuid in stored}
         outcomes: dict[int, BaseException | None] = {}
         for n, row in enumerate(rows):
             row_id = ids.get(row["uuid"])
@@ -377,15 +377,13 @@ class TaskService:
         if rows:
             await self._check_active_limit(business, len(rows))
             async with self.db.write() as conn:
-                # One compiled single-row statement, executed for many rows: SQLAlchemy's "insertmanyvalues"
-                # sends multi-row INSERT … RETURNING pages within the driver's bound-parameter limit, without
-                # compiling a 1000-row statement (which cost more than the insert itself).
-                insert = task_sql.insert_one_statement(self.db.dialect)
-                stored = (await conn.execute(insert, [r for _, r in rows])).all()
-                ids = {s.business_id: s.id for s in stored}
+                # Not a 1000-row statement compiled per batch (which cost more than the insert itself): see
+                # insert_many (one unnest statement on PostgreSQL, insertmanyvalues pages elsewhere).
+                stored = await task_sql.insert_many(conn, [r for _, r in rows])
+                ids = {uuid: row_id for row_id, uuid in stored}
                 for n, row in rows:
-                    if row["business_id"] in ids:
-                        row["id"] = ids[row["business_id"]]
+                    if row["uuid"] in ids:
+                        row["id"] = ids[row["uuid"]]
                         results[n] = {"status": 201, "task": self._task_from_new_row(business, row)}
                     else:
                         existing = await task_sql.live_task_uuid(conn, business.pk, row["business_id"])

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,6 +44,58 @@ def insert_one_statement(dialect: str) -> Any:
     return ins.on_conflict_do_nothing(
         index_elements=[tasks.c.business_pk, tasks.c.business_id], index_where=_LIVE
     ).returning(tasks.c.id, tasks.c.uuid, tasks.c.business_id)
+
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _pg_type(column: sa.Column[Any]) -> str:
+    return str(column.type.dialect_impl(_PG).compile(dialect=_PG))
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's value as the engines serialise it (``Database``'s ``json_serializer``)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+#: JSON columns take their values serialised (the driver's jsonb codec sends text as is).
+_JSON_COLUMNS = frozenset(c.name for c in tasks.columns if isinstance(c.type, sa.JSON))
+
+
+@functools.cache
+def _unnest_insert(columns: tuple[str, ...]) -> str:
+    """PostgreSQL: insert any number of rows with one statement of one array parameter per column."""
+    names = ", ".join(f'"{name}"' for name in columns)
+    arrays = ", ".join(f"${n}::{_pg_type(tasks.c[name])}[]" for n, name in enumerate(columns, 1))
+    return (
+        f"INSERT INTO tasks ({names}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid"
+    )
+
+
+async def insert_many(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """Insert prepared rows, skipping those whose ``business_id`` is live already; ``(id, uuid)`` of the stored.
+
+    On PostgreSQL one ``INSERT … SELECT FROM unnest(…)`` takes every row: one statement text whatever the
+    count (prepared once per connection), no bound-parameter limit, one round trip. Elsewhere the single-row
+    statement runs as SQLAlchemy's multi-row "insertmanyvalues" pages. Either way JSON ``None`` is stored as
+    JSON ``null``, as the single-row insert stores it.
+    """
+    if not rows:
+        return []
+    keys = rows[0].keys()
+    if conn.dialect.name != "postgresql" or "id" in keys or any(r.keys() != keys for r in rows):
+        stored = (await conn.execute(insert_one_statement(conn.dialect.name), list(rows))).all()
+        return [(int(r.id), str(r.uuid)) for r in stored]
+    columns = tuple(keys)
+    arrays: list[list[Any]] = []
+    for name in columns:
+        if name in _JSON_COLUMNS:
+            arrays.append([json_text(r[name]) for r in rows])
+        else:
+            arrays.append([r[name] for r in rows])
+    result = await conn.exec_driver_sql(_unnest_insert(columns), tuple(arrays))
+    return [(int(r.id), str(r.uuid)) for r in result]
 
 
 def insert_row(conn: sa.Connection, row: dict[str, Any], *, notify_channel: str | None = None) -> int:
