@@ -6,6 +6,7 @@ that another worker now holds (compare-and-set; the loser's row count is simply 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -79,8 +80,15 @@ class Written:
     lost: list[int]
 
 
-def _due_ids(now: datetime, limit: int, businesses: Sequence[int]) -> Any:
+_NOW = sa.bindparam("b_now", type_=tasks.c.next_attempt_at.type)
+_LIMIT = sa.bindparam("b_limit", type_=sa.Integer)
+
+
+def _due_ids(businesses: Sequence[int]) -> Any:
     """The ids to claim: with known businesses, round-robin across them (fairness), else one global order.
+
+    The time and the batch size are bound parameters (``b_now``, ``b_limit``), so the statement is built once
+    per list of businesses (see :func:`_claim_statement`), not once per claim.
 
     Each business contributes its own first ``limit`` due tasks (its own priority, then due-time order), and the
     batch takes the first of every business, then the second of every business, and so on — so a business's
@@ -91,27 +99,27 @@ def _due_ids(now: datetime, limit: int, businesses: Sequence[int]) -> Any:
     if not businesses:
         return (
             sa.select(tasks.c.id)
-            .where(_DUE, tasks.c.next_attempt_at <= now)
+            .where(_DUE, tasks.c.next_attempt_at <= _NOW)
             .order_by(*order)
-            .limit(limit)
+            .limit(_LIMIT)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
     cols = (tasks.c.id, tasks.c.business_pk, tasks.c.priority, tasks.c.next_attempt_at)
     branches = [
         sa.select(*cols)
-        .where(_DUE, tasks.c.business_pk == pk, tasks.c.next_attempt_at <= now)
+        .where(_DUE, tasks.c.business_pk == pk, tasks.c.next_attempt_at <= _NOW)
         .order_by(*order)
-        .limit(limit)
+        .limit(_LIMIT)
         .with_for_update(skip_locked=True)
         .subquery(f"b{n}")
         for n, pk in enumerate(businesses)
     ]
     branches.append(
         sa.select(*cols)
-        .where(_DUE, tasks.c.business_pk > max(businesses), tasks.c.next_attempt_at <= now)
+        .where(_DUE, tasks.c.business_pk > max(businesses), tasks.c.next_attempt_at <= _NOW)
         .order_by(*order)
-        .limit(limit)
+        .limit(_LIMIT)
         .with_for_update(skip_locked=True)
         .subquery("bnew")
     )
@@ -125,7 +133,7 @@ def _due_ids(now: datetime, limit: int, businesses: Sequence[int]) -> Any:
     return (
         sa.select(ranked.c.id)
         .order_by(ranked.c.rn, ranked.c.priority.desc(), ranked.c.next_attempt_at)
-        .limit(limit)
+        .limit(_LIMIT)
         .scalar_subquery()
     )
 
@@ -134,6 +142,22 @@ Admission = Callable[
     [AsyncConnection, Sequence[Mapping[Any, Any]], datetime],
     Awaitable[tuple[list[Mapping[Any, Any]], list[tuple[int, datetime]]]],
 ]
+
+
+@functools.lru_cache(maxsize=16)
+def _claim_statement(businesses: tuple[int, ...]) -> Any:
+    """The claim for this list of businesses, built (and compiled by SQLAlchemy's cache) once, not per claim."""
+    return (
+        sa.update(tasks)
+        .where(tasks.c.id.in_(_due_ids(businesses)))
+        .values(
+            status="processing",
+            lease_owner=sa.bindparam("b_worker"),
+            lease_expires_at=sa.bindparam("b_until", type_=tasks.c.lease_expires_at.type),
+            updated_at=_NOW,
+        )
+        .returning(*CLAIM_COLUMNS)
+    )
 
 
 async def claim(
@@ -151,19 +175,15 @@ async def claim(
     PostgreSQL skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``); SQLite has one writer.
     Held-back tasks are put straight back with a later due time: no attempt charged, no slot occupied.
     """
-    stmt = (
-        sa.update(tasks)
-        .where(tasks.c.id.in_(_due_ids(now, limit, sorted(businesses))))
-        .values(
-            status="processing",
-            lease_owner=worker,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            updated_at=now,
-        )
-        .returning(*CLAIM_COLUMNS)
-    )
+    stmt = _claim_statement(tuple(sorted(businesses)))
+    params = {
+        "b_now": now,
+        "b_limit": limit,
+        "b_worker": worker,
+        "b_until": now + timedelta(seconds=lease_s),
+    }
     async with db.write() as conn:
-        rows: Sequence[Mapping[Any, Any]] = (await conn.execute(stmt)).mappings().all()
+        rows: Sequence[Mapping[Any, Any]] = (await conn.execute(stmt, params)).mappings().all()
         if admission is not None and rows:
             rows, deferred = await admission(conn, rows, now)
             if deferred:
@@ -247,13 +267,18 @@ _FINISH_CANCELLED = (
 )
 
 
+_HELD = (
+    sa.select(tasks.c.id, tasks.c.status)
+    .where(
+        tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)), tasks.c.lease_owner == sa.bindparam("b_worker")
+    )
+    .with_for_update()
+)
+
+
 async def _held(conn: AsyncConnection, worker: str, ids: list[int]) -> dict[int, str]:
     """Lock and return the tasks (id → status) this worker still holds among ``ids``."""
-    rows = await conn.execute(
-        sa.select(tasks.c.id, tasks.c.status)
-        .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
-        .with_for_update()
-    )
+    rows = await conn.execute(_HELD, {"b_ids": ids, "b_worker": worker})
     return {row.id: row.status for row in rows}
 
 
