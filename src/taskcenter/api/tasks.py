@@ -178,6 +178,7 @@ class FastCreate:
 
 
 _TASK_CREATE = TypeAdapter(TaskCreate)
+_TASK_LIST = TypeAdapter(list[TaskCreate])
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
@@ -254,14 +255,21 @@ async def create_batch(
     items = _batch_items(await request.body())
     results: list[dict[str, Any]] = [{} for _ in items]
     valid: list[tuple[int, dict[str, Any]]] = []
-    for n, item in enumerate(items):
-        try:
-            valid.append((n, TaskCreate.model_validate(item).model_dump(exclude_unset=True, by_alias=True)))
-        except PydanticValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(p) for p in error["loc"]) or None
-            results[n] = {"index": n, "status": 422, "error": f"{field}: {error['msg']}" if field else error["msg"],
-                          "field": field}  # fmt: skip
+    try:
+        # The common case, every item valid: two calls into pydantic-core for the batch, not two per item.
+        dumped = _TASK_LIST.dump_python(_TASK_LIST.validate_python(items), exclude_unset=True, by_alias=True)
+        valid = list(enumerate(dumped))
+    except PydanticValidationError:
+        for n, item in enumerate(items):  # item by item, to report each invalid one on its own
+            try:
+                valid.append(
+                    (n, TaskCreate.model_validate(item).model_dump(exclude_unset=True, by_alias=True))
+                )
+            except PydanticValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(str(p) for p in error["loc"]) or None
+                results[n] = {"index": n, "status": 422,
+                              "error": f"{field}: {error['msg']}" if field else error["msg"], "field": field}  # fmt: skip
     if valid:
         stored = await ctx.tasks.create_tasks(business, [data for _, data in valid], traceparent=traceparent)
         for (n, _), outcome in zip(valid, stored, strict=True):
