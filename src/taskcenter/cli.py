@@ -26,6 +26,7 @@ from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
+from taskcenter.heap import settle_heap
 from taskcenter.logs import setup_logging
 from taskcenter.runtime import Runtime
 
@@ -177,7 +178,7 @@ class _Server:
 
 
 async def _serve(settings: Settings, *, with_worker: bool) -> None:
-    from taskcenter.api import create_app, settle_heap
+    from taskcenter.api import create_app
 
     async def work(rt: Runtime) -> None:
         server = _Server(create_app(rt, dispatcher_running=with_worker), settings)
@@ -220,6 +221,7 @@ def worker(
 
     async def work(rt: Runtime) -> None:
         dispatcher = rt.dispatcher()
+        settle_heap()  # start-up objects out of the GC's full collections (they stalled the event loop)
         _stop_on_signals(dispatcher.stop)
         err.print(f"taskcenter worker {dispatcher.name} on {rt.db.dialect}", highlight=False)
         await rt.run_dispatcher(dispatcher)

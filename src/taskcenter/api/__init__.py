@@ -1,5 +1,5 @@
 """The REST API (FastAPI) over the application services; ``create_app`` builds it from a runtime."""
 
-from taskcenter.api.app import create_app, settle_heap
+from taskcenter.api.app import create_app
 
-__all__ = ["create_app", "settle_heap"]
+__all__ = ["create_app"]

@@ -6,7 +6,6 @@ The application never runs the dispatcher; ``taskcenter serve`` runs it beside u
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,19 +80,6 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 }
     app.openapi_schema = schema
     return schema
-
-
-def settle_heap() -> None:
-    """Collect once, then keep every object alive now (modules, the app, the runtime) out of the cyclic GC.
-
-    For a long-running server, called once after start-up: the full collections that load triggers every few
-    seconds then scan only what requests created since. Without it each one walked the ~170,000 start-up
-    objects and stalled the event loop — every request in flight — for 100–250 ms (measured on the bench
-    machine: that was the create latency's p99). Not for processes that build many apps (tests): frozen
-    objects that later become cyclic garbage are never collected.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def create_app(
