@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from taskcenter.errors import DuplicateTask, StorageError
 from taskcenter.runtime import Runtime
+from taskcenter.service import NOTIFY_CHANNEL
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.schema import tasks
 from tests.test_api_support import PROBLEM, Api, serving, task_body
@@ -180,3 +181,35 @@ async def test_insert_many_stores_exactly_what_the_single_row_insert_stores(runt
     assert rows["no-extras"].metadata is None and rows["no-extras"].notify is None
     # Absent JSON values are stored alike by both inserts (JSON null, not SQL NULL): none or all of them.
     assert nulls in (0, 5)
+
+
+async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, backend: str) -> None:
+    """One NOTIFY per stored group or batch (folded into the insert), none when nothing was stored."""
+    if backend != "postgres":
+        pytest.skip("NOTIFY is PostgreSQL's")
+    import asyncpg
+
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    url = sa.make_url(runtime.db.url)
+    listener = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
+    )
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: received.put_nowait(args[3]))
+    try:
+        await asyncio.gather(*(service.create_task(shop, task_body(f"n-{n}")) for n in range(5)))
+        await asyncio.wait_for(received.get(), timeout=5)
+        await service.create_tasks(shop, [task_body("b-1"), task_body("b-2")])
+        await asyncio.wait_for(received.get(), timeout=5)
+        while not received.empty():  # a second group may have notified too
+            received.get_nowait()
+        with pytest.raises(DuplicateTask):
+            await service.create_task(shop, task_body("n-1"))
+        await service.create_tasks(shop, [task_body("b-1")])
+        await service.create_task(shop, task_body("last"))
+        assert await asyncio.wait_for(received.get(), timeout=5) == ""
+        await asyncio.sleep(0.2)
+        assert received.empty(), "a create that stored nothing notified"
+    finally:
+        await listener.close()

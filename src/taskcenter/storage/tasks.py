@@ -63,29 +63,41 @@ _JSON_COLUMNS = frozenset(c.name for c in tasks.columns if isinstance(c.type, sa
 
 
 @functools.cache
-def _unnest_insert(columns: tuple[str, ...]) -> str:
-    """PostgreSQL: insert any number of rows with one statement of one array parameter per column."""
+def _unnest_insert(columns: tuple[str, ...], notify: bool) -> str:
+    """PostgreSQL: insert any number of rows with one statement of one array parameter per column.
+
+    With ``notify``, each stored row also calls ``pg_notify`` on the channel given as the last parameter, which
+    saves the separate round trip; PostgreSQL folds a transaction's identical notifications into one, sent at
+    commit, and none when no row was stored.
+    """
     names = ", ".join(f'"{name}"' for name in columns)
     arrays = ", ".join(f"${n}::{_pg_type(tasks.c[name])}[]" for n, name in enumerate(columns, 1))
+    wake = f", pg_notify(${len(columns) + 1}::text, '')" if notify else ""
     return (
         f"INSERT INTO tasks ({names}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid"
+        f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid{wake}"
     )
 
 
-async def insert_many(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+async def insert_many(
+    conn: AsyncConnection, rows: Sequence[Mapping[str, Any]], *, notify_channel: str | None = None
+) -> list[tuple[int, str]]:
     """Insert prepared rows, skipping those whose ``business_id`` is live already; ``(id, uuid)`` of the stored.
 
     On PostgreSQL one ``INSERT … SELECT FROM unnest(…)`` takes every row: one statement text whatever the
     count (prepared once per connection), no bound-parameter limit, one round trip. Elsewhere the single-row
     statement runs as SQLAlchemy's multi-row "insertmanyvalues" pages. Either way JSON ``None`` is stored as
-    JSON ``null``, as the single-row insert stores it.
+    JSON ``null``, as the single-row insert stores it. ``notify_channel`` (PostgreSQL only): NOTIFY it at
+    commit if any row was stored.
     """
     if not rows:
         return []
     keys = rows[0].keys()
-    if conn.dialect.name != "postgresql" or "id" in keys or any(r.keys() != keys for r in rows):
+    postgres = conn.dialect.name == "postgresql"
+    if not postgres or "id" in keys or any(r.keys() != keys for r in rows):
         stored = (await conn.execute(insert_one_statement(conn.dialect.name), list(rows))).all()
+        if stored and postgres and notify_channel:
+            await conn.execute(sa.select(sa.func.pg_notify(notify_channel, "")))
         return [(int(r.id), str(r.uuid)) for r in stored]
     columns = tuple(keys)
     arrays: list[list[Any]] = []
@@ -94,7 +106,8 @@ async def insert_many(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) 
             arrays.append([json_text(r[name]) for r in rows])
         else:
             arrays.append([r[name] for r in rows])
-    result = await conn.exec_driver_sql(_unnest_insert(columns), tuple(arrays))
+    params: tuple[Any, ...] = (*arrays, notify_channel) if notify_channel else tuple(arrays)
+    result = await conn.exec_driver_sql(_unnest_insert(columns, bool(notify_channel)), params)
     return [(int(r.id), str(r.uuid)) for r in result]
 
 
