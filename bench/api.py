@@ -65,12 +65,15 @@ def _item(n: int, url: str, tag: str) -> dict[str, Any]:
 
 
 async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace) -> dict[str, Any]:
-    """``rate`` creates per second for ``seconds``, each started on schedule whatever the others are doing."""
+    """``rate`` creates per second for ``warmup`` + ``seconds``, each started on schedule whatever the others are
+    doing; the latencies of the first ``warmup`` seconds are kept apart (only their maximum is reported)."""
     statuses: Counter[int] = Counter()
     from_schedule: list[float] = []
     from_send: list[float] = []
     send_lag: list[float] = []
+    warmup_ms: list[float] = []
     loop = asyncio.get_running_loop()
+    warm = int(args.rate * args.warmup)
 
     async def one(n: int, due: float) -> None:
         sent = loop.time()
@@ -79,11 +82,14 @@ async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace) -
             await resp.read()
             statuses[resp.status] += 1
         done = loop.time()
+        if n < warm:
+            warmup_ms.append((done - due) * 1000)
+            return
         from_schedule.append((done - due) * 1000)
         from_send.append((done - sent) * 1000)
         send_lag.append((sent - due) * 1000)
 
-    total = int(args.rate * args.seconds)
+    total = warm + int(args.rate * args.seconds)
     jobs = []
     start = loop.time() + 0.2
     for n in range(total):
@@ -95,7 +101,8 @@ async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace) -
     await asyncio.gather(*jobs)
     seconds = loop.time() - start
     return {"requests": total, "seconds": seconds, "statuses": dict(statuses), "from_schedule": from_schedule,
-            "from_send": from_send, "send_lag": send_lag}  # fmt: skip
+            "from_send": from_send, "send_lag": send_lag, "warmup_requests": warm,
+            "warmup_max_ms": max(warmup_ms, default=0.0)}  # fmt: skip
 
 
 async def _closed_loop(session: aiohttp.ClientSession, args: argparse.Namespace, path: str) -> dict[str, Any]:
@@ -160,6 +167,7 @@ def child(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", default="/api/v1/tasks")
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--warmup", type=float, default=0)
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--batch", type=int, default=0)
     run_loop(_client_main(parser.parse_args(argv)))
@@ -248,10 +256,10 @@ async def measure(fleet: Fleet, backend: str, args: argparse.Namespace, target: 
     key = await register(base)
     common = ["--url", base, "--target", target, "--key", key]
     result: dict[str, Any] = {"backend": backend}
-    print(f"-- {backend}: open loop {args.rate:g}/s for {args.seconds:g} s ...", flush=True)
+    print(f"-- {backend}: open loop {args.rate:g}/s for {args.warmup:g} + {args.seconds:g} s ...", flush=True)
     result["open"] = await run_client(
         fleet, f"api-client-open-{backend}", *common, "--mode", "open", "--rate", str(args.rate),
-        "--seconds", str(args.seconds), timeout=args.seconds + 120)  # fmt: skip
+        "--seconds", str(args.seconds), "--warmup", str(args.warmup), timeout=args.warmup + args.seconds + 120)  # fmt: skip
     result["open_load"] = _load()
     await asyncio.sleep(2)  # let the dispatcher catch up before the next phase
     print(f"-- {backend}: closed loop, {args.clients} clients for {args.closed_seconds:g} s ...", flush=True)
@@ -279,7 +287,7 @@ def report(results: list[dict[str, Any]], baseline: dict[str, Any], args: argpar
     for r in results:
         op = r["open"]
         p50, p90, p99 = (percentile(op["from_schedule"], q) for q in (50, 90, 99))
-        rows.append([f"{r['backend']} create latency @ {args.rate:g}/s (from scheduled start)",
+        rows.append([f"{r['backend']} create latency @ {args.rate:g}/s (from scheduled start, after {args.warmup:g} s)",
                      f"p50 {p50:.1f} / p90 {p90:.1f} / p99 {p99:.1f} ms", f"p99 < {TARGET_P99_MS:g} ms",
                      "pass" if p99 < TARGET_P99_MS else "FAIL", _statuses(op), r["open_load"]])  # fmt: skip
         cl = r["closed"]
@@ -308,6 +316,10 @@ def report(results: list[dict[str, Any]], baseline: dict[str, Any], args: argpar
                        f"{percentile(op['send_lag'], 99):.1f}", f"{max(op['from_schedule']):.0f}"])  # fmt: skip
     print(table(["backend", "requests", "p50 from send", "p90 from send", "p99 from send", "client lag p99",
                  "max from schedule"], detail))  # fmt: skip
+    if args.warmup:
+        print(f"   ({args.warmup:g} s warm-up at the same rate before these, not in the figures: "
+              + ", ".join(f"{r['backend']} {r['open']['warmup_requests']:,} requests, max "
+                          f"{r['open']['warmup_max_ms']:.0f} ms" for r in results) + ")")  # fmt: skip
     print("\nserver process CPU per created task (API + in-process dispatcher together; 1 core = 1e6 us/s):")
     cpu_rows = []
     for r in results:
@@ -353,6 +365,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--rate", type=float, default=500, help="open-loop creates per second")
     parser.add_argument("--seconds", type=float, default=15, help="open-loop duration")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2,
+        help="open-loop seconds at the same rate before the measured ones (connections, first statements; "
+        "their latencies are left out, their maximum printed)",
+    )
     parser.add_argument("--clients", type=int, default=48, help="closed-loop single-create clients")
     parser.add_argument("--closed-seconds", type=float, default=10, help="closed-loop and batch duration")
     parser.add_argument("--batch", type=int, default=1000, help="tasks per batch request")
