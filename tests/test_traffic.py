@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from taskcenter.runtime import Runtime
 from taskcenter.service import Business, utcnow
 from taskcenter.storage.schema import attempts as attempts_table
+from taskcenter.storage.schema import businesses as businesses_table
 from taskcenter.storage.schema import host_policies, host_state
 from taskcenter.storage.schema import tasks as tasks_table
 from tests.conftest import make_settings
@@ -242,12 +243,6 @@ async def test_policy_change_reaches_a_running_dispatcher_within_seconds(
     assert arrivals(receiver, "/after")[-1] - created < 1.0  # 20 at once after it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a held task's next_attempt_at is computed from the policy in force when it was held "
-    "(position / rate, or the operator pause's end) and nothing pulls it forward when the policy is relaxed, "
-    "so a raised rate or a lifted pause reaches a waiting backlog only as fast as the old policy allowed",
-)
 async def test_raising_a_host_rate_releases_tasks_already_held_back(
     runtime: Runtime, receiver: Receiver
 ) -> None:
@@ -260,6 +255,74 @@ async def test_raising_a_host_rate_releases_tasks_already_held_back(
         await asyncio.sleep(0.5)  # the other five are held, due 5, 10, … 25 s from now
         await set_host_policy(runtime, host, rate_per_second=100, burst=20)
         await receiver.wait_for(6, "/held", timeout=5)
+
+
+async def test_lifting_a_pause_in_the_policy_releases_the_tasks_it_held(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """The pause ends by a policy change another process made (no API call here): the running dispatcher's
+    policy reload sees it and pulls the held tasks forward, instead of leaving them at the old pause end."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, paused_until=utcnow() + timedelta(minutes=10))
+    ids = await make_tasks(runtime, biz, receiver.url("/paused"), 5, "p")
+    async with running(runtime, concurrency=20):
+
+        async def held() -> bool:
+            rows = await task_rows(runtime, ids)
+            return all(
+                r["held_by"] == host and r["next_attempt_at"] > utcnow() + timedelta(minutes=9) for r in rows
+            )
+
+        await wait_until(held, 5, "the pause to hold every task")
+        await set_host_policy(runtime, host)  # no pause any more
+        await receiver.wait_for(5, "/paused", timeout=5)
+        rows = await all_finished(runtime, ids)
+    assert {(r["status"], r["attempts"], r["held_by"]) for r in rows} == {("succeeded", 1, None)}
+
+
+async def test_raising_a_business_rate_releases_tasks_already_held_back(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("slow", rate_limit_per_minute=12)  # one every 5 s
+    async with running(runtime, concurrency=20):
+        await make_tasks(runtime, biz, receiver.url("/biz-held"), 5, "h")
+        await receiver.wait_for(1, "/biz-held", timeout=10)
+        await asyncio.sleep(0.5)  # the other four are held, due 5, 10, 15, 20 s from now
+        async with runtime.db.write() as conn:
+            await conn.execute(
+                sa.update(businesses_table)
+                .where(businesses_table.c.id == biz.pk)
+                .values(rate_limit_per_minute=FAST)
+            )
+        await receiver.wait_for(5, "/biz-held", timeout=5)
+
+
+async def test_a_host_that_never_answers_takes_only_a_few_of_the_dispatcher_slots(
+    db_url: str, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    """10 slots, 30 tasks to a host that holds every request beside 60 to a healthy one: once the sick host's
+    oldest request is slow to answer, it gets no more slots than its window, and the healthy host's tasks all go
+    while the sick host's requests are still waiting (without the window they would fill all 10 slots)."""
+    rt = Runtime(make_settings(db_url, host_slow_window=3, host_slow_after_s=0.05, claim_batch=10))
+    await rt.start()
+    hold = asyncio.Event()
+    other_receiver.set_default(Reply(hold=hold))
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
+        for n in range(30):
+            await make_tasks(rt, biz, other_receiver.url("/sick"), 1, f"s{n}-", timeout=20)
+            await make_tasks(rt, biz, receiver.url("/healthy"), 2, f"h{n}-")
+        async with running(rt, concurrency=10):
+            await receiver.wait_for(60, "/healthy", timeout=15)
+            sick_in_flight = other_receiver.max_in_flight
+            hold.set()
+            await asyncio.sleep(0.2)
+    finally:
+        hold.set()
+        await rt.close()
+    # The first claim (before anything is in flight) may start up to 4 sick tasks of its 10; then the window.
+    assert sick_in_flight <= 5, sick_in_flight
 
 
 async def test_held_back_tasks_are_deferred_and_never_charged_an_attempt(

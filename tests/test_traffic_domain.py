@@ -18,10 +18,13 @@ from taskcenter.domain.traffic import (
     Limits,
     State,
     Verdict,
+    Window,
     admit,
+    negligible,
     pace,
     record,
     refill,
+    relaxed,
 )
 
 FRESH = State(tokens=0.0, refilled_at=0.0)
@@ -547,3 +550,96 @@ def test_pace_without_a_rate_never_waits() -> None:
     for _ in range(1000):
         state, wait = pace(state, Limits(), 5.0)
         assert wait == 0.0
+
+
+# -- relaxing limits, negligible writes, slow-host windows ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (Limits(rate_per_second=1), Limits(rate_per_second=100), True),
+        (Limits(rate_per_second=1), Limits(), True),  # no rate limit at all
+        (Limits(rate_per_second=10, burst=1), Limits(rate_per_second=10, burst=20), True),
+        (Limits(max_in_flight=3), Limits(max_in_flight=30), True),
+        (Limits(max_in_flight=3), Limits(), True),
+        (Limits(paused_until=2000.0), Limits(paused_until=1500.0), True),
+        (Limits(paused_until=2000.0), Limits(), True),
+        (Limits(rate_per_second=100), Limits(rate_per_second=1), False),
+        (Limits(), Limits(rate_per_second=1), False),
+        (Limits(max_in_flight=30), Limits(max_in_flight=3), False),
+        (Limits(), Limits(paused_until=2000.0), False),
+        (Limits(paused_until=900.0), Limits(), False),  # that pause was over anyway
+        (Limits(breaker_failures=5), Limits(breaker_failures=3), False),
+    ],
+)
+def test_relaxed_means_the_new_limits_let_through_something_the_old_held(
+    old: Limits, new: Limits, expected: bool
+) -> None:
+    assert relaxed(old, new, now=1000.0) is expected
+
+
+def test_a_bucket_that_earns_back_its_spending_within_a_millisecond_need_not_be_written() -> None:
+    generous = Limits(rate_per_second=1_000_000, burst=1_000_000)
+    stored = State(tokens=5.0, refilled_at=10.0)
+    _, after = admit_one_host(100, stored, generous, now=20.0)
+    assert after != stored and negligible(stored, after, generous)
+
+
+@pytest.mark.parametrize("rate", [1.0, 50.0, 999.0])
+def test_a_bucket_a_batch_can_empty_is_always_written(rate: float) -> None:
+    limits = Limits(rate_per_second=rate, burst=1000)
+    stored = State(tokens=0.0, refilled_at=0.0)
+    _, after = admit_one_host(1, stored, limits, now=100.0)
+    assert not negligible(stored, after, limits)
+
+
+def test_a_changed_breaker_is_always_written() -> None:
+    generous = Limits(rate_per_second=1_000_000, burst=1_000_000)
+    stored = State(tokens=1_000_000.0, refilled_at=10.0, breaker="open", open_until=15.0)
+    _, after = admit_one_host(1, stored, generous, now=20.0)  # the probe: half-open now
+    assert after.breaker == "half_open" and not negligible(stored, after, generous)
+
+
+def test_no_rate_means_no_state_to_write() -> None:
+    stored = State(tokens=0.0, refilled_at=10.0)
+    _, after = admit_one_host(50, stored, Limits(), now=20.0)
+    assert after == stored
+
+
+@given(room=st.integers(min_value=-5, max_value=20), count=st.integers(min_value=1, max_value=60))
+def test_a_host_window_lets_through_its_room_and_holds_the_rest_spaced_out(room: int, count: int) -> None:
+    verdicts, _, _ = admit(
+        [Candidate(i, "slow:80", 1) for i in range(count)],
+        hosts={"slow:80": (FRESH, Limits(), 0)},
+        businesses={1: (FRESH, OPEN_BUSINESS, 0)},
+        now=100.0,
+        windows={"slow:80": Window(room=room, spacing_s=0.2)},
+    )
+    assert admitted(verdicts) == min(count, max(0, room))
+    held = sorted(v.defer_until for v in verdicts.values() if v.defer_until is not None)
+    assert all(v.reason == "host_window" for v in verdicts.values() if v.defer_until is not None)
+    assert held == pytest.approx([100.0 + 0.2 * (k + 1) for k in range(len(held))])
+
+
+def test_a_window_binds_only_its_own_host() -> None:
+    verdicts, _, _ = admit(
+        [Candidate(i, "slow:80" if i % 2 else "fast:80", 1) for i in range(20)],
+        hosts={"slow:80": (FRESH, Limits(), 0), "fast:80": (FRESH, Limits(), 0)},
+        businesses={1: (FRESH, OPEN_BUSINESS, 0)},
+        now=100.0,
+        windows={"slow:80": Window(room=2, spacing_s=0.1)},
+    )
+    assert sum(v.defer_until is None for i, v in verdicts.items() if i % 2 == 0) == 10
+    assert sum(v.defer_until is None for i, v in verdicts.items() if i % 2) == 2
+
+
+def test_half_open_holds_the_others_for_a_cooldown_not_a_second() -> None:
+    """A closing circuit pulls its held tasks forward, so they need not circle the claim loop every second."""
+    state, limits = opened(now=1000.0, cooldown=30.0)
+    verdicts, probing = admit_one_host(5, state, limits, now=1031.0)
+    assert admitted(verdicts) == 1 and probing.breaker == "half_open"
+    later, _ = admit_one_host(5, probing, limits, now=1032.0)
+    assert {v.reason for v in later.values()} == {"circuit_half_open"}
+    # One cool-down from now (the probe's own deadline, 60 s after it went, is later still).
+    assert [v.defer_until for v in later.values()] == [pytest.approx(1032.0 + 30.0)] * 5

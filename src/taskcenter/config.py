@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     """Default burst for hosts without a policy (0 = one second's worth of the rate)."""
     host_max_in_flight: int = Field(default=0, ge=0)
     """Default cap on requests in flight per host across the cluster (0 = unlimited)."""
+    host_slow_window: int = Field(default=10, ge=0, le=100_000)
+    """Requests a dispatcher starts at once to a host that is slow to answer while other hosts wait for slots
+    (0 = off): widened by one per answer, halved per failure, so a host that times out holds only a few slots."""
+    host_slow_after_s: float = Field(default=0.1, gt=0, le=3600)
+    """A host is slow to answer when its oldest request in flight has waited this long."""
     breaker_failures: int = Field(default=5, ge=1)
     """A host's circuit opens after this many consecutive failures (5xx, timeouts, network errors)."""
     breaker_ratio: float = Field(default=0.0, ge=0, le=1)

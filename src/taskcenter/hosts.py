@@ -10,7 +10,7 @@ import base64
 import binascii
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -22,11 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.audit import AuditLog
 from taskcenter.domain.task import rfc3339
-from taskcenter.domain.traffic import MAX_BREAKER_WINDOW, Limits, State, refill
+from taskcenter.domain.traffic import MAX_BREAKER_WINDOW, Limits, State, refill, relaxed
 from taskcenter.errors import ValidationError
 from taskcenter.service import NOTIFY_CHANNEL, utcnow
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import host_policies, host_state, tasks
+from taskcenter.storage.traffic import release_held
 
 log = logging.getLogger("taskcenter.hosts")
 
@@ -58,9 +59,6 @@ POLICY_FIELDS: Mapping[str, _Range] = {
 PAUSE_FIELDS = frozenset({"paused_until", "pause_seconds"})
 #: Longest operator pause: as far ahead as a task may be scheduled.
 MAX_PAUSE_S = 365 * 86_400.0
-#: A task held back by a pause or an open circuit is due again exactly at its end (give or take the float
-#: rounding of epoch seconds); this much either side of that end still counts as "held by it".
-_HELD_SLACK = timedelta(milliseconds=2)
 #: How a host no dispatcher has sent to yet stands: a full bucket (refilled since the epoch), a closed breaker.
 _NO_STATE: Mapping[str, Any] = MappingProxyType(
     {"tokens": 0.0, "refilled_at": 0.0, "breaker": "closed", "failures": 0, "open_until": 0.0, "probe_until": 0.0,
@@ -230,6 +228,18 @@ class HostView:
         }
 
 
+def _limits(row: Mapping[str, Any] | None, defaults: Limits) -> Limits:
+    """The rate, burst, in-flight cap and operator pause a policy row (or none) gives a host."""
+    policy = effective_policy(row, defaults)
+    paused = row["paused_until"] if row is not None else None
+    return Limits(
+        rate_per_second=policy["rate_per_second"],
+        burst=policy["burst"],
+        max_in_flight=policy["max_in_flight"],
+        paused_until=paused.timestamp() if paused is not None else 0.0,
+    )
+
+
 def effective_policy(row: Mapping[Any, Any] | None, defaults: Limits) -> dict[str, Any]:
     """A host's policy: its own values where set, else ``defaults`` (as ``runtime._host_limits`` resolves it)."""
     fallback = {
@@ -344,7 +354,8 @@ class HostService:
         """Create or change a host's policy: only the fields given change, ``null`` resets one to the default.
 
         ``paused_until`` (a time, or ``null`` to lift the operator pause) or ``pause_seconds`` pause the host.
-        Running dispatchers pick the change up within a few seconds.
+        Running dispatchers pick the change up within a few seconds. A relaxed policy (a higher rate or burst, a
+        higher or no in-flight cap, a shorter pause) brings the tasks the old one held back due again.
         """
         host = parse_host(host)
         now = self.clock()
@@ -353,12 +364,13 @@ class HostService:
             raise ValidationError("nothing to change", field="body")
         details: dict[str, Any] = dict(values)
         async with self.db.write() as conn:
-            released = 0
+            before = await self._policy(conn, host)
             if pause_changes:
                 values["paused_until"] = pause_end
                 details["paused_until"] = rfc3339(pause_end)
-                released = await self._move_operator_pause(conn, host, pause_end, now)
             await conn.execute(_upsert(self.db.dialect, {"host": host, **values, "updated_at": now}))
+            after = await self._policy(conn, host)
+            released = await self._release_if_relaxed(conn, host, before, after, now)
             if released:
                 details["released"] = released
             await self.audit.record(actor, "host.update", "host", host, details=details, conn=conn)
@@ -381,10 +393,12 @@ class HostService:
         now = self.clock()
         end = _pause_end(until, seconds, now, names=("until", "seconds"))
         async with self.db.write() as conn:
-            released = await self._move_operator_pause(conn, host, end, now)
+            before = await self._policy(conn, host)
             await conn.execute(
                 _upsert(self.db.dialect, {"host": host, "paused_until": end, "updated_at": now})
             )
+            after = await self._policy(conn, host)
+            released = await self._release_if_relaxed(conn, host, before, after, now)
             await self.audit.record(actor, "host.pause", "host", host, details={"paused_until": rfc3339(end)},
                                     conn=conn)  # fmt: skip
         await self._after(released)
@@ -399,7 +413,7 @@ class HostService:
         now = self.clock()
         ts = now.timestamp()
         async with self.db.write() as conn:
-            released = await self._move_operator_pause(conn, host, None, now)
+            before = await self._policy(conn, host)
             await conn.execute(
                 sa.update(host_policies)
                 .where(host_policies.c.host == host, host_policies.c.paused_until.is_not(None))
@@ -414,9 +428,17 @@ class HostService:
                 .first()
             )
             state = row if row is not None else _NO_STATE
-            opened = state["open_until"] if reset_breaker and state["breaker"] == "open" else 0.0
-            held = [datetime.fromtimestamp(end, UTC) for end in (state["paused_until"], opened) if end > ts]
-            released += await self._release(conn, host, held, now)
+            operator_paused = _limits(before, self.defaults).paused_until > ts
+            held = (
+                operator_paused
+                or state["paused_until"] > ts
+                or (reset_breaker and state["breaker"] != "closed")
+            )
+            released = 0
+            if held:
+                # A dispatcher may hold the operator's pause in memory for settle_s more (see settle_s).
+                due = now + timedelta(seconds=self.settle_s) if operator_paused else now
+                released = await self._release(conn, host, _limits(before, self.defaults), due)
             await conn.execute(
                 sa.update(host_state)
                 .where(host_state.c.host == host, host_state.c.paused_until != 0.0)
@@ -437,50 +459,45 @@ class HostService:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    async def _move_operator_pause(
-        self, conn: AsyncConnection, host: str, new_end: datetime | None, now: datetime
-    ) -> int:
-        """Before the operator pause changes: bring forward the tasks the old pause held, if it ends sooner."""
-        old_end = (
-            await conn.execute(
-                sa.select(host_policies.c.paused_until).where(host_policies.c.host == host).with_for_update()
+    @staticmethod
+    async def _policy(conn: AsyncConnection, host: str) -> Mapping[str, Any] | None:
+        """The host's policy row, locked (``None`` without one)."""
+        row = (
+            (
+                await conn.execute(
+                    sa.select(host_policies).where(host_policies.c.host == host).with_for_update()
+                )
             )
-        ).scalar()
-        if old_end is None or old_end <= now or (new_end is not None and new_end >= old_end):
-            return 0
-        # A dispatcher may still hold the old pause in memory for settle_s: tasks due before then would only
-        # be sent back to the old end.
-        due = max(new_end or now, now + timedelta(seconds=self.settle_s))
-        return await self._release(conn, host, [old_end], now, due=due)
+            .mappings()
+            .first()
+        )
+        return dict(row) if row is not None else None
 
-    async def _release(
+    async def _release_if_relaxed(
         self,
         conn: AsyncConnection,
         host: str,
-        ends: Sequence[datetime],
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any] | None,
         now: datetime,
-        due: datetime | None = None,
     ) -> int:
-        """Make the tasks held back until one of ``ends`` due at ``due`` (default now); returns how many.
-
-        A held task is due exactly at the end that held it. A task *scheduled* for that moment is not held,
-        and keeps its time: its ``scheduled_at`` is that moment, a held task's is earlier (or none).
-        """
-        if not ends:
+        """Bring forward the tasks the old policy held if the new one lets more through."""
+        old, new = _limits(before, self.defaults), _limits(after, self.defaults)
+        if not relaxed(old, new, now.timestamp()):
             return 0
-        held = [
-            sa.and_(
-                tasks.c.next_attempt_at.between(end - _HELD_SLACK, end + _HELD_SLACK),
-                sa.or_(tasks.c.scheduled_at.is_(None), tasks.c.scheduled_at < end - _HELD_SLACK),
-            )
-            for end in ends
-        ]
-        result = await conn.execute(
-            sa.update(tasks)
-            .where(tasks.c.host == host, tasks.c.status.in_(("pending", "retrying")), sa.or_(*held))
-            .values(next_attempt_at=due or now, updated_at=now)
-        )
-        count = int(result.rowcount or 0)
+        # A dispatcher may still hold the old policy in memory for settle_s: tasks due before then would only
+        # be sent back to the old time (its own reload then pulls them forward again, see runtime).
+        due = max(now + timedelta(seconds=self.settle_s), datetime.fromtimestamp(new.paused_until, UTC))
+        return await self._release(conn, host, new, due)
+
+    async def _release(self, conn: AsyncConnection, host: str, limits: Limits, due: datetime) -> int:
+        """Make the tasks traffic control holds for ``host`` due from ``due`` on, at its rate; returns how many.
+
+        Tasks scheduled for later by their own ``scheduled_at``, and retries waiting out their backoff, keep
+        their time: only tasks a dispatcher held back are marked ``held_by`` the host.
+        """
+        rate = limits.rate_per_second
+        count = await release_held(conn, host=host, due=due, step_s=1.0 / rate if rate else 0.0)
         if count and self.db.is_postgres:
             await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
         return count

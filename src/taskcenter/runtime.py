@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,17 +16,18 @@ from taskcenter._version import __version__
 from taskcenter.config import GuardConfig, Settings
 from taskcenter.crypto import SecretBox
 from taskcenter.dispatcher import Dispatcher
-from taskcenter.domain.traffic import Limits
+from taskcenter.domain.traffic import Limits, relaxed
+from taskcenter.errors import StorageError
 from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import HttpConfig, Sender
-from taskcenter.service import Notifier, TaskService, utcnow
+from taskcenter.service import NOTIFY_CHANNEL, Notifier, TaskService, utcnow
 from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import businesses, host_policies
-from taskcenter.storage.traffic import TrafficControl
+from taskcenter.storage.traffic import TrafficControl, release_held
 
 log = logging.getLogger("taskcenter")
 USER_AGENT = f"taskcenter/{__version__}"
@@ -43,10 +44,14 @@ class BusinessPolicies:
     global_guard: GuardConfig
     host_defaults: Limits = field(default_factory=Limits)
     refresh_s: float = 2.0
+    wake: Callable[[], None] | None = None
+    """Wakes this process's dispatchers when held tasks were pulled forward."""
+    clock: Callable[[], datetime] = utcnow
     _guards: dict[int, GuardPolicy | None] = field(default_factory=dict)
     _signers: dict[int, SignFn | None] = field(default_factory=dict)
     _limits: dict[int, Limits] = field(default_factory=dict)
     _hosts: dict[str, Limits] = field(default_factory=dict)
+    _loaded: bool = False
 
     def __post_init__(self) -> None:
         g = self.global_guard
@@ -73,10 +78,14 @@ class BusinessPolicies:
         async with self.db.read() as conn:
             rows = (await conn.execute(sa.select(businesses))).mappings().all()
             host_rows = (await conn.execute(sa.select(host_policies))).mappings().all()
+        old_hosts, old_limits = self._hosts, self._limits
         self._hosts = {r["host"]: _host_limits(r, self.host_defaults) for r in host_rows}
         self._limits = {
             r["id"]: _business_limits(r["rate_limit_per_minute"], r["max_in_flight"]) for r in rows
         }
+        if self._loaded:
+            await self._after_relaxing(old_hosts, old_limits)
+        self._loaded = True
         guards: dict[int, GuardPolicy | None] = {}
         signers: dict[int, SignFn | None] = {}
         for row in rows:
@@ -92,6 +101,54 @@ class BusinessPolicies:
                 signers[row["id"]] = _sign_with(Signer.from_secrets(*secrets))
         self._guards, self._signers = guards, signers
 
+    async def _after_relaxing(self, old_hosts: dict[str, Limits], old_limits: dict[int, Limits]) -> None:
+        """Pull forward the tasks held under limits that were just relaxed (by any process: every dispatcher
+        process sees the change on its next reload, so this works across a cluster)."""
+        now = self.clock().timestamp()
+        hosts = [
+            h
+            for h in old_hosts.keys() | self._hosts.keys()
+            if relaxed(old_hosts.get(h, self.host_defaults), self.host_limits(h), now)
+        ]
+        bizs = [
+            b for b in old_limits.keys() & self._limits.keys() if relaxed(old_limits[b], self._limits[b], now)
+        ]
+        if hosts or bizs:
+            try:
+                await self.pull_forward(sorted(hosts), sorted(bizs))
+            except StorageError as exc:  # the held tasks still come due at the time they were given
+                log.warning("pulling forward tasks held under relaxed limits failed: %s", exc)
+
+    async def pull_forward(self, hosts: Sequence[str], businesses: Sequence[int] = ()) -> int:
+        """Bring the tasks traffic control holds for these hosts and businesses due again, paced by their
+        current rate (see ``storage.traffic.release_held``); wakes the dispatchers. Returns how many moved."""
+        now = self.clock()
+        moved = 0
+        async with self.db.write() as conn:
+            for host in hosts:
+                limits = self.host_limits(host)
+                due = max(now, datetime.fromtimestamp(limits.paused_until, UTC))
+                moved += await release_held(conn, host=host, due=due, step_s=_step(limits))
+            for pk in businesses:
+                limits = self.business_limits(pk)
+                moved += await release_held(conn, business=pk, due=now, step_s=_step(limits))
+            if moved and self.db.is_postgres:
+                await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+        if moved:
+            log.info(
+                "pulled forward %d held tasks (hosts %s, businesses %s)", moved, list(hosts), list(businesses)
+            )
+            if self.wake is not None:
+                self.wake()
+        return moved
+
+    async def close_released(self, hosts: list[str]) -> None:
+        """A circuit closed: its backlog drains at the host's rate (called by a dispatcher's traffic control)."""
+        try:
+            await self.pull_forward(hosts)
+        except StorageError as exc:
+            log.warning("pulling forward the tasks held by closed circuits %s failed: %s", hosts, exc)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
@@ -99,6 +156,10 @@ class BusinessPolicies:
                 await self.load()
             except Exception as exc:  # keep the last known policies; the database may be back soon
                 log.warning("reloading business policies failed: %s", exc)
+
+
+def _step(limits: Limits) -> float:
+    return 1.0 / limits.rate_per_second if limits.rate_per_second else 0.0
 
 
 def _sign_with(signer: Signer) -> SignFn:
@@ -162,7 +223,14 @@ class Runtime:
             processors=self.processors,
             poll_interval_s=settings.poll_interval_s,
         )
-        self.policies = BusinessPolicies(self.db, self.box, settings.guard(), settings.host_defaults())
+        self.policies = BusinessPolicies(
+            self.db,
+            self.box,
+            settings.guard(),
+            settings.host_defaults(),
+            wake=self.notifier.wake,
+            clock=clock,
+        )
         self._background: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -195,7 +263,13 @@ class Runtime:
             user_agent=USER_AGENT,
             clock=self.clock,
             metrics=self.metrics,
-            traffic=TrafficControl(self.policies.host_limits, self.policies.business_limits),
+            traffic=TrafficControl(
+                self.policies.host_limits,
+                self.policies.business_limits,
+                slow_window=self.settings.host_slow_window,
+                slow_after_s=self.settings.host_slow_after_s,
+                on_close=self.policies.close_released,
+            ),
             businesses=self.policies.business_pks,
             notify=self.service.enqueue_notifications,
             purge=self._purge,

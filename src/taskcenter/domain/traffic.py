@@ -7,8 +7,10 @@ row locks, which is what makes one limit hold across every dispatcher of a clust
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 #: Outcomes that count against a host's health. Client errors mean the host is alive and answering.
 HOST_FAILURES = frozenset({"server_error", "timeout", "network_error"})
@@ -74,11 +76,36 @@ def refill(state: State, limits: Limits, now: float) -> State:
     ``refilled_at`` never moves back: a dispatcher whose clock reading predates the last refill (it waited for
     the row lock while another dispatcher refilled) earns nothing, instead of earning the same seconds twice.
     """
-    at = max(now, state.refilled_at)
     if limits.rate_per_second is None:
-        return replace(state, tokens=0.0, refilled_at=at)
+        # Nothing to count: the state stays as it is (and needs no write). Should a rate be set later, the
+        # bucket starts full, as a new host's does.
+        return state
+    at = max(now, state.refilled_at)
     earned = (at - state.refilled_at) * limits.rate_per_second
-    return replace(state, tokens=min(limits.capacity, state.tokens + earned), refilled_at=at)
+    return _with_tokens(state, min(limits.capacity, state.tokens + earned), at)
+
+
+def _with_tokens(s: State, tokens: float, refilled_at: float) -> State:
+    """``replace(s, tokens=…, refilled_at=…)``, without its cost (admission does this per host and claim)."""
+    return State(tokens, refilled_at, s.breaker, s.failures, s.window, s.open_until, s.probe_until,
+                 s.paused_until, s.booked_until)  # fmt: skip
+
+
+#: A bucket that earns back within this long what a batch spent is not written back (see :func:`negligible`).
+NEGLIGIBLE_S = 1e-3
+
+
+def negligible(stored: State, after: State, limits: Limits) -> bool:
+    """Whether ``after`` need not be written over ``stored``: only the tokens changed, and the bucket earns back
+    within :data:`NEGLIGIBLE_S` what was spent (it was full, and the rate is at least 1,000 per second per token
+    spent). Left unwritten, the stored row overstates the bucket by at most that millisecond's worth of the rate
+    (lost spending older than that would have been earned back anyway). Rates below 1,000/s are always written.
+    Saves a write per claim for hosts and businesses whose generous limits do not bind.
+    """
+    rate = limits.rate_per_second
+    if rate is None or after.tokens + rate * NEGLIGIBLE_S < limits.capacity:
+        return False
+    return _with_tokens(after, stored.tokens, stored.refilled_at) == stored
 
 
 def next_token_at(state: State, limits: Limits, now: float, position: int) -> float:
@@ -142,21 +169,40 @@ class Candidate:
     would otherwise be lost)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """How many more requests this dispatcher may start to a slow host now, and how far apart to hold the rest.
+
+    A dispatcher gives a host whose requests are slow to answer only a few of its slots (see
+    ``storage.traffic.TrafficControl``), so a host that times out cannot take the slots other hosts need.
+    """
+
+    room: int
+    spacing_s: float
+
+
 def admit(
     candidates: Sequence[Candidate],
     *,
     hosts: Mapping[str, tuple[State, Limits, int]],
     businesses: Mapping[int, tuple[State, Limits, int]],
     now: float,
+    windows: Mapping[str, Window] | None = None,
 ) -> tuple[dict[int, Verdict], dict[str, State], dict[int, State]]:
     """Decide which claimed tasks go now. ``hosts``/``businesses`` give (state, limits, in flight elsewhere).
 
     A task goes only if its host is not paused, its breaker lets it through, and both its host and its business
-    have a token and an in-flight slot. Held tasks get the earliest time worth looking again, spread out by the
-    rate so a backlog comes back at the pace it can be sent, not all at once (see :func:`book`).
+    have a token and an in-flight slot (and its host has room in this dispatcher's ``windows``, if it has one).
+    Held tasks get the earliest time worth looking again, spread out by the rate so a backlog comes back at the
+    pace it can be sent, not all at once (see :func:`book`).
     """
+    room = {h: w.room for h, w in (windows or {}).items()}
+    window_held: Counter[str] = Counter()
     host_state = {h: refill(s, lim, now) for h, (s, lim, _n) in hosts.items()}
     biz_state = {b: refill(s, lim, now) for b, (s, lim, _n) in businesses.items()}
+    # Tokens spent in this batch, applied to the states once at the end (not one new State per task).
+    host_spent: Counter[str] = Counter()
+    biz_spent: Counter[int] = Counter()
     host_busy = {h: n for h, (_s, _l, n) in hosts.items()}
     biz_busy = {b: n for b, (_s, _l, n) in businesses.items()}
     gated_hosts = {h for h in hosts if not h.startswith("processor:")}
@@ -178,35 +224,68 @@ def admit(
         if bl.max_in_flight is not None and biz_busy[c.business] >= bl.max_in_flight:
             verdicts[c.task_id] = Verdict(now + 0.05, "business_in_flight")
             continue
-        if hl.rate_per_second is not None and hs.tokens < _WHOLE_TOKEN:
+        if c.host in room and room[c.host] <= 0:
+            window_held[c.host] += 1
+            spacing = windows[c.host].spacing_s if windows else 0.0
+            verdicts[c.task_id] = Verdict(now + spacing * window_held[c.host], "host_window")
+            continue
+        if hl.rate_per_second is not None and hs.tokens - host_spent[c.host] < _WHOLE_TOKEN:
             if c.promised == "host" and c.host not in next_token_host:
                 next_token_host.add(c.host)
+                host_state[c.host] = hs = _spend(hs, host_spent, c.host)
                 due = next_token_at(hs, hl, now, 1)
             else:
-                host_state[c.host] = hs = book(hs, hl, now)
+                host_state[c.host] = hs = book(_spend(hs, host_spent, c.host), hl, now)
                 due = hs.booked_until
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "host_rate")
             continue
-        if bl.rate_per_second is not None and bs.tokens < _WHOLE_TOKEN:
+        if bl.rate_per_second is not None and bs.tokens - biz_spent[c.business] < _WHOLE_TOKEN:
             if c.promised == "business" and c.business not in next_token_biz:
                 next_token_biz.add(c.business)
+                biz_state[c.business] = bs = _spend(bs, biz_spent, c.business)
                 due = next_token_at(bs, bl, now, 1)
             else:
-                biz_state[c.business] = bs = book(bs, bl, now)
+                biz_state[c.business] = bs = book(_spend(bs, biz_spent, c.business), bl, now)
                 due = bs.booked_until
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "business_rate")
             continue
         if hl.rate_per_second is not None:
-            hs = replace(hs, tokens=hs.tokens - 1)
+            host_spent[c.host] += 1
         if bl.rate_per_second is not None:
-            bs = replace(bs, tokens=bs.tokens - 1)
+            biz_spent[c.business] += 1
         if hs.breaker != "closed":  # cool-down over, or the last probe never answered: this task is the probe
-            hs = replace(hs, breaker="half_open", probe_until=now + 60.0)
-        host_state[c.host], biz_state[c.business] = hs, bs
+            host_state[c.host] = replace(hs, breaker="half_open", probe_until=now + 60.0)
         host_busy[c.host] += 1
         biz_busy[c.business] += 1
+        if c.host in room:
+            room[c.host] -= 1
         verdicts[c.task_id] = Verdict(None)
+    for h in list(host_spent):
+        host_state[h] = _spend(host_state[h], host_spent, h)
+    for b in list(biz_spent):
+        biz_state[b] = _spend(biz_state[b], biz_spent, b)
     return verdicts, host_state, biz_state
+
+
+def _spend(state: State, spent: Counter[Any], key: Any) -> State:
+    """The state with the tokens counted in ``spent[key]`` taken out (and the count reset)."""
+    n = spent.pop(key, 0)
+    return _with_tokens(state, state.tokens - n, state.refilled_at) if n else state
+
+
+def relaxed(old: Limits, new: Limits, now: float) -> bool:
+    """Whether ``new`` lets through something ``old`` held back: a higher rate or burst, a higher (or no)
+    in-flight cap, a pause that ends sooner."""
+
+    def raised(before: float | None, after: float | None) -> bool:
+        return before is not None and (after is None or after > before)
+
+    return (
+        raised(old.rate_per_second, new.rate_per_second)
+        or (new.rate_per_second is not None and new.capacity > old.capacity)
+        or raised(old.max_in_flight, new.max_in_flight)
+        or (old.paused_until > now and new.paused_until < old.paused_until)
+    )
 
 
 def _host_gate(state: State, limits: Limits, now: float) -> Verdict | None:
@@ -216,8 +295,10 @@ def _host_gate(state: State, limits: Limits, now: float) -> Verdict | None:
     if state.breaker == "open" and state.open_until > now:
         return Verdict(state.open_until, "circuit_open")
     if state.breaker == "half_open" and state.probe_until > now:
-        # One probe at a time; the others look again shortly after it should have answered.
-        return Verdict(min(state.probe_until, now + 1.0), "circuit_half_open")
+        # One probe at a time. The others wait for its answer: a success pulls them forward as it closes the
+        # circuit (see storage.traffic.release_held), a failure opens it for another cool-down, so they need not
+        # look again before one cool-down (or the probe's deadline) is over.
+        return Verdict(min(state.probe_until, now + limits.breaker_cooldown_s), "circuit_half_open")
     return None
 
 

@@ -155,6 +155,7 @@ def _claim_statement(businesses: tuple[int, ...]) -> Any:
             lease_owner=sa.bindparam("b_worker"),
             lease_expires_at=sa.bindparam("b_until", type_=tasks.c.lease_expires_at.type),
             updated_at=_NOW,
+            held_by=None,
         )
         .returning(*CLAIM_COLUMNS)
     )
@@ -374,6 +375,8 @@ _RELEASE = (
         # Deferred or released unsent: back to where it came from, no attempt charged.
         status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
         next_attempt_at=sa.bindparam("b_at", type_=tasks.c.next_attempt_at.type),
+        # Marked for traffic control: relaxing the host's (or business's) limits pulls it forward again.
+        held_by=tasks.c.host,
         lease_owner=None,
         lease_expires_at=None,
         updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),

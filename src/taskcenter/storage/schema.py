@@ -45,6 +45,7 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LIVE_SQL = "status IN ('pending', 'processing', 'retrying')"
 DUE_SQL = "status IN ('pending', 'retrying')"
+HELD_SQL = "held_by IS NOT NULL AND status IN ('pending', 'retrying')"
 
 
 def _partial(where: str) -> dict[str, Any]:
@@ -124,6 +125,10 @@ tasks = sa.Table(
     sa.Column("last_response", JSON, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("outcome", sa.String(20), nullable=True),
+    # The host whose traffic control put the task back unsent (a rate limit, an in-flight cap, a pause, an open
+    # circuit, or its business's limits), cleared when the task is claimed again: relaxing a limit pulls these
+    # tasks forward instead of leaving them at the time the old limit gave them.
+    sa.Column("held_by", sa.String(300), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     # The claim walks this: due tasks, highest priority first, then oldest due.
@@ -149,6 +154,8 @@ tasks = sa.Table(
     # In-flight counts for the per-host and per-business caps.
     sa.Index("ix_tasks_processing_host", "host", **_partial("status = 'processing'")),
     sa.Index("ix_tasks_processing_business", "business_pk", **_partial("status = 'processing'")),
+    # Held tasks of one host, to pull forward when its limits are relaxed, its pause lifted or its circuit closed.
+    sa.Index("ix_tasks_held", "held_by", "next_attempt_at", **_partial(HELD_SQL)),
 )
 
 attempts = sa.Table(

@@ -6,9 +6,10 @@ so every dispatcher of a cluster takes tokens from the same buckets and sees the
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -18,8 +19,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
-from taskcenter.domain.traffic import Candidate, Limits, State, admit, record
-from taskcenter.storage.schema import business_state, host_state, tasks
+from taskcenter.domain.traffic import (
+    NOT_EVIDENCE,
+    Candidate,
+    Limits,
+    State,
+    Window,
+    admit,
+    negligible,
+    record,
+)
+from taskcenter.storage.schema import DUE_SQL, HELD_SQL, UTCDateTime, business_state, host_state, tasks
 
 _PROCESSING = sa.text("status = 'processing'")
 #: Which bucket a task held for a token was promised one of (see ``Candidate.promised``).
@@ -90,6 +100,77 @@ def _keep_promises(booked: dict[Any, float], states: Mapping[Any, State], now: f
             booked.pop(key, None)
 
 
+async def release_held(
+    conn: AsyncConnection,
+    *,
+    host: str | None = None,
+    business: int | None = None,
+    due: datetime,
+    step_s: float = 0.0,
+) -> int:
+    """Pull forward the tasks traffic control holds for ``host`` (or ``business``); returns how many moved.
+
+    Each held task waiting past ``due`` comes due again from ``due`` on, ``step_s`` apart in claim order
+    (priority, then due time), so a backlog returns at the pace the relaxed limit can send it instead of all at
+    once. Tasks scheduled later than that by their own ``scheduled_at`` keep their time; so do retries waiting
+    for their backoff, which are not held (``held_by`` is set only when admission puts a claimed task back).
+    """
+    if host is not None:
+        which = sa.and_(sa.text(HELD_SQL), tasks.c.held_by == host)
+    elif business is not None:
+        which = sa.and_(sa.text(DUE_SQL), tasks.c.business_pk == business, tasks.c.held_by.is_not(None))
+    else:
+        raise ValueError("give host or business")
+    which = sa.and_(
+        which,
+        tasks.c.next_attempt_at > due,
+        sa.or_(tasks.c.scheduled_at.is_(None), tasks.c.scheduled_at <= due),
+    )
+    if step_s <= 0:
+        result = await conn.execute(sa.update(tasks).where(which).values(next_attempt_at=due, updated_at=due))
+        return int(result.rowcount or 0)
+    rank = sa.func.row_number().over(order_by=(tasks.c.priority.desc(), tasks.c.next_attempt_at, tasks.c.id))
+    held = sa.select(tasks.c.id, (rank - 1).label("pos")).where(which).subquery("held")
+    at = sa.bindparam("b_due", due, type_=UTCDateTime)
+    offset = sa.cast(held.c.pos, sa.Float) * step_s
+    if conn.dialect.name == "postgresql":
+        when: Any = at + sa.func.make_interval(0, 0, 0, 0, 0, 0, offset)
+    else:  # ISO text, as SQLAlchemy stores SQLite datetimes (microseconds padded back to six digits)
+        when = sa.func.strftime("%Y-%m-%d %H:%M:%f", sa.func.julianday(at) + offset / 86400.0).concat("000")
+    result = await conn.execute(
+        sa.update(tasks).where(tasks.c.id == held.c.id).values(next_attempt_at=when, updated_at=due)
+    )
+    return int(result.rowcount or 0)
+
+
+def _busy(dialect: str, table: str, key: str, count: bool) -> Any:
+    """Requests in flight for the row's host or business (a correlated count on the partial in-flight index),
+    or 0 when no cap needs it."""
+    if not count:
+        return sa.literal(0).label("busy")
+    column = "host" if table == "host_state" else "business_pk"
+    # Without statistics SQLite would walk every processing task per row (ix_tasks_status) instead.
+    hint = (
+        f" INDEXED BY ix_tasks_processing_{'host' if column == 'host' else 'business'}"
+        if dialect == "sqlite"
+        else ""
+    )
+    return sa.literal_column(
+        f"(SELECT count(*) FROM tasks{hint} WHERE status = 'processing' AND tasks.{column} = {table}.{key})"
+    ).label("busy")
+
+
+def _forget_changed(limits: Mapping[Any, Limits], seen: dict[Any, Limits], booked: dict[Any, float]) -> None:
+    """Drop the token promises of buckets whose limits changed: they were spaced by the old rate."""
+    for key, lim in limits.items():
+        if seen.get(key) != lim:
+            if key in seen:
+                booked.pop(key, None)
+            seen[key] = lim
+    if len(seen) > _MAX_PROMISES:
+        seen.clear()
+
+
 def _insert_missing(dialect: str, table: sa.Table, key: str, values: Iterable[Any]) -> Any:
     ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     return ins.values([{key: v} for v in values]).on_conflict_do_nothing(index_elements=[key])
@@ -111,10 +192,35 @@ class TrafficControl:
     booked_businesses: dict[int, float] = field(default_factory=dict)
     promised: dict[int, tuple[str, float]] = field(default_factory=dict)
     """Tasks this dispatcher held for a token: which bucket (``host``/``business``) and when it is due."""
+    slow_window: int = 10
+    """Requests this dispatcher starts at once to a host that has not answered it yet, or whose oldest request
+    has waited ``slow_after_s`` for its answer, to begin with: each answer that is not a host failure widens
+    the window by one (so a healthy host's window doubles every round trip), each failure halves it, never below
+    this. It binds only while other hosts want slots too. 0 turns it off. A host whose every request times out
+    therefore holds a few of the dispatcher's slots, not all of them."""
+    slow_after_s: float = 0.1
+    on_close: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
+    """Pulls forward the tasks held back by circuits this dispatcher saw close (see :func:`release_held`).
+    Called after the result transaction, in a task of its own."""
+    _seen_hosts: dict[str, Limits] = field(default_factory=dict)
+    _seen_businesses: dict[int, Limits] = field(default_factory=dict)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _flight: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+    """Per host, this dispatcher's requests in flight: (admitted at, given up on at), oldest first."""
+    _window: dict[str, float] = field(default_factory=dict)
+    _seen_at: dict[str, float] = field(default_factory=dict)
+    """When each host last had tasks in a claimed batch."""
 
     async def _lock_states(
-        self, conn: AsyncConnection, hosts: set[str], bizs: set[int]
-    ) -> tuple[dict[str, State], dict[int, State]]:
+        self,
+        conn: AsyncConnection,
+        hosts: set[str],
+        bizs: set[int],
+        count_hosts: bool = False,
+        count_bizs: bool = False,
+    ) -> tuple[dict[str, State], dict[int, State], Counter[str], Counter[int]]:
+        """Lock and read the hosts' and businesses' shared state, and (if asked) count their requests in flight
+        cluster-wide in the same statements: one round trip per table, not two."""
         dialect = conn.dialect.name
         new_hosts, new_bizs = hosts - self.known_hosts, bizs - self.known_businesses
         if new_hosts:
@@ -124,36 +230,27 @@ class TrafficControl:
             await conn.execute(_insert_missing(dialect, business_state, "business_pk", sorted(new_bizs)))
             self.known_businesses |= new_bizs
         # Lock in a fixed order (sorted) so two dispatchers never deadlock on each other's rows.
-        host_rows = {
-            r["host"]: r
-            for r in (
-                await conn.execute(
-                    sa.select(host_state).where(host_state.c.host.in_(sorted(hosts))).order_by(host_state.c.host).with_for_update()
-                )
-            ).mappings()
-        } if hosts else {}  # fmt: skip
-        biz_rows = {
-            r["business_pk"]: r
-            for r in (
-                await conn.execute(
-                    sa.select(business_state)
-                    .where(business_state.c.business_pk.in_(sorted(bizs)))
-                    .order_by(business_state.c.business_pk)
-                    .with_for_update()
-                )
-            ).mappings()
-        }
+        host_rows: dict[str, Any] = {}
+        if hosts:
+            stmt = sa.select(host_state, _busy(dialect, "host_state", "host", count_hosts))
+            stmt = stmt.where(host_state.c.host.in_(sorted(hosts))).order_by(host_state.c.host)
+            result = await conn.execute(stmt.with_for_update(of=host_state))
+            host_rows = {r["host"]: r for r in result.mappings()}
+        biz_rows: dict[int, Any] = {}
+        if bizs:
+            stmt = sa.select(business_state, _busy(dialect, "business_state", "business_pk", count_bizs))
+            stmt = stmt.where(business_state.c.business_pk.in_(sorted(bizs))).order_by(
+                business_state.c.business_pk
+            )
+            result = await conn.execute(stmt.with_for_update(of=business_state))
+            biz_rows = {r["business_pk"]: r for r in result.mappings()}
         return (
             {h: _state(host_rows.get(h)) for h in hosts},
             {b: State(tokens=r["tokens"], refilled_at=r["refilled_at"]) for b, r in biz_rows.items()}
             | {b: State(0.0, 0.0) for b in bizs - set(biz_rows)},
+            Counter({h: r["busy"] for h, r in host_rows.items()}),
+            Counter({b: r["busy"] for b, r in biz_rows.items()}),
         )
-
-    async def _in_flight(self, conn: AsyncConnection, column: Any, keys: set[Any]) -> Counter[Any]:
-        rows = await conn.execute(
-            sa.select(column, sa.func.count()).where(_PROCESSING, column.in_(sorted(keys))).group_by(column)
-        )
-        return Counter({k: n for k, n in rows.all()})
 
     async def admit(
         self, conn: AsyncConnection, rows: Sequence[Mapping[Any, Any]], now: datetime
@@ -166,18 +263,18 @@ class TrafficControl:
         bizs = {r["business_pk"] for r in rows}
         host_lim = {h: self.host_limits(h) for h in hosts}
         biz_lim = {b: self.business_limits(b) for b in bizs}
-        h_states, b_states = await self._lock_states(conn, hosts, bizs)
+        _forget_changed(host_lim, self._seen_hosts, self.booked_hosts)
+        _forget_changed(biz_lim, self._seen_businesses, self.booked_businesses)
+        # In flight elsewhere = processing now minus this batch (which the claim just marked processing).
+        capped_h = any(host_lim[h].max_in_flight is not None for h in hosts)
+        capped_b = any(biz_lim[b].max_in_flight is not None for b in bizs)
+        h_states, b_states, busy_h, busy_b = await self._lock_states(conn, hosts, bizs, capped_h, capped_b)
         # Decide as of now, not as of when the claim began: under contention the wait for these row locks is
         # the longest part of a claim, and tokens spent "in the past" would let the next dispatcher spend the
         # same seconds again (two bursts back to back at the receiver).
         ts = now.timestamp() + (time.monotonic() - entered)
         claimed_h = Counter(r["host"] for r in rows)
         claimed_b = Counter(r["business_pk"] for r in rows)
-        # In flight elsewhere = processing now minus this batch (which the claim just marked processing).
-        capped_h = {h for h in hosts if host_lim[h].max_in_flight is not None}
-        capped_b = {b for b in bizs if biz_lim[b].max_in_flight is not None}
-        busy_h = await self._in_flight(conn, tasks.c.host, capped_h) if capped_h else Counter()
-        busy_b = await self._in_flight(conn, tasks.c.business_pk, capped_b) if capped_b else Counter()
         booked_h = {h: replace(h_states[h], booked_until=self.booked_hosts.get(h, 0.0)) for h in hosts}
         booked_b = {b: replace(b_states[b], booked_until=self.booked_businesses.get(b, 0.0)) for b in bizs}
         verdicts, new_h, new_b = admit(
@@ -185,16 +282,21 @@ class TrafficControl:
             hosts={h: (booked_h[h], host_lim[h], max(0, busy_h[h] - claimed_h[h])) for h in hosts},
             businesses={b: (booked_b[b], biz_lim[b], max(0, busy_b[b] - claimed_b[b])) for b in bizs},
             now=ts,
+            windows=self._windows(hosts, ts),
         )
         _keep_promises(self.booked_hosts, new_h, ts)
         _keep_promises(self.booked_businesses, new_b, ts)
-        changed_h = [_host_params(h, s) for h, s in new_h.items() if s != booked_h[h]]
+        changed_h = [
+            _host_params(h, s)
+            for h, s in new_h.items()
+            if s != booked_h[h] and not negligible(booked_h[h], s, host_lim[h])
+        ]
         if changed_h:
             await conn.execute(_UPDATE_HOST, changed_h)
         changed_b = [
             {"b_pk": b, "v_tokens": s.tokens, "v_refilled_at": s.refilled_at}
             for b, s in new_b.items()
-            if s != booked_b[b]
+            if s != booked_b[b] and not negligible(booked_b[b], s, biz_lim[b])
         ]
         if changed_b:
             await conn.execute(_UPDATE_BUSINESS, changed_b)
@@ -204,6 +306,10 @@ class TrafficControl:
             else:
                 self.clean_hosts.discard(h)
         go = [r for r in rows if verdicts[r["id"]].defer_until is None]
+        if self.slow_window:
+            for r in go:
+                if not r["host"].startswith("processor:"):
+                    self._flight.setdefault(r["host"], deque()).append((ts, ts + r["timeout"] + 10.0))
         later = []
         for r in rows:
             v = verdicts[r["id"]]
@@ -222,7 +328,58 @@ class TrafficControl:
         promise = self.promised.pop(task_id, None)
         return promise[0] if promise is not None else None
 
+    def _windows(self, hosts: Iterable[str], now: float) -> dict[str, Window]:
+        """The hosts whose oldest request in flight is slow to answer, with the room their window leaves.
+
+        Only while other hosts want slots too (claimed in the last second): alone, a host may take them all.
+        """
+        windows: dict[str, Window] = {}
+        hosts = set(hosts)
+        for h in hosts:
+            self._seen_at[h] = now
+        if len(hosts) < 2 and not any(t > now - 1.0 for h, t in self._seen_at.items() if h not in hosts):
+            return windows
+        if len(self._seen_at) > _MAX_PROMISES:
+            self._seen_at = {h: t for h, t in self._seen_at.items() if t > now - 1.0}
+        for h in hosts:
+            flight = self._flight.get(h)
+            if not flight:
+                continue
+            while flight and flight[0][1] < now:  # its result was lost (a lease taken over): stop counting it
+                flight.popleft()
+            age = now - flight[0][0] if flight else 0.0
+            # A host that has not answered this dispatcher yet is on probation too (like TCP's slow start):
+            # otherwise a host that never answers takes every slot that frees up before its first timeout.
+            if age > self.slow_after_s or h not in self._window:
+                size = self._window.get(h, float(self.slow_window))
+                windows[h] = Window(room=int(size) - len(flight), spacing_s=max(age, 0.05) / size)
+        return windows
+
+    def _answered(self, outcomes: Mapping[str, Sequence[str]]) -> None:
+        """Fold this dispatcher's answered requests into the per-host windows."""
+        for h, outs in outcomes.items():
+            flight = self._flight.get(h)
+            if flight is None:
+                continue
+            size = self._window.get(h, float(self.slow_window))
+            for outcome in outs:
+                if flight:
+                    flight.popleft()
+                if outcome in _FAILURES:
+                    size = max(float(self.slow_window), size / 2)
+                elif outcome not in NOT_EVIDENCE:
+                    size = min(size + 1, 100_000.0)
+            self._window[h] = size
+            if not flight:
+                del self._flight[h]
+        if len(self._window) > _MAX_PROMISES:
+            self._window = {h: w for h, w in self._window.items() if h in self._flight}
+
     def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
+        """Whether a written batch changes any breaker or pause. Called for every batch of results written,
+        it also tells this dispatcher's windows which requests were answered."""
+        if self.slow_window:
+            self._answered(outcomes)
         return any(
             h in pauses or h not in self.clean_hosts or any(o in _FAILURES for o in outs)
             for h, outs in outcomes.items()
@@ -246,7 +403,7 @@ class TrafficControl:
         if not hosts:
             return {}
         ts = now.timestamp()
-        states, _ = await self._lock_states(conn, hosts, set())
+        states, _, _, _ = await self._lock_states(conn, hosts, set())
         changes: dict[str, str] = {}
         params = []
         for h in sorted(hosts):
@@ -262,4 +419,11 @@ class TrafficControl:
                 self.clean_hosts.discard(h)
         if params:
             await conn.execute(_UPDATE_HOST, params)
+        closed = [h for h, breaker in changes.items() if breaker == "closed"]
+        if closed and self.on_close is not None:
+            # Not in this transaction: updating other tasks while holding the host_state row a claiming
+            # dispatcher waits for could deadlock with that claim (which holds due tasks and waits for the row).
+            task = asyncio.get_running_loop().create_task(self.on_close(closed))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return changes
