@@ -364,6 +364,7 @@ async def serve_worker(
 
     ``extra`` runs beside the dispatcher on the same loop (the in-process creator of the lag benchmark).
     """
+    from taskcenter.heap import settle_heap
     from taskcenter.runtime import Runtime
 
     rt = Runtime(settings)
@@ -380,6 +381,7 @@ async def serve_worker(
     helpers = [asyncio.create_task(trace.sample(dispatcher))]
     if extra is not None:
         helpers.append(asyncio.create_task(extra(rt)))
+    settle_heap()  # as `taskcenter serve` and `taskcenter worker` do once started
     cpu0 = time.process_time()
     emit("ready", pid=os.getpid(), t=time.time(), config=asdict(settings.dispatch()))
     try:
