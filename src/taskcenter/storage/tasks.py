@@ -72,7 +72,11 @@ def _unnest_insert(columns: tuple[str, ...], notify: bool) -> str:
     commit, and none when no row was stored.
     """
     names = ", ".join(f'"{name}"' for name in columns)
-    arrays = ", ".join(f"${n}::{_pg_type(tasks.c[name])}[]" for n, name in enumerate(columns, 1))
+    # JSON goes as text[] cast to jsonb[] by the server: the driver's jsonb codec is a Python call per value.
+    arrays = ", ".join(
+        f"${n}::text[]::jsonb[]" if name in _JSON_COLUMNS else f"${n}::{_pg_type(tasks.c[name])}[]"
+        for n, name in enumerate(columns, 1)
+    )
     wake = f", pg_notify(${len(columns) + 1}::text, '')" if notify else ""
     return (
         f"INSERT INTO tasks ({names}) SELECT * FROM unnest({arrays}) "
