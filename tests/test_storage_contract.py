@@ -150,6 +150,21 @@ async def test_claim_returns_due_tasks_by_priority_then_due_time(db: Database, b
     assert await claim(db) == [high_old, high_new, low_old, low_new, negative]
 
 
+async def test_claim_returns_a_batch_in_its_fair_order_across_businesses(
+    db: Database, service: TaskService
+) -> None:
+    """The batch comes back round-robin across businesses, as the claim picked it: a later business's tasks are
+    not started after every task of an earlier backlog in the same batch."""
+    bulk = await service.ensure_business("bulk")
+    urgent = await service.ensure_business("urgent")
+    backlog = [await insert(db, bulk.pk, next_attempt_at=T0 - timedelta(minutes=10 - i)) for i in range(4)]
+    later = [await insert(db, urgent.pk, next_attempt_at=T0 - timedelta(seconds=30 - i)) for i in range(2)]
+    rows = await queue.claim(
+        db, worker="w1", now=T0, limit=100, lease_s=LEASE_S, businesses=[bulk.pk, urgent.pk]
+    )
+    assert [r["id"] for r in rows] == [backlog[0], later[0], backlog[1], later[1], backlog[2], backlog[3]]
+
+
 async def test_claim_with_a_limit_takes_the_most_urgent(db: Database, business: Business) -> None:
     await insert(db, business.pk, priority=0)
     urgent = await insert(db, business.pk, priority=9)

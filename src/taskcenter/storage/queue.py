@@ -7,6 +7,7 @@ that another worker now holds (compare-and-set; the loser's row count is simply 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -192,8 +193,23 @@ async def claim(
                     _RELEASE,
                     [{"b_id": i, "b_worker": worker, "b_at": at, "b_now": now} for i, at in deferred],
                 )
-    # RETURNING has no order; the dispatcher starts them in claim order.
-    return sorted(rows, key=lambda r: (-r["priority"], r["next_attempt_at"]))
+    return _in_claim_order(rows)
+
+
+def _in_claim_order(rows: Sequence[Mapping[Any, Any]]) -> list[Mapping[Any, Any]]:
+    """RETURNING has no order: put the batch back in the claim's own, which the dispatcher starts it in.
+
+    That is the fair order of :func:`_due_ids`: each business's first task (by priority, then due time), then
+    each business's second, and so on — so another business's tasks in a batch mostly of one backlog are not
+    started after all of that backlog's.
+    """
+    ordered = sorted(rows, key=lambda r: (-r["priority"], r["next_attempt_at"]))
+    seen: Counter[int] = Counter()
+    rank = []
+    for r in ordered:
+        seen[r["business_pk"]] += 1
+        rank.append(seen[r["business_pk"]])
+    return [r for _, r in sorted(zip(rank, ordered, strict=True), key=lambda pair: pair[0])]
 
 
 async def next_due(db: Database) -> datetime | None:
