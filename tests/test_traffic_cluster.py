@@ -28,7 +28,12 @@ from tests.test_traffic import (
     wait_until,
 )
 
-pytestmark = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+pytestmark = [
+    pytest.mark.parametrize("backend", ["postgres"], indirect=True),
+    pytest.mark.usefixtures(
+        "quiet_gc"
+    ),  # the receiver shares this process: keep its GC pauses out of arrival times
+]
 
 RATE, BURST, TOTAL = 50, 10, 600
 
