@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.crypto import SecretBox, mask_headers
@@ -292,7 +294,7 @@ class TaskService:
         outcomes: dict[int, BaseException | None] = {}
         self.group_commits += 1
         try:
-            async with self.db.write() as conn:
+            async with self._group_connection() as conn:
                 outcomes = await self._insert_group(conn, [p.row for p in group])
         except TaskCenterError as exc:
             if len(group) > 1:
@@ -320,6 +322,29 @@ class TaskService:
                 pending.done.set_result(None)
             else:
                 pending.done.set_exception(error)
+
+    @contextlib.asynccontextmanager
+    async def _group_connection(self) -> AsyncIterator[AsyncConnection]:
+        """Where a group is written: a write transaction, or on PostgreSQL an autocommit connection.
+
+        On PostgreSQL the group is one INSERT statement, atomic by itself: BEGIN and COMMIT around it only added
+        two round trips and ~100 µs of CPU per group (a quarter of a create alone). The lookups of duplicates
+        that follow it read under READ COMMITTED as they did inside the transaction (each statement its own
+        snapshot), and its NOTIFY goes out when the statement commits.
+        """
+        if not self.db.is_postgres:
+            async with self.db.write() as conn:
+                yield conn
+            return
+        try:
+            async with self.db.write_engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
+        except (SQLAlchemyError, OSError) as exc:  # as Database.write() reports them
+            text = str(getattr(exc, "orig", None) or exc)
+            raise StorageError(
+                f"database error: {text.splitlines()[0][:300] if text else type(exc).__name__}"
+            ) from exc
 
     async def _insert_group(
         self, conn: AsyncConnection, rows: list[dict[str, Any]]
