@@ -213,3 +213,17 @@ async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, ba
         assert received.empty(), "a create that stored nothing notified"
     finally:
         await listener.close()
+
+
+async def test_a_group_is_never_larger_than_one_statement(runtime: Runtime) -> None:
+    """A group is written in autocommit as one statement, so it must fit one (SQLite's parameter limit)."""
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    await service.create_task(shop, task_body("warm"))
+    per_statement = task_sql.rows_per_statement(runtime.db.dialect)
+    count = min(per_statement + 10, 1000 + 10)
+    commits_before = service.group_commits
+    created = await asyncio.gather(*(service.create_task(shop, task_body(f"g-{n}")) for n in range(count)))
+    assert len({t.id for t in created}) == count
+    assert service.group_commits - commits_before >= 2
+    assert len(await _stored(runtime)) == count + 1

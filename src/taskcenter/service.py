@@ -275,10 +275,11 @@ class TaskService:
         await done
 
     async def _flush_groups(self) -> None:
+        limit = min(GROUP_COMMIT_MAX, task_sql.rows_per_statement(self.db.dialect))
         try:
             while self._pending:
-                group = [p for p in self._pending[:GROUP_COMMIT_MAX] if not p.done.done()]
-                del self._pending[:GROUP_COMMIT_MAX]
+                group = [p for p in self._pending[:limit] if not p.done.done()]
+                del self._pending[:limit]
                 if group:
                     await self._store_group(group)
         finally:
@@ -325,20 +326,20 @@ class TaskService:
 
     @contextlib.asynccontextmanager
     async def _group_connection(self) -> AsyncIterator[AsyncConnection]:
-        """Where a group is written: a write transaction, or on PostgreSQL an autocommit connection.
+        """The write connection a group is written on, in autocommit: the group is one INSERT statement.
 
-        On PostgreSQL the group is one INSERT statement, atomic by itself: BEGIN and COMMIT around it only added
-        two round trips and ~100 µs of CPU per group (a quarter of a create alone). The lookups of duplicates
-        that follow it read under READ COMMITTED as they did inside the transaction (each statement its own
-        snapshot), and its NOTIFY goes out when the statement commits.
+        A statement is atomic by itself: BEGIN and COMMIT around it only cost round trips — on PostgreSQL two,
+        ~100 µs of CPU per group (a quarter of a create alone); on SQLite four hops to the driver's thread (the
+        driver connection is in autocommit, and a lone INSERT takes the write lock when it starts, waiting
+        ``busy_timeout`` as BEGIN IMMEDIATE would). Groups are never larger than one statement
+        (:func:`~taskcenter.storage.tasks.rows_per_statement`). The lookups of duplicates that follow the insert
+        read committed data, as they did inside the transaction (each statement its own snapshot), and a
+        PostgreSQL NOTIFY goes out when the statement commits.
         """
-        if not self.db.is_postgres:
-            async with self.db.write() as conn:
-                yield conn
-            return
         try:
             async with self.db.write_engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                if self.db.is_postgres:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield conn
         except (SQLAlchemyError, OSError) as exc:  # as Database.write() reports them
             text = str(getattr(exc, "orig", None) or exc)

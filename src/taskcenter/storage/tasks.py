@@ -123,6 +123,11 @@ async def insert_many(
 _SQLITE_MAX_PARAMS = 32766
 
 
+def rows_per_statement(dialect: str) -> int:
+    """How many task rows :func:`insert_many` can always send in one statement (SQLite's parameter limit)."""
+    return _SQLITE_MAX_PARAMS // len(tasks.columns) if dialect == "sqlite" else 1_000_000
+
+
 @functools.lru_cache(maxsize=64)  # keyed by row count too: a few sizes recur (1, a full page, …)
 def _sqlite_insert(columns: tuple[str, ...], count: int) -> str:
     names = ", ".join(f'"{name}"' for name in columns)
