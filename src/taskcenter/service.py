@@ -256,12 +256,12 @@ class TaskService:
 
     # -- group commit ---------------------------------------------------------------------------------
     #
-    # Single creates that arrive while a transaction is being written wait for the next one and go in
-    # together: one multi-row INSERT … ON CONFLICT DO NOTHING RETURNING and one COMMIT for all of them, instead
-    # of a transaction (and on SQLite a turn of the one writer connection) each. An idle server writes the
-    # first create at once, so coalescing adds no wait; under load the groups grow with the backlog. Each
+    # Single creates that arrive while a group is being written wait for the next one and go in together: one
+    # multi-row INSERT … ON CONFLICT DO NOTHING RETURNING (one statement, so one commit) for all of them,
+    # instead of a transaction (and on SQLite a turn of the one writer connection) each. An idle server writes
+    # the first create at once, so coalescing adds no wait; under load the groups grow with the backlog. Each
     # caller still gets its own outcome: its row id, DuplicateTask naming the live task, or the error of its
-    # own row (a group that fails is retried one row per transaction, so one bad row fails only its caller).
+    # own row (a group that fails is retried one row per statement, so one bad row fails only its caller).
 
     async def _group_commit(self, row: dict[str, Any]) -> None:
         """Store ``row`` in the next group transaction; sets ``row["id"]`` or raises that row's error."""
@@ -291,7 +291,7 @@ class TaskService:
             left.clear()
 
     async def _store_group(self, group: list[_PendingCreate]) -> None:
-        """One transaction for ``group``; each future gets its row's outcome. Never raises."""
+        """One statement for ``group``; each future gets its row's outcome. Never raises."""
         outcomes: dict[int, BaseException | None] = {}
         self.group_commits += 1
         try:
@@ -299,10 +299,10 @@ class TaskService:
                 outcomes = await self._insert_group(conn, [p.row for p in group])
         except TaskCenterError as exc:
             if len(group) > 1:
-                # Something in the group broke the transaction: retry each row alone so that the error
+                # Something in the group broke the statement: retry each row alone so that the error
                 # reaches only the caller whose row caused it.
                 for pending in group:
-                    pending.row.pop("id", None)  # set before the rollback; not stored
+                    pending.row.pop("id", None)  # not stored
                     await self._store_group([pending])
                 return
             outcomes = {0: exc}
