@@ -143,11 +143,12 @@ class BusinessPolicies:
         return moved
 
     async def close_released(self, hosts: list[str]) -> None:
-        """A circuit closed: its backlog drains at the host's rate (called by a dispatcher's traffic control)."""
+        """A circuit closed, or a host a dispatcher held back for never answering well answered well: its held
+        backlog drains at the host's rate (called by a dispatcher's traffic control)."""
         try:
             await self.pull_forward(hosts)
         except StorageError as exc:
-            log.warning("pulling forward the tasks held by closed circuits %s failed: %s", hosts, exc)
+            log.warning("pulling forward the tasks held for %s failed: %s", hosts, exc)
 
     async def run(self) -> None:
         while True:

@@ -179,6 +179,8 @@ class Window:
 
     room: int
     spacing_s: float
+    not_before: float = 0.0
+    """Held tasks wait at least until then (a host that has not answered well yet: see TrafficControl)."""
 
 
 def admit(
@@ -226,8 +228,10 @@ def admit(
             continue
         if c.host in room and room[c.host] <= 0:
             window_held[c.host] += 1
-            spacing = windows[c.host].spacing_s if windows else 0.0
-            verdicts[c.task_id] = Verdict(now + spacing * window_held[c.host], "host_window")
+            w = windows[c.host] if windows else Window(0, 0.0)
+            verdicts[c.task_id] = Verdict(
+                max(now, w.not_before) + w.spacing_s * window_held[c.host], "host_window"
+            )
             continue
         if hl.rate_per_second is not None and hs.tokens - host_spent[c.host] < _WHOLE_TOKEN:
             if c.promised == "host" and c.host not in next_token_host:

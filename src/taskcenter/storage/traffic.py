@@ -35,6 +35,9 @@ _PROCESSING = sa.text("status = 'processing'")
 #: Which bucket a task held for a token was promised one of (see ``Candidate.promised``).
 _PROMISES = {"host_rate": "host", "business_rate": "business"}
 _MAX_PROMISES = 10_000
+#: A request this dispatcher admitted is counted in flight until its timeout and this long more (then its result
+#: was lost: another worker took its lease over).
+_FLIGHT_GRACE_S = 10.0
 
 
 def _state(row: Mapping[Any, Any] | None) -> State:
@@ -200,14 +203,19 @@ class TrafficControl:
     therefore holds a few of the dispatcher's slots, not all of them."""
     slow_after_s: float = 0.1
     on_close: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
-    """Pulls forward the tasks held back by circuits this dispatcher saw close (see :func:`release_held`).
-    Called after the result transaction, in a task of its own."""
+    """Pulls forward the tasks held back for these hosts (see :func:`release_held`): when a circuit this
+    dispatcher recorded closes, or a host it held tasks of for never answering well answers well. Called after the
+    transaction, in a task of its own."""
     _seen_hosts: dict[str, Limits] = field(default_factory=dict)
     _seen_businesses: dict[int, Limits] = field(default_factory=dict)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _flight: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
     """Per host, this dispatcher's requests in flight: (admitted at, given up on at), oldest first."""
     _window: dict[str, float] = field(default_factory=dict)
+    _answered_well: set[str] = field(default_factory=set)
+    """Hosts that gave this dispatcher an answer that was not a failure."""
+    _parked: set[str] = field(default_factory=set)
+    """Hosts whose window held tasks until well after their oldest request's deadline (see ``_windows``)."""
     _seen_at: dict[str, float] = field(default_factory=dict)
     """When each host last had tasks in a claimed batch."""
 
@@ -309,7 +317,9 @@ class TrafficControl:
         if self.slow_window:
             for r in go:
                 if not r["host"].startswith("processor:"):
-                    self._flight.setdefault(r["host"], deque()).append((ts, ts + r["timeout"] + 10.0))
+                    self._flight.setdefault(r["host"], deque()).append(
+                        (ts, ts + r["timeout"] + _FLIGHT_GRACE_S)
+                    )
         later = []
         for r in rows:
             v = verdicts[r["id"]]
@@ -352,7 +362,15 @@ class TrafficControl:
             # otherwise a host that never answers takes every slot that frees up before its first timeout.
             if age > self.slow_after_s or h not in self._window:
                 size = self._window.get(h, float(self.slow_window))
-                windows[h] = Window(room=int(size) - len(flight), spacing_s=max(age, 0.05) / size)
+                window = Window(room=int(size) - len(flight), spacing_s=max(age, 0.05) / size)
+                if window.room <= 0 and age > self.slow_after_s and h not in self._answered_well and flight:
+                    # Slow and never answered well: hold the rest until its oldest request's deadline and one
+                    # cool-down more (by then its circuit is open if it keeps failing), instead of bringing them
+                    # back to the claim loop again and again. Its first good answer pulls them forward.
+                    deadline = flight[0][1] - _FLIGHT_GRACE_S
+                    window = replace(window, not_before=deadline + self.host_limits(h).breaker_cooldown_s)
+                    self._parked.add(h)
+                windows[h] = window
         return windows
 
     def _answered(self, outcomes: Mapping[str, Sequence[str]]) -> None:
@@ -369,11 +387,16 @@ class TrafficControl:
                     size = max(float(self.slow_window), size / 2)
                 elif outcome not in NOT_EVIDENCE:
                     size = min(size + 1, 100_000.0)
+                    self._answered_well.add(h)
             self._window[h] = size
+            if h in self._parked and h in self._answered_well:
+                self._parked.discard(h)
+                self._release_later([h])
             if not flight:
                 del self._flight[h]
         if len(self._window) > _MAX_PROMISES:
             self._window = {h: w for h, w in self._window.items() if h in self._flight}
+            self._answered_well &= self._window.keys()
 
     def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
         """Whether a written batch changes any breaker or pause. Called for every batch of results written,
@@ -420,10 +443,18 @@ class TrafficControl:
         if params:
             await conn.execute(_UPDATE_HOST, params)
         closed = [h for h, breaker in changes.items() if breaker == "closed"]
-        if closed and self.on_close is not None:
-            # Not in this transaction: updating other tasks while holding the host_state row a claiming
-            # dispatcher waits for could deadlock with that claim (which holds due tasks and waits for the row).
-            task = asyncio.get_running_loop().create_task(self.on_close(closed))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if closed:
+            self._release_later(closed)
         return changes
+
+    def _release_later(self, hosts: list[str]) -> None:
+        """Pull the hosts' held tasks forward (``on_close``) once the current transaction is over.
+
+        Not in the transaction: updating other tasks while holding the host_state row a claiming dispatcher waits
+        for could deadlock with that claim (which holds due tasks and waits for the row).
+        """
+        if self.on_close is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.on_close(hosts))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
