@@ -31,6 +31,8 @@ from tests.test_delivery import running
 FAST = 600_000
 """A business rate limit (per minute) high enough never to be the limit under test."""
 
+# Arrival times are read by a receiver on the test's own event loop: keep this process's GC pauses out of them.
+pytestmark = pytest.mark.usefixtures("quiet_gc")
 
 # -- helpers shared with test_traffic_cluster.py ------------------------------------------------------------
 
