@@ -79,6 +79,8 @@ async def test_the_fast_path_answers_exactly_as_the_route(api: Api) -> None:
         ("malformed", {**key, **json_type}, b'{"business_id": ', 400, False),
         ("empty", {**key, **json_type}, b"", 422, False),
         ("a list", {**key, **json_type}, b"[1]", 422, False),
+        ("nested too deep", {**key, **json_type}, b'{"business_id": "n", "json": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+         400, False),
         ("text/plain", {**key, "Content-Type": "text/plain"}, {"business_id": "j{n}"}, 422, False),
         ("+json", {**key, "Content-Type": "application/vnd.x+json"}, {"business_id": "k{n}"}, 201, False),
     ]  # fmt: skip

@@ -152,13 +152,15 @@ class FastCreate:
             return None
         if content_type is None or content_type.split(";", 1)[0].strip().lower() != "application/json":
             return None
+        # Whatever goes wrong before the create starts (including the unexpected, e.g. nesting too deep) is the
+        # route's to answer: it repeats the step and maps the error as it always does.
         try:
             body = _TASK_CREATE.validate_python(orjson.loads(raw), from_attributes=True)
-        except (orjson.JSONDecodeError, PydanticValidationError):
+        except Exception:
             return None
         try:
             caller = await self.ctx.businesses.authenticate(token)
-        except TaskCenterError:
+        except Exception:
             return None
         if caller.kind != "business" or caller.business is None:
             return None
