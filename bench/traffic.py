@@ -11,6 +11,9 @@ cost of per-host limiter bookkeeping, each against its target with its baseline 
   the mean of the two runs alone.
 - limiter: tasks spread over many hosts (one receiver process listening on many ports) delivered with no host
   policies, with a generous policy on every host (a rate that never binds), and with none again.
+- admission: statements and CPU per claim of the dispatcher's claim with traffic-control admission, in this
+  process, without and with those policies (nothing is sent): the limiter's bookkeeping alone, free of the noise
+  of a whole delivery run.
 """
 
 from __future__ import annotations
@@ -267,11 +270,68 @@ async def limiter(fleet: Fleet, backend: str, args: argparse.Namespace) -> list[
     return runs
 
 
+# -- admission cost (in this process) ---------------------------------------------------------------------
+
+
+async def admission(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Statements and CPU per claim of a dispatcher's claim with traffic-control admission, in this process.
+
+    ``args.admission_claims`` batches of 100 due tasks over 50 hosts, with no host policies and with a generous
+    policy on every host; statements counted at the write engine (the claim included), CPU as process time (SQLite's
+    thread included). Nothing is sent: this isolates what admission costs a claim.
+    """
+    from taskcenter.config import Settings
+    from taskcenter.runtime import Runtime
+    from taskcenter.storage import queue
+
+    # Nothing is ever answered here: the slow-host window would hold everything after a while.
+    no_window = {"host_slow_window": 0} if "host_slow_window" in Settings.model_fields else {}
+    runs = []
+    hosts = [f"{LOOPBACK}:{20000 + i}" for i in range(50)]
+    for policies in (False, True):
+        db_url = await fresh_database(backend, f"traffic-admission-{backend}", args.pg_url, business=True)
+        count, _ = await enqueue(
+            db_url, (task_item(n, f"http://{hosts[n % 50]}/hook") for n in range(100 * args.admission_claims))
+        )
+        if policies:
+            await add_policies(db_url, hosts)
+        rt = Runtime(bench_settings(db_url, **no_window))
+        await rt.start()
+        try:
+            await rt.policies.load()
+            dispatcher = rt.dispatcher()
+            statements = 0
+
+            def counted(*_args: Any) -> None:
+                nonlocal statements
+                statements += 1
+
+            sa.event.listen(rt.db.write_engine.sync_engine, "before_cursor_execute", counted)
+            per_claim: list[int] = []
+            cpu: list[float] = []
+            for _ in range(args.admission_claims):
+                statements = 0
+                cpu0 = time.process_time()
+                rows = await queue.claim(rt.db, worker=dispatcher.name, now=datetime.now(UTC), limit=100,
+                                         lease_s=60, businesses=rt.policies.business_pks(),
+                                         admission=dispatcher._admit)  # fmt: skip
+                cpu.append(time.process_time() - cpu0)
+                per_claim.append(statements)
+                if len(rows) != 100:
+                    raise BenchError(f"admission: a claim let {len(rows)} of 100 tasks through, not all")
+        finally:
+            await rt.close()
+        runs.append({"backend": backend, "policies": policies, "first": per_claim[0],
+                     "statements": statistics.median(per_claim[1:]), "cpu_ms": statistics.median(cpu) * 1000,
+                     "tasks": count, "load": load()})  # fmt: skip
+    return runs
+
+
 # -- report ------------------------------------------------------------------------------------------------
 
 
 def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dict[str, Any]],
-           args: argparse.Namespace) -> None:  # fmt: skip
+           args: argparse.Namespace, adm: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
     if fair:
         print(f"\nfairness: A's backlog drained by one worker (concurrency {args.concurrency}); B creates "
               f"{args.b_rate:g}/s for {args.b_seconds:g} s; B's start lag = arrival - due time")  # fmt: skip
@@ -321,13 +381,21 @@ def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dic
                              r["load"]])  # fmt: skip
         print(table(["backend", "run", "to last arrival", "to all succeeded", "worker CPU/task",
                      "cost (vs mean without)", "target", "verdict", "load avg"], rows))  # fmt: skip
+    if adm:
+        print(f"\nadmission: {args.admission_claims} claims of 100 due tasks over 50 hosts in this process; "
+              "statements at the write engine (claim included), CPU = process time per claim (median)")  # fmt: skip
+        print(table(["backend", "host policies", "statements, first claim", "statements per claim after",
+                     "CPU per claim", "load avg"], [
+            [r["backend"], "generous, every host" if r["policies"] else "none", r["first"], f"{r['statements']:g}",
+             f"{r['cpu_ms']:.2f} ms", r["load"]] for r in adm]))  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
-    parts = ["fairness", "sick", "limiter"] if args.part == "all" else [args.part]
+    parts = ["fairness", "sick", "limiter", "admission"] if args.part == "all" else [args.part]
     fair: list[dict[str, Any]] = []
     sick: list[dict[str, Any]] = []
     lim: list[dict[str, Any]] = []
+    adm: list[dict[str, Any]] = []
     async with Fleet(args.timeout) as fleet, asyncio.timeout(args.timeout):
         for backend in backends(args.backend):
             if "fairness" in parts:
@@ -336,8 +404,10 @@ async def main(args: argparse.Namespace) -> None:
                 sick += await sick_host(fleet, backend, args)
             if "limiter" in parts:
                 lim += await limiter(fleet, backend, args)
-    header("traffic control: fairness, sick host, limiter overhead (one worker process each)")
-    report(fair, sick, lim, args)
+            if "admission" in parts:
+                adm += await admission(backend, args)
+    header("traffic control: fairness, sick host, limiter overhead (one worker process each), admission cost")
+    report(fair, sick, lim, args, adm)
     if any(r["b_arrived"] < r["b_tasks"] for r in fair):
         raise BenchError(f"some of B's tasks had not arrived {args.b_wait:g} s after the last was created")
 
@@ -345,7 +415,7 @@ async def main(args: argparse.Namespace) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/traffic.py", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--part", choices=["fairness", "sick", "limiter", "all"], default="all")
+    parser.add_argument("--part", choices=["fairness", "sick", "limiter", "admission", "all"], default="all")
     parser.add_argument("--concurrency", type=int, default=100, help="the worker's requests in flight")
     parser.add_argument("--backlog", type=int, default=100_000, help="fairness: business A's backlog")
     parser.add_argument("--b-rate", type=float, default=20, help="fairness: B's creates per second")
@@ -359,6 +429,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sick-hold", type=float, default=10.0, help="sick: how long S holds each request")
     parser.add_argument("--hosts", type=int, default=50, help="limiter: hosts (receiver ports)")
     parser.add_argument("--limiter-tasks", type=int, default=10_000, help="limiter: tasks per run")
+    parser.add_argument(
+        "--admission-claims", type=int, default=40, help="admission: claims measured per variant"
+    )
     parser.add_argument(
         "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
     )
