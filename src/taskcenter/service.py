@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.crypto import SecretBox, mask_headers
@@ -295,7 +293,11 @@ class TaskService:
         outcomes: dict[int, BaseException | None] = {}
         self.group_commits += 1
         try:
-            async with self._group_connection() as conn:
+            # One INSERT statement per group (groups never outgrow one, see storage.tasks.rows_per_statement):
+            # atomic by itself, so no BEGIN/COMMIT around it. The lookups of duplicates that follow read
+            # committed data, as they did inside a transaction (each statement its own snapshot), and a
+            # PostgreSQL NOTIFY goes out when the statement commits.
+            async with self.db.autocommit() as conn:
                 outcomes = await self._insert_group(conn, [p.row for p in group])
         except TaskCenterError as exc:
             if len(group) > 1:
@@ -323,29 +325,6 @@ class TaskService:
                 pending.done.set_result(None)
             else:
                 pending.done.set_exception(error)
-
-    @contextlib.asynccontextmanager
-    async def _group_connection(self) -> AsyncIterator[AsyncConnection]:
-        """The write connection a group is written on, in autocommit: the group is one INSERT statement.
-
-        A statement is atomic by itself: BEGIN and COMMIT around it only cost round trips — on PostgreSQL two,
-        ~100 µs of CPU per group (a quarter of a create alone); on SQLite four hops to the driver's thread (the
-        driver connection is in autocommit, and a lone INSERT takes the write lock when it starts, waiting
-        ``busy_timeout`` as BEGIN IMMEDIATE would). Groups are never larger than one statement
-        (:func:`~taskcenter.storage.tasks.rows_per_statement`). The lookups of duplicates that follow the insert
-        read committed data, as they did inside the transaction (each statement its own snapshot), and a
-        PostgreSQL NOTIFY goes out when the statement commits.
-        """
-        try:
-            async with self.db.write_engine.connect() as conn:
-                if self.db.is_postgres:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                yield conn
-        except (SQLAlchemyError, OSError) as exc:  # as Database.write() reports them
-            text = str(getattr(exc, "orig", None) or exc)
-            raise StorageError(
-                f"database error: {text.splitlines()[0][:300] if text else type(exc).__name__}"
-            ) from exc
 
     async def _insert_group(
         self, conn: AsyncConnection, rows: list[dict[str, Any]]

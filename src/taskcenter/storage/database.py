@@ -98,6 +98,23 @@ class Database:
             raise StorageError(f"database error: {_short(exc)}") from exc
 
     @contextlib.asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A write connection for statements that each commit by themselves: no BEGIN or COMMIT round trips.
+
+        For one statement that must be atomic on its own (a statement is): on PostgreSQL the connection is in
+        autocommit; on SQLite the driver connection already is, as long as the statements go to the driver
+        directly (through SQLAlchemy the first one would open a BEGIN IMMEDIATE transaction), and a lone INSERT
+        takes the write lock when it starts, waiting ``busy_timeout`` as BEGIN IMMEDIATE would.
+        """
+        try:
+            async with self.write_engine.connect() as conn:
+                if self.dialect == "postgresql":
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(f"database error: {_short(exc)}") from exc
+
+    @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reading.
 
