@@ -72,10 +72,15 @@ class Database:
                     "use a SQLite file, not an in-memory database: several connections share it"
                 )
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # No rollback when a connection goes back to the pool: SQLAlchemy already ends (commits or rolls back)
+            # every transaction it began before that, so the pool's own rollback would only be one more hop to
+            # the driver's thread per transaction.
             self.write_engine = create_async_engine(
-                target, pool_size=1, max_overflow=0, pool_timeout=60, **common
+                target, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None, **common
             )
-            self.read_engine = create_async_engine(target, pool_size=pool_size, max_overflow=0, **common)
+            self.read_engine = create_async_engine(
+                target, pool_size=pool_size, max_overflow=0, pool_reset_on_return=None, **common
+            )
             _sqlite_pragmas(self.write_engine, immediate=True)
             _sqlite_pragmas(self.read_engine, immediate=False)
         else:
