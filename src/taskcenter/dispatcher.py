@@ -213,7 +213,10 @@ class Dispatcher:
     async def _record_traffic(
         self, conn: Any, outcomes: dict[str, list[str]], pauses: dict[str, float], now: datetime
     ) -> None:
-        if self.traffic is None or not self.traffic.needs_record(outcomes, pauses):
+        if self.traffic is None:
+            return
+        self.traffic.answered(outcomes)
+        if not self.traffic.needs_record(outcomes, pauses):
             return
         for host, state in (await self.traffic.record(conn, outcomes, pauses, now)).items():
             log.warning("circuit of %s is now %s", host, state)

@@ -373,8 +373,10 @@ class TrafficControl:
                 windows[h] = window
         return windows
 
-    def _answered(self, outcomes: Mapping[str, Sequence[str]]) -> None:
-        """Fold this dispatcher's answered requests into the per-host windows."""
+    def answered(self, outcomes: Mapping[str, Sequence[str]]) -> None:
+        """Fold this dispatcher's answered requests (a written batch's outcomes, per host) into its windows."""
+        if not self.slow_window:
+            return
         for h, outs in outcomes.items():
             flight = self._flight.get(h)
             if flight is None:
@@ -399,10 +401,7 @@ class TrafficControl:
             self._answered_well &= self._window.keys()
 
     def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
-        """Whether a written batch changes any breaker or pause. Called for every batch of results written,
-        it also tells this dispatcher's windows which requests were answered."""
-        if self.slow_window:
-            self._answered(outcomes)
+        """Whether a written batch changes any breaker or pause."""
         return any(
             h in pauses or h not in self.clean_hosts or any(o in _FAILURES for o in outs)
             for h, outs in outcomes.items()
