@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
-from taskcenter.cli_admin import _actor, audit_app, business_app, operator_app
+from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app
 from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
@@ -435,20 +435,6 @@ def task_retry(
     )
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _duration_s(text: str) -> float:
-    """``90d``, ``12h``, ``30m``, ``45s`` or plain seconds."""
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in _UNITS:
-            return float(text[:-1]) * _UNITS[text[-1]]
-        return float(text)
-    except ValueError:
-        raise _fail(f"{text!r} is not a duration like 90d, 12h, 30m or 45s", 2) from None
-
-
 def _progress() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -473,7 +459,7 @@ def retry_bulk(
     if since is not None:
         from datetime import UTC, timedelta
 
-        after = datetime.now(UTC) - timedelta(seconds=_duration_s(since))
+        after = datetime.now(UTC) - timedelta(seconds=duration_s(since))
 
     async def work(rt: Runtime) -> tuple[int, int]:
         biz = await rt.service.business(business) if business else None
@@ -502,7 +488,7 @@ def purge(
     config: ConfigOpt = None,
 ) -> None:
     """Delete finished tasks (and their attempts) that finished longer ago than --older-than."""
-    age = _duration_s(older_than)
+    age = duration_s(older_than)
 
     async def work(rt: Runtime) -> int:
         total = await rt.service.count_purgeable(older_than_s=age)

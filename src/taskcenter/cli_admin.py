@@ -45,6 +45,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_s(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds; anything else exits 2 with one line."""
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            return float(text[:-1]) * _UNITS[text[-1]]
+        return float(text)
+    except ValueError:
+        raise _fail(escape(f"{text!r} is not a duration like 90d, 12h, 30m or 45s"), 2) from None
+
+
 def _actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"

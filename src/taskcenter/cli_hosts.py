@@ -16,7 +16,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from taskcenter.audit import AuditLog
-from taskcenter.cli_admin import ConfigOpt, JsonOpt, _actor, _console, _fail, _print_json, run_with_runtime
+from taskcenter.cli_admin import (
+    ConfigOpt,
+    JsonOpt,
+    _actor,
+    _console,
+    _fail,
+    _print_json,
+    duration_s,
+    run_with_runtime,
+)
 from taskcenter.config import Settings
 from taskcenter.domain.task import rfc3339
 from taskcenter.hosts import POLICY_FIELDS, HostService, HostView
@@ -29,7 +38,6 @@ host_app = typer.Typer(
 HostArg = Annotated[
     str, typer.Argument(help="The host as tasks carry it: host:port, e.g. api.example.com:443.")
 ]
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BREAKER_STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}
 #: How a policy field without a limit reads.
 _NONE_READS = {"burst": "1 s of the rate", "breaker_ratio": "off"}
@@ -49,17 +57,6 @@ def _run(config: Path | None, work: Callable[[HostService], Coroutine[Any, Any, 
         return await work(service)
 
     return run_with_runtime(config, with_service)
-
-
-def _duration_s(text: str) -> float:
-    """``45s``, ``30m``, ``12h``, ``7d`` or plain seconds."""
-    unit = text[-1:].lower()
-    number = text[:-1] if unit in _UNITS else text
-    try:
-        value = float(number) * _UNITS.get(unit, 1)
-    except ValueError:
-        raise _fail(escape(f"{text!r} is not a duration like 45s, 30m, 12h or 7d"), 2) from None
-    return value
 
 
 def _moment(text: str) -> datetime:
@@ -243,7 +240,7 @@ def host_pause(
     config: ConfigOpt = None,
 ) -> None:
     """Hold back every task for a host (no attempt charged) for a while or until a time."""
-    seconds = _duration_s(for_) if for_ is not None else None
+    seconds = duration_s(for_) if for_ is not None else None
     moment = _moment(until) if until is not None else None
     view = _run(config, lambda svc: svc.pause(host, actor=_actor(), until=moment, seconds=seconds))
     if not as_json:
