@@ -183,10 +183,9 @@ async def test_insert_many_stores_exactly_what_the_single_row_insert_stores(runt
     assert nulls in (0, 5)
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # NOTIFY is PostgreSQL's
 async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, backend: str) -> None:
     """One NOTIFY per stored group or batch (folded into the insert), none when nothing was stored."""
-    if backend != "postgres":
-        pytest.skip("NOTIFY is PostgreSQL's")
     import asyncpg
 
     service = runtime.service
