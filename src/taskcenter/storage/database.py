@@ -111,13 +111,8 @@ class Database:
         directly (through SQLAlchemy the first one would open a BEGIN IMMEDIATE transaction), and a lone INSERT
         takes the write lock when it starts, waiting ``busy_timeout`` as BEGIN IMMEDIATE would.
         """
-        try:
-            async with self.write_engine.connect() as conn:
-                if self.dialect == "postgresql":
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                yield conn
-        except (SQLAlchemyError, OSError) as exc:
-            raise StorageError(f"database error: {_short(exc)}") from exc
+        async with self._autocommit(self.write_engine) as conn:
+            yield conn
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -126,8 +121,13 @@ class Database:
         On PostgreSQL it runs in autocommit: under READ COMMITTED every statement sees its own snapshot whether or
         not a transaction wraps it, so the BEGIN and ROLLBACK around a read would only add two round trips.
         """
+        async with self._autocommit(self.read_engine) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _autocommit(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.read_engine.connect() as conn:
+            async with engine.connect() as conn:
                 if self.dialect == "postgresql":
                     await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield conn
