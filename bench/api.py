@@ -31,7 +31,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
 
 from bench.common import (
     LOOPBACK,
-    PG_URL,
     BenchError,
     Child,
     Fleet,
@@ -43,6 +42,7 @@ from bench.common import (
     percentile,
     run_loop,
     run_script,
+    script_parser,
     table,
 )
 
@@ -361,8 +361,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/api.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/api.py", __doc__, timeout=900)
     parser.add_argument("--rate", type=float, default=500, help="open-loop creates per second")
     parser.add_argument("--seconds", type=float, default=15, help="open-loop duration")
     parser.add_argument(
@@ -381,10 +380,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="diagnosis: serve --no-worker (the API without its dispatcher)",
     )
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=900, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 

@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
 
 from bench.common import (
     LOOPBACK,
-    PG_URL,
     Delivery,
     Fleet,
     Receiver,
@@ -37,6 +36,7 @@ from bench.common import (
     percentile,
     print_worker_details,
     run_script,
+    script_parser,
     table,
     task_item,
 )
@@ -310,12 +310,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bench/claim_scaling.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/claim_scaling.py", __doc__, timeout=1800)
     parser.add_argument(
         "--finished", type=int, default=1_000_000, help="finished tasks added between the phases"
     )
@@ -323,10 +318,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--probes", type=int, default=30, help="bare claims timed in each phase")
     parser.add_argument("--repeat", type=int, default=1, help="times the whole empty/fill/full sequence runs")
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=1800, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 

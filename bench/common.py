@@ -325,6 +325,22 @@ def apply_experiments(rt: Any, dispatcher: Any, names: Iterable[str]) -> None:
             raise BenchError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
 
 
+def script_parser(prog: str, description: str | None, *, timeout: float) -> argparse.ArgumentParser:
+    """A benchmark script's parser with the options every script shares: ``--backend``, ``--pg-url`` and
+    ``--timeout`` (the hard limit on the whole script, in seconds)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument(
+        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help="hard limit on the whole script, seconds"
+    )
+    return parser
+
+
 def bench_settings(db_url: str, **overrides: Any) -> Any:
     """Worker settings: the loopback receiver let through the SSRF guard, everything else at its default."""
     from taskcenter.config import Settings

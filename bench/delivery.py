@@ -24,7 +24,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
 from bench.common import (
     EXPERIMENTS,
     OUT,
-    PG_URL,
     Delivery,
     Fleet,
     Receiver,
@@ -36,6 +35,7 @@ from bench.common import (
     header,
     print_worker_details,
     run_script,
+    script_parser,
     summarise_profile,
     table,
     task_item,
@@ -253,10 +253,7 @@ def variant(value: str) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bench/delivery.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/delivery.py", __doc__, timeout=3600)
     parser.add_argument("--scenario", choices=["plain", "failures", "both"], default="both")
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=100)
@@ -281,10 +278,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds over every backend and scenario")
     parser.add_argument("--profile", action="store_true", help="one more run per backend under py-spy")
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=3600, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 

@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
 from bench.common import (
     ENQUEUE_BATCH,
     OUT,
-    PG_URL,
     BenchError,
     Fleet,
     backends,
@@ -44,6 +43,7 @@ from bench.common import (
     percentile,
     run_loop,
     run_script,
+    script_parser,
     serve_worker,
     table,
     task_item,
@@ -309,20 +309,13 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bench/lag.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/lag.py", __doc__, timeout=900)
     parser.add_argument("--mode", choices=["auto", "inprocess", "separate"], default="auto")
     parser.add_argument("--rate", type=float, default=500, help="immediate creates per second")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--scheduled", type=int, default=1000, help="scheduled tasks due across the window")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=900, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 

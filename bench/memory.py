@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    PG_URL,
     Fleet,
     Receiver,
     backends,
@@ -28,6 +27,7 @@ from bench.common import (
     fresh_database,
     header,
     run_script,
+    script_parser,
     table,
     task_item,
 )
@@ -122,19 +122,12 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="bench/memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/memory.py", __doc__, timeout=900)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--sleep", type=float, default=5.0, help="seconds the receiver holds each request")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long RSS is sampled")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between samples")
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=900, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 

@@ -35,7 +35,6 @@ if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench
 
 from bench.common import (
     LOOPBACK,
-    PG_URL,
     STATE,
     BenchError,
     Child,
@@ -56,6 +55,7 @@ from bench.common import (
     percentile,
     run_loop,
     run_script,
+    script_parser,
     table,
     task_item,
     until_stopped,
@@ -413,8 +413,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/traffic.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser = script_parser("bench/traffic.py", __doc__, timeout=1200)
     parser.add_argument("--part", choices=["fairness", "sick", "limiter", "admission", "all"], default="all")
     parser.add_argument("--concurrency", type=int, default=100, help="the worker's requests in flight")
     parser.add_argument("--backlog", type=int, default=100_000, help="fairness: business A's backlog")
@@ -432,10 +431,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--admission-claims", type=int, default=40, help="admission: claims measured per variant"
     )
-    parser.add_argument(
-        "--pg-url", default=PG_URL, help="PostgreSQL database (its name must contain 'bench')"
-    )
-    parser.add_argument("--timeout", type=float, default=1200, help="hard limit on the whole script, seconds")
     return parser.parse_args(argv)
 
 
