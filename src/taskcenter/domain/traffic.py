@@ -234,23 +234,15 @@ def admit(
             )
             continue
         if hl.rate_per_second is not None and hs.tokens - host_spent[c.host] < _WHOLE_TOKEN:
-            if c.promised == "host" and c.host not in next_token_host:
-                next_token_host.add(c.host)
-                host_state[c.host] = hs = _spend(hs, host_spent, c.host)
-                due = next_token_at(hs, hl, now, 1)
-            else:
-                host_state[c.host] = hs = book(_spend(hs, host_spent, c.host), hl, now)
-                due = hs.booked_until
+            host_state[c.host], due = _wait_for_token(
+                hs, hl, host_spent, c.host, c.promised == "host", next_token_host, now
+            )
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "host_rate")
             continue
         if bl.rate_per_second is not None and bs.tokens - biz_spent[c.business] < _WHOLE_TOKEN:
-            if c.promised == "business" and c.business not in next_token_biz:
-                next_token_biz.add(c.business)
-                biz_state[c.business] = bs = _spend(bs, biz_spent, c.business)
-                due = next_token_at(bs, bl, now, 1)
-            else:
-                biz_state[c.business] = bs = book(_spend(bs, biz_spent, c.business), bl, now)
-                due = bs.booked_until
+            biz_state[c.business], due = _wait_for_token(
+                bs, bl, biz_spent, c.business, c.promised == "business", next_token_biz, now
+            )
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "business_rate")
             continue
         if hl.rate_per_second is not None:
@@ -269,6 +261,28 @@ def admit(
     for b in list(biz_spent):
         biz_state[b] = _spend(biz_state[b], biz_spent, b)
     return verdicts, host_state, biz_state
+
+
+def _wait_for_token(
+    state: State,
+    limits: Limits,
+    spent: Counter[Any],
+    key: Any,
+    promised: bool,
+    next_token_taken: set[Any],
+    now: float,
+) -> tuple[State, float]:
+    """A task short of a token of this bucket: the new state and when it is due.
+
+    A task this dispatcher promised a token earlier waits for the very next one (one such task per bucket and
+    batch, tracked in ``next_token_taken``); any other is promised the first token nobody was promised yet.
+    """
+    state = _spend(state, spent, key)
+    if promised and key not in next_token_taken:
+        next_token_taken.add(key)
+        return state, next_token_at(state, limits, now, 1)
+    state = book(state, limits, now)
+    return state, state.booked_until
 
 
 def _spend(state: State, spent: Counter[Any], key: Any) -> State:
