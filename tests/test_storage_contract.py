@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -253,6 +253,96 @@ async def test_finish_records_the_attempt_and_moves_the_task(db: Database, busin
     assert row["last_response"] == {"status_code": 200, "body": "ok", "duration_ms": 12}
     [attempt] = await attempts_of(db, task_id)
     assert (attempt["number"], attempt["outcome"], attempt["worker"]) == (1, "success", "w1")
+
+
+async def test_a_claimed_row_holds_what_sqlalchemys_column_types_read(
+    db: Database, business: Business
+) -> None:
+    # The claim goes to the driver directly and decodes its rows itself: they must equal a plain SQLAlchemy read.
+    task_id = await insert(
+        db,
+        business.pk,
+        headers={"X-Custom": "yes"},
+        success_codes=[200, 201],
+        retry_on=[418],
+        payload={"nested": [1, "two", None]},
+        follow_redirects=True,
+        next_attempt_at=T0 - timedelta(microseconds=250),
+    )
+    [claimed] = await queue.claim(db, worker="w1", now=T0, limit=10, lease_s=LEASE_S)
+    async with db.read() as conn:
+        expected = (await conn.execute(sa.select(*queue.CLAIM_COLUMNS).where(tasks.c.id == task_id))).one()
+    assert dict(claimed) == dict(expected._mapping)
+    assert [type(claimed[k]) for k in ("uuid", "follow_redirects", "next_attempt_at")] == [
+        type(expected.uuid),
+        bool,
+        datetime,
+    ]
+
+
+async def test_finish_stores_times_and_json_as_sqlalchemy_reads_them(
+    db: Database, business: Business
+) -> None:
+    # The finish writes through the driver: times with and without microseconds must compare and read back
+    # exactly, JSON (None included) must read back as written.
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    started = T0 + timedelta(microseconds=7)
+    later = T0 + timedelta(seconds=10)
+    await queue.finish(
+        db,
+        worker="w1",
+        now=T0,
+        results=[
+            queue.Finished(
+                task_id=task_id,
+                attempt=1,
+                status="retrying",
+                outcome="server_error",
+                started_at=started.astimezone(timezone(timedelta(hours=5))),
+                duration_ms=None,
+                next_attempt_at=later,
+                finished_at=None,
+                request={"method": "POST", "headers": {"A": "b"}},
+                response=None,
+                error="boom",
+                result={"k": [1, 2]},
+            )
+        ],
+    )
+    row = await row_of(db, task_id)
+    assert (row["last_attempt_at"], row["next_attempt_at"], row["finished_at"]) == (started, later, None)
+    assert (row["last_response"], row["last_error"], row["result"]) == (None, "boom", {"k": [1, 2]})
+    [attempt] = await attempts_of(db, task_id)
+    assert (attempt["started_at"], attempt["duration_ms"], attempt["response"]) == (started, None, None)
+    assert attempt["request"] == {"method": "POST", "headers": {"A": "b"}}
+    assert await claim(db, now=later - timedelta(microseconds=1)) == []
+    assert await claim(db, now=later) == [task_id]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2030, 1, 1, 12, 0, tzinfo=UTC),
+        datetime(2030, 1, 1, 12, 0, 0, 1, tzinfo=UTC),
+        datetime(2030, 6, 30, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(999, 1, 2, 3, 4, 5, 60, tzinfo=UTC),
+    ],
+)
+def test_sqlite_time_is_the_text_sqlalchemy_stores(value: datetime) -> None:
+    from sqlalchemy.dialects import sqlite
+
+    from taskcenter.storage.database import sqlite_time
+
+    stored = tasks.c.next_attempt_at.type._cached_bind_processor(sqlite.dialect())  # type: ignore[attr-defined]
+    assert sqlite_time(value) == stored(value)
+
+
+def test_sqlite_time_refuses_a_naive_datetime() -> None:
+    from taskcenter.storage.database import sqlite_time
+
+    with pytest.raises(ValueError, match="naive"):
+        sqlite_time(datetime(2030, 1, 1))
 
 
 async def test_finish_with_a_retry_sets_the_next_attempt_time(db: Database, business: Business) -> None:
