@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import sqlalchemy as sa
 
 if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +41,8 @@ from bench.common import (
     fresh_database,
     header,
     percentile,
+    postgres_backends,
+    postgres_cpu_since,
     run_loop,
     run_script,
     script_parser,
@@ -243,37 +246,47 @@ def _load() -> str:
 
 
 async def measure(fleet: Fleet, backend: str, args: argparse.Namespace, target: str) -> dict[str, Any]:
-    """One backend: fresh database, server, business; then the three phases."""
+    """One backend: fresh database, server, business; then the phases asked for (all three by default)."""
     db_url = await fresh_database(backend, f"api-{backend}", args.pg_url)
+    pg_name = sa.make_url(db_url).database if backend == "postgres" else None
     server, base = await start_server(fleet, backend, db_url, args.no_worker, timeout=60)
 
     async def run_client(fleet: Fleet, name: str, *cmd: str, timeout: float) -> dict[str, Any]:
-        cpu0 = cpu_seconds(server.pid)
+        cpu0, pg0 = cpu_seconds(server.pid), postgres_backends(pg_name) if pg_name else {}
         done = await client_phase(fleet, name, *cmd, timeout=timeout)
         done["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+        done["postgres_cpu_s"] = postgres_cpu_since(pg0, pg_name) if pg_name else None
         return done
 
     key = await register(base)
     common = ["--url", base, "--target", target, "--key", key]
     result: dict[str, Any] = {"backend": backend}
-    print(f"-- {backend}: open loop {args.rate:g}/s for {args.warmup:g} + {args.seconds:g} s ...", flush=True)
-    result["open"] = await run_client(
-        fleet, f"api-client-open-{backend}", *common, "--mode", "open", "--rate", str(args.rate),
-        "--seconds", str(args.seconds), "--warmup", str(args.warmup), timeout=args.warmup + args.seconds + 120)  # fmt: skip
-    result["open_load"] = _load()
-    await asyncio.sleep(2)  # let the dispatcher catch up before the next phase
-    print(f"-- {backend}: closed loop, {args.clients} clients for {args.closed_seconds:g} s ...", flush=True)
-    result["closed"] = await run_client(
-        fleet, f"api-client-closed-{backend}", *common, "--mode", "closed", "--clients", str(args.clients),
-        "--seconds", str(args.closed_seconds), timeout=args.closed_seconds + 120)  # fmt: skip
-    result["closed_load"] = _load()
-    await asyncio.sleep(2)
-    print(f"-- {backend}: batches of {args.batch}, {args.batch_clients} clients ...", flush=True)
-    result["batch"] = await run_client(
-        fleet, f"api-client-batch-{backend}", *common, "--mode", "closed", "--path", "/api/v1/tasks/batch",
-        "--clients", str(args.batch_clients), "--batch", str(args.batch), "--seconds", str(args.closed_seconds),
-        timeout=args.closed_seconds + 180)  # fmt: skip
-    result["batch_load"] = _load()
+    if "open" in args.phases:
+        print(
+            f"-- {backend}: open loop {args.rate:g}/s for {args.warmup:g} + {args.seconds:g} s ...",
+            flush=True,
+        )
+        result["open"] = await run_client(
+            fleet, f"api-client-open-{backend}", *common, "--mode", "open", "--rate", str(args.rate),
+            "--seconds", str(args.seconds), "--warmup", str(args.warmup), timeout=args.warmup + args.seconds + 120)  # fmt: skip
+        result["open_load"] = _load()
+        await asyncio.sleep(2)  # let the dispatcher catch up before the next phase
+    if "closed" in args.phases:
+        print(
+            f"-- {backend}: closed loop, {args.clients} clients for {args.closed_seconds:g} s ...", flush=True
+        )
+        result["closed"] = await run_client(
+            fleet, f"api-client-closed-{backend}", *common, "--mode", "closed", "--clients", str(args.clients),
+            "--seconds", str(args.closed_seconds), timeout=args.closed_seconds + 120)  # fmt: skip
+        result["closed_load"] = _load()
+        await asyncio.sleep(2)
+    if "batch" in args.phases:
+        print(f"-- {backend}: batches of {args.batch}, {args.batch_clients} clients ...", flush=True)
+        result["batch"] = await run_client(
+            fleet, f"api-client-batch-{backend}", *common, "--mode", "closed", "--path", "/api/v1/tasks/batch",
+            "--clients", str(args.batch_clients), "--batch", str(args.batch), "--seconds", str(args.closed_seconds),
+            timeout=args.closed_seconds + 180)  # fmt: skip
+        result["batch_load"] = _load()
     await server.stop()
     return result
 
@@ -285,50 +298,65 @@ def _statuses(done: dict[str, Any]) -> str:
 def report(results: list[dict[str, Any]], baseline: dict[str, Any], args: argparse.Namespace) -> None:
     rows = []
     for r in results:
-        op = r["open"]
-        p50, p90, p99 = (percentile(op["from_schedule"], q) for q in (50, 90, 99))
-        rows.append([f"{r['backend']} create latency @ {args.rate:g}/s (from scheduled start, after {args.warmup:g} s)",
-                     f"p50 {p50:.1f} / p90 {p90:.1f} / p99 {p99:.1f} ms", f"p99 < {TARGET_P99_MS:g} ms",
-                     "pass" if p99 < TARGET_P99_MS else "FAIL", _statuses(op), r["open_load"]])  # fmt: skip
-        cl = r["closed"]
-        rate = cl["created"] / cl["seconds"]
-        rows.append([f"{r['backend']} single create, {args.clients} clients", f"{rate:,.0f} creates/s",
-                     f">= {TARGET_SINGLE_RPS:,.0f}/s", "pass" if rate >= TARGET_SINGLE_RPS else "FAIL",
-                     _statuses(cl), r["closed_load"]])  # fmt: skip
-        ba = r["batch"]
-        tps = ba["created"] / ba["seconds"]
-        verdict = (
-            ("pass" if tps >= TARGET_BATCH_TPS else "FAIL") if r["backend"] == "postgres" else "(no target)"
-        )
-        rows.append([f"{r['backend']} batch create ({args.batch}/request, {args.batch_clients} clients)",
-                     f"{tps:,.0f} tasks/s", f">= {TARGET_BATCH_TPS:,.0f}/s on PostgreSQL", verdict,
-                     _statuses(ba), r["batch_load"]])  # fmt: skip
+        if "open" in r:
+            op = r["open"]
+            p50, p90, p99 = (percentile(op["from_schedule"], q) for q in (50, 90, 99))
+            rows.append([f"{r['backend']} create latency @ {args.rate:g}/s (from scheduled start, after {args.warmup:g} s)",
+                         f"p50 {p50:.1f} / p90 {p90:.1f} / p99 {p99:.1f} ms", f"p99 < {TARGET_P99_MS:g} ms",
+                         "pass" if p99 < TARGET_P99_MS else "FAIL", _statuses(op), r["open_load"]])  # fmt: skip
+        if "closed" in r:
+            cl = r["closed"]
+            rate = cl["created"] / cl["seconds"]
+            rows.append([f"{r['backend']} single create, {args.clients} clients", f"{rate:,.0f} creates/s",
+                         f">= {TARGET_SINGLE_RPS:,.0f}/s", "pass" if rate >= TARGET_SINGLE_RPS else "FAIL",
+                         _statuses(cl), r["closed_load"]])  # fmt: skip
+        if "batch" in r:
+            ba = r["batch"]
+            tps = ba["created"] / ba["seconds"]
+            verdict = (
+                ("pass" if tps >= TARGET_BATCH_TPS else "FAIL")
+                if r["backend"] == "postgres"
+                else "(no target)"
+            )
+            rows.append([f"{r['backend']} batch create ({args.batch}/request, {args.batch_clients} clients)",
+                         f"{tps:,.0f} tasks/s", f">= {TARGET_BATCH_TPS:,.0f}/s on PostgreSQL", verdict,
+                         _statuses(ba), r["batch_load"]])  # fmt: skip
     print(
         table(
             ["measure", "figure", "target", "verdict", "HTTP statuses", "load avg after (1/5/15 min)"], rows
         )
     )
-    print("\nopen loop detail (ms; 'from send' leaves out the client's own scheduling lag):")
-    detail = []
-    for r in results:
-        op = r["open"]
-        detail.append([r["backend"], op["requests"], *(f"{percentile(op['from_send'], q):.1f}" for q in (50, 90, 99)),
-                       f"{percentile(op['send_lag'], 99):.1f}", f"{max(op['from_schedule']):.0f}"])  # fmt: skip
-    print(table(["backend", "requests", "p50 from send", "p90 from send", "p99 from send", "client lag p99",
-                 "max from schedule"], detail))  # fmt: skip
-    if args.warmup:
-        print(f"   ({args.warmup:g} s warm-up at the same rate before these, not in the figures: "
-              + ", ".join(f"{r['backend']} {r['open']['warmup_requests']:,} requests, max "
-                          f"{r['open']['warmup_max_ms']:.0f} ms" for r in results) + ")")  # fmt: skip
-    print("\nserver process CPU per created task (API + in-process dispatcher together; 1 core = 1e6 us/s):")
+    opened = [r for r in results if "open" in r]
+    if opened:
+        print("\nopen loop detail (ms; 'from send' leaves out the client's own scheduling lag):")
+        detail = []
+        for r in opened:
+            op = r["open"]
+            detail.append([r["backend"], op["requests"], *(f"{percentile(op['from_send'], q):.1f}" for q in (50, 90, 99)),
+                           f"{percentile(op['send_lag'], 99):.1f}", f"{max(op['from_schedule']):.0f}"])  # fmt: skip
+        print(table(["backend", "requests", "p50 from send", "p90 from send", "p99 from send", "client lag p99",
+                     "max from schedule"], detail))  # fmt: skip
+        if args.warmup:
+            print(f"   ({args.warmup:g} s warm-up at the same rate before these, not in the figures: "
+                  + ", ".join(f"{r['backend']} {r['open']['warmup_requests']:,} requests, max "
+                              f"{r['open']['warmup_max_ms']:.0f} ms" for r in opened) + ")")  # fmt: skip
+    print("\nCPU per created task (1 core = 1e6 us/s): the server process (API + in-process dispatcher together), "
+          "and the PostgreSQL backends serving the bench database (their own connections only):")  # fmt: skip
     cpu_rows = []
     for r in results:
         row: list[Any] = [r["backend"]]
         for phase in ("open", "closed", "batch"):
+            if phase not in r:
+                row.append("-")
+                continue
             done = r[phase]
-            made = done.get("created", done["requests"])
+            made = max(1, done.get("created", done["requests"]))
             busy = done["server_cpu_s"] / done["seconds"]
-            row.append(f"{done['server_cpu_s'] / max(1, made) * 1e6:,.0f} us (busy {busy:.0%})")
+            cell = f"{done['server_cpu_s'] / made * 1e6:,.0f} us (busy {busy:.0%})"
+            if done.get("postgres_cpu_s") is not None:
+                pg_busy = done["postgres_cpu_s"] / done["seconds"]
+                cell += f"; PostgreSQL {done['postgres_cpu_s'] / made * 1e6:,.0f} us (busy {pg_busy:.0%})"
+            row.append(cell)
         cpu_rows.append(row)
     print(table(["backend", "open loop", "single create", "batch"], cpu_rows))
     if args.no_worker:
@@ -337,9 +365,14 @@ def report(results: list[dict[str, Any]], baseline: dict[str, Any], args: argpar
     print(f"\nbaseline (same run): the same client, {args.clients} clients, against the bare aiohttp receiver: "
           f"{rate:,.0f} requests/s; client CPU {baseline['cpu_s'] / baseline['requests'] * 1e6:.0f} us/request")  # fmt: skip
     for r in results:
-        cl = r["closed"]
-        print(f"   {r['backend']}: single-create rate is {cl['created'] / cl['seconds'] / rate:.0%} of that baseline; "
-              f"client CPU {cl['cpu_s'] / max(1, cl['requests']) * 1e6:.0f} us/request")  # fmt: skip
+        if "closed" in r:
+            cl = r["closed"]
+            print(f"   {r['backend']}: single-create rate is {cl['created'] / cl['seconds'] / rate:.0%} of that "
+                  f"baseline; client CPU {cl['cpu_s'] / max(1, cl['requests']) * 1e6:.0f} us/request")  # fmt: skip
+        if "batch" in r:
+            ba = r["batch"]
+            print(f"   {r['backend']}: batch client CPU {ba['cpu_s'] / max(1, ba['created']) * 1e6:.0f} us/task "
+                  "(building the requests, reading the responses)")  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -360,6 +393,17 @@ async def main(args: argparse.Namespace) -> None:
     report(results, baseline, args)
 
 
+PHASES = ("open", "closed", "batch")
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = sorted(set(chosen) - set(PHASES))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"phases are {', '.join(PHASES)}; got {text!r}")
+    return chosen
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser("bench/api.py", __doc__, timeout=900)
     parser.add_argument("--rate", type=float, default=500, help="open-loop creates per second")
@@ -375,6 +419,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--closed-seconds", type=float, default=10, help="closed-loop and batch duration")
     parser.add_argument("--batch", type=int, default=1000, help="tasks per batch request")
     parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument(
+        "--phases",
+        type=_phases,
+        default=PHASES,
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all; e.g. --phases batch)",
+    )
     parser.add_argument(
         "--no-worker",
         action="store_true",
