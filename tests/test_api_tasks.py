@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest_asyncio
 
+from taskcenter.api.tasks import task_json
 from tests.receiver import Receiver, Reply
 from tests.test_api_support import OPERATOR, PROBLEM, Api, serving, task_body
 from tests.test_delivery import running
@@ -230,6 +231,27 @@ async def test_batch_stores_the_valid_items_and_reports_every_item(api: Api) -> 
     assert results[1]["field"] == "url" and results[2]["field"] == "url" and results[5]["field"] == "surprise"
     assert results[4]["existing_id"] == existing["id"]
     assert sorted(await _ids(api, key)) == ["b0", "b6", "taken"]
+
+
+async def test_a_batch_answers_each_stored_task_exactly_as_a_single_create_does(api: Api) -> None:
+    """The batch builds its tasks' public form straight from the rows; key for key, it is task_json's."""
+    service = api.runtime.service
+    shop = await service.ensure_business("shop")
+    items = [
+        task_body("plain"),
+        task_body("full", headers={"Authorization": "Bearer s3cret", "X-A": "1"}, metadata={"k": [1, None]},
+                  notify={"url": "https://example.com/done"}, success_codes=[200], retry_on=[409], priority=5,
+                  delay=60, timeout=2.5, follow_redirects=True, retry={"strategy": "fixed", "interval": 3}),
+        task_body("form", json=None, form={"a": 1}, method="PUT"),
+        {"business_id": "no-body", "url": "https://api.example.com/x", "method": "GET"},
+    ]  # fmt: skip
+    results = await service.create_tasks(shop, items, public=True)
+    for item, result in zip(items, results, strict=True):
+        assert result["status"] == 201, result
+        public = result["task"]
+        row = {"id": 1, **service.prepare(shop, item, now=public["created_at"], task_uuid=public["id"])}
+        expected = task_json(service._task_from_new_row(shop, row))
+        assert list(public.items()) == list(expected.items())
 
 
 async def test_a_batch_of_more_than_1000_tasks_is_refused_whole(api: Api) -> None:

@@ -183,6 +183,48 @@ async def test_insert_many_stores_exactly_what_the_single_row_insert_stores(runt
     assert nulls in (0, 5)
 
 
+async def test_insert_many_stores_each_rows_own_values_where_rows_differ(runtime: Runtime) -> None:
+    """Columns all rows share go once, the others per row; JSON that Python holds equal (1 == 1.0 == True) stays
+    apart, as does every other differing column."""
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    given: list[dict[str, Any]] = [
+        {"metadata": {"v": 1}, "priority": 1},
+        {"metadata": {"v": 1.0}, "priority": 1},
+        {"metadata": {"v": True}, "priority": 1},
+        {"metadata": {"v": 1}, "priority": 2, "timeout": 3},
+        {"metadata": {"v": 1}, "priority": 1, "url": "https://other.example.com/x"},
+    ]
+    rows = [service.prepare(shop, task_body(f"d-{n}", **extra)) for n, extra in enumerate(given)]
+    async with runtime.db.write() as conn:
+        stored = await task_sql.insert_many(conn, rows)
+    assert [u for _, u in stored] == [r["uuid"] for r in rows]
+    async with runtime.db.read() as conn:
+        found = {r.business_id: r for r in (await conn.execute(sa.select(tasks))).all()}
+    assert [repr(found[f"d-{n}"].metadata) for n in range(5)] == [
+        "{'v': 1}",
+        "{'v': 1.0}",
+        "{'v': True}",
+        "{'v': 1}",
+        "{'v': 1}",
+    ]
+    assert [found[f"d-{n}"].priority for n in range(5)] == [1, 1, 1, 2, 1]
+    assert [found[f"d-{n}"].timeout for n in range(5)] == [30.0, 30.0, 30.0, 3.0, 30.0]
+    assert [found[f"d-{n}"].host for n in range(5)] == ["api.example.com:443"] * 4 + ["other.example.com:443"]
+    assert [found[f"d-{n}"].body for n in range(5)] == [f'{{"id":"d-{n}"}}' for n in range(5)]
+
+
+async def test_the_tasks_of_one_batch_share_their_creation_time(runtime: Runtime) -> None:
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    results = await service.create_tasks(shop, [task_body(f"t-{n}") for n in range(3)])
+    created = {r["task"].created_at for r in results} | {r["task"].next_attempt_at for r in results}
+    assert len(created) == 1
+    async with runtime.db.read() as conn:
+        stored = (await conn.execute(sa.select(tasks.c.created_at, tasks.c.updated_at))).all()
+    assert {t for row in stored for t in row} == created
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # NOTIFY is PostgreSQL's
 async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, backend: str) -> None:
     """One NOTIFY per stored group or batch (folded into the insert), none when nothing was stored."""

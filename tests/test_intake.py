@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,8 +18,10 @@ from taskcenter.intake import (
     MAX_PAYLOAD_BYTES,
     PRIORITY_RANGE,
     Defaults,
+    RequestMemo,
     changed_values,
     new_task_row,
+    new_uuids,
 )
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -62,6 +65,15 @@ def test_a_minimal_create_is_a_pending_post_due_now() -> None:
 
 def test_each_row_gets_its_own_uuid() -> None:
     assert make({})["uuid"] != make({})["uuid"]
+
+
+def test_uuids_drawn_at_once_are_distinct_canonical_version_4_uuids() -> None:
+    drawn = new_uuids(2000)
+    assert len(set(drawn)) == 2000
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert make({}, task_uuid=drawn[0])["uuid"] == drawn[0]
 
 
 def test_the_retry_policy_defaults_to_the_given_defaults() -> None:
@@ -431,3 +443,51 @@ def test_a_change_validates_like_a_create() -> None:
         with pytest.raises(ValidationError) as caught:
             change(data)
         assert caught.value.field == field
+
+
+# -- the request memo of a batch ----------------------------------------------------------------------------
+
+
+MEMO_ITEMS: list[dict[str, Any]] = [
+    {"json": {"n": 1}},
+    {"json": {"n": 2}},
+    {"form": {"a": 1}},
+    {"body": "<x/>", "content_type": "application/xml"},
+    {"body": "<y/>", "content_type": "application/xml"},
+    {"method": "put", "json": [1]},
+    {"headers": {"X-A": "1"}, "json": None},
+    {"headers": {"X-A": "1"}, "json": {"n": 3}},
+    {"headers": {"X-A": "2"}},
+    {"url": "http://other.example.com:8080/x", "json": {"n": 4}},
+    {"url": "http://other.example.com:8080/x"},
+]
+
+
+def test_rows_built_with_a_request_memo_equal_rows_built_without() -> None:
+    memo: RequestMemo = {}
+    for data in MEMO_ITEMS:
+        with_memo = make(data, task_uuid="u", requests=memo)
+        assert with_memo == make(data, task_uuid="u"), data
+    assert len(memo) == 6  # one per distinct method, url, headers and content type
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_memoised_get_or_head_target_still_refuses_a_body(method: str) -> None:
+    memo: RequestMemo = {}
+    make({"method": method}, requests=memo)
+    error = refused({"method": method, "json": {"n": 1}}, requests=memo)
+    assert error.field == "method" and error.message == refused({"method": method, "json": {"n": 1}}).message
+
+
+def test_a_memoised_target_still_checks_each_body() -> None:
+    memo: RequestMemo = {}
+    make({"json": {"n": 1}}, requests=memo)
+    assert refused({"json": {"n": 1}, "body": "x"}, requests=memo).field == "body"
+    assert refused({"form": {"a": [1]}}, requests=memo).field == "form"
+
+
+def test_headers_the_memo_cannot_key_are_validated_as_usual() -> None:
+    memo: RequestMemo = {}
+    assert refused({"headers": ["X-A"]}, requests=memo).field == "headers"
+    assert refused({"headers": {"X-A": ["1"]}}, requests=memo).field == "headers.X-A"
+    assert memo == {}

@@ -273,11 +273,13 @@ async def create_batch(
                 results[n] = {"index": n, "status": 422,
                               "error": f"{field}: {error['msg']}" if field else error["msg"], "field": field}  # fmt: skip
     if valid:
-        stored = await ctx.tasks.create_tasks(business, [data for _, data in valid], traceparent=traceparent)
+        stored = await ctx.tasks.create_tasks(
+            business, [data for _, data in valid], traceparent=traceparent, public=True
+        )
         for (n, _), outcome in zip(valid, stored, strict=True):
             entry: dict[str, Any] = {"index": n, "status": outcome["status"]}
             if "task" in outcome:
-                entry["task"] = task_json(outcome["task"])
+                entry["task"] = outcome["task"]  # already its public form (task_json's)
             else:
                 entry.update(error=outcome.get("error"), field=outcome.get("field"))
                 if outcome.get("existing_id"):

@@ -63,25 +63,71 @@ def json_text(value: Any) -> str:
 _JSON_COLUMNS = frozenset(c.name for c in tasks.columns if isinstance(c.type, sa.JSON))
 
 
-@functools.cache
-def _unnest_insert(columns: tuple[str, ...], notify: bool) -> str:
-    """PostgreSQL: insert any number of rows with one statement of one array parameter per column.
+def _param_type(name: str, *, array: bool) -> str:
+    """The cast of a parameter of column ``name``: JSON goes as text, cast to jsonb by the server (the driver's
+    jsonb codec is a Python call per value)."""
+    if name in _JSON_COLUMNS:
+        return "text[]::jsonb[]" if array else "text::jsonb"
+    return f"{_pg_type(tasks.c[name])}{'[]' if array else ''}"
 
-    With ``notify``, each stored row also calls ``pg_notify`` on the channel given as the last parameter, which
-    saves the separate round trip; PostgreSQL folds a transaction's identical notifications into one, sent at
-    commit, and none when no row was stored.
+
+@functools.cache
+def _unnest_insert(varying: tuple[str, ...], shared: tuple[str, ...], notify: bool) -> str:
+    """PostgreSQL: insert any number of rows with one statement.
+
+    Each column in ``varying`` is one array parameter, unnested into the rows; each column in ``shared`` (a
+    value every row has) is one scalar parameter, computed once by the server as an InitPlan (``(SELECT $n)``)
+    rather than once per row. ``varying`` must not be empty: it gives the row count. With ``notify``, the
+    statement also calls ``pg_notify`` on the channel given as the last parameter — also as an InitPlan, so
+    once, and only if a row was stored (the RETURNING list is evaluated only for stored rows); PostgreSQL
+    sends it at commit.
     """
-    names = ", ".join(f'"{name}"' for name in columns)
-    # JSON goes as text[] cast to jsonb[] by the server: the driver's jsonb codec is a Python call per value.
-    arrays = ", ".join(
-        f"${n}::text[]::jsonb[]" if name in _JSON_COLUMNS else f"${n}::{_pg_type(tasks.c[name])}[]"
-        for n, name in enumerate(columns, 1)
+    names = ", ".join(f'"{name}"' for name in (*varying, *shared))
+    arrays = ", ".join(f"${n}::{_param_type(name, array=True)}" for n, name in enumerate(varying, 1))
+    scalars = "".join(
+        f", (SELECT ${n}::{_param_type(name, array=False)})"
+        for n, name in enumerate(shared, len(varying) + 1)
     )
-    wake = f", pg_notify(${len(columns) + 1}::text, '')" if notify else ""
+    wake = f", (SELECT pg_notify(${len(varying) + len(shared) + 1}::text, ''))" if notify else ""
     return (
-        f"INSERT INTO tasks ({names}) SELECT * FROM unnest({arrays}) "
+        f"INSERT INTO tasks ({names}) SELECT u.*{scalars} FROM unnest({arrays}) AS u "
         f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid{wake}"
     )
+
+
+def _split_columns(
+    columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> tuple[list[str], list[str], list[Any]]:
+    """Split ``columns`` into those whose value differs between ``rows`` and those all rows share; returns
+    (varying, shared, parameters: one list per varying column, then one value per shared column).
+
+    A batch's rows mostly agree (status, timestamps, the retry policy, the target, every unset field), and a
+    shared column costs one value to encode and send instead of one per row. JSON columns are compared by their
+    serialised text, since Python's ``==`` holds ``1 == 1.0 == True``, which JSON does not. ``uuid`` is
+    always an array: it is unique per row, and the statement needs one array.
+    """
+    count = len(rows)
+    varying: list[str] = []
+    shared: list[str] = []
+    arrays: list[Any] = []
+    scalars: list[Any] = []
+    for name in columns:
+        values = [r[name] for r in rows]
+        first = values[0]
+        if name in _JSON_COLUMNS:
+            if all(v is first for v in values):  # e.g. None in every row: one serialisation
+                shared.append(name)
+                scalars.append(json_text(first))
+                continue
+            values = [json_text(v) for v in values]
+            first = values[0]
+        if name != "uuid" and values.count(first) == count:
+            shared.append(name)
+            scalars.append(first)
+        else:
+            varying.append(name)
+            arrays.append(values)
+    return varying, shared, arrays + scalars
 
 
 async def insert_many(
@@ -89,11 +135,11 @@ async def insert_many(
 ) -> list[tuple[int, str]]:
     """Insert prepared rows, skipping those whose ``business_id`` is live already; ``(id, uuid)`` of the stored.
 
-    On PostgreSQL one ``INSERT … SELECT FROM unnest(…)`` takes every row: one statement text whatever the
-    count (prepared once per connection), no bound-parameter limit, one round trip. Elsewhere the single-row
-    statement runs as SQLAlchemy's multi-row "insertmanyvalues" pages. Either way JSON ``None`` is stored as
-    JSON ``null``, as the single-row insert stores it. ``notify_channel`` (PostgreSQL only): NOTIFY it at
-    commit if any row was stored.
+    On PostgreSQL one ``INSERT … SELECT FROM unnest(…)`` takes every row (see :func:`_unnest_insert`): one
+    round trip, no bound-parameter limit, and a statement text per shape of batch (which columns vary), each
+    prepared once per connection. Elsewhere the single-row statement runs as SQLAlchemy's multi-row
+    "insertmanyvalues" pages. Either way JSON ``None`` is stored as JSON ``null``, as the single-row insert
+    stores it. ``notify_channel`` (PostgreSQL only): NOTIFY it at commit if any row was stored.
     """
     if not rows:
         return []
@@ -107,15 +153,11 @@ async def insert_many(
         if stored and postgres and notify_channel:
             await conn.execute(sa.select(sa.func.pg_notify(notify_channel, "")))
         return [(int(r.id), str(r.uuid)) for r in stored]
-    columns = tuple(keys)
-    arrays: list[list[Any]] = []
-    for name in columns:
-        if name in _JSON_COLUMNS:
-            arrays.append([json_text(r[name]) for r in rows])
-        else:
-            arrays.append([r[name] for r in rows])
-    params: tuple[Any, ...] = (*arrays, notify_channel) if notify_channel else tuple(arrays)
-    result = await conn.exec_driver_sql(_unnest_insert(columns, bool(notify_channel)), params)
+    varying, shared, values = _split_columns(tuple(keys), rows)
+    if notify_channel:
+        values.append(notify_channel)
+    statement = _unnest_insert(tuple(varying), tuple(shared), bool(notify_channel))
+    result = await conn.exec_driver_sql(statement, tuple(values))
     return [(int(r.id), str(r.uuid)) for r in result]
 
 
