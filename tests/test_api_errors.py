@@ -215,6 +215,19 @@ async def test_problem_responses_are_declared_in_the_openapi_document(api: Api) 
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+@pytest.mark.parametrize("length", [254, 300])
+async def test_a_url_whose_host_is_longer_than_253_characters_is_refused(api: Api, length: int) -> None:
+    key = await api.business_key("shop")
+    url = f"https://{'a' * (length - 4)}.com/x"
+    single = _problem(await api.client.post("/tasks", json=task_body("a", url=url), headers=key), 422,
+                      "validation", "url")  # fmt: skip
+    assert "host name is longer than 253 characters" in single["detail"]
+    batch = await api.client.post("/tasks/batch", json={"tasks": [task_body("b", url=url)]}, headers=key)
+    assert batch.json()["results"][0]["field"] == "url"
+    assert "host name is longer than 253 characters" in batch.json()["results"][0]["error"]
+    assert await _stored(api) == 0
+
+
 async def test_a_bad_url_is_explained_without_internals(api: Api) -> None:
     key = await api.business_key("shop")
     response = await api.client.post(

@@ -82,8 +82,10 @@ class _TaskFields(_In):
     @field_validator("url")
     @classmethod
     def _host_fits(cls, value: str | None) -> str | None:
+        if value is None or len(value) <= 253:
+            return value  # the host is part of the URL: it cannot be longer (and parsing costs per item)
         try:
-            host = urlsplit(value).hostname if value else None
+            host = urlsplit(value).hostname
         except ValueError:
             return value  # the service names what is wrong with it
         if host is not None and len(host) > 253:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -91,7 +92,7 @@ def _unnest_insert(varying: tuple[str, ...], shared: tuple[str, ...], notify: bo
     wake = f", (SELECT pg_notify(${len(varying) + len(shared) + 1}::text, ''))" if notify else ""
     return (
         f"INSERT INTO tasks ({names}) SELECT u.*{scalars} FROM unnest({arrays}) AS u "
-        f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid{wake}"
+        f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid::text{wake}"
     )
 
 
@@ -112,14 +113,14 @@ def _split_columns(
     arrays: list[Any] = []
     scalars: list[Any] = []
     for name in columns:
-        values = [r[name] for r in rows]
+        values = list(map(operator.itemgetter(name), rows))
         first = values[0]
         if name in _JSON_COLUMNS:
-            if all(v is first for v in values):  # e.g. None in every row: one serialisation
+            if first is None and values.count(None) == count:  # absent in every row: no serialising
                 shared.append(name)
-                scalars.append(json_text(first))
+                scalars.append(json_text(None))
                 continue
-            values = [json_text(v) for v in values]
+            values = list(map(json_text, values))
             first = values[0]
         if name != "uuid" and values.count(first) == count:
             shared.append(name)
@@ -158,7 +159,7 @@ async def insert_many(
         values.append(notify_channel)
     statement = _unnest_insert(tuple(varying), tuple(shared), bool(notify_channel))
     result = await conn.exec_driver_sql(statement, tuple(values))
-    return [(int(r.id), str(r.uuid)) for r in result]
+    return [(r.id, r.uuid) for r in result]  # already int and str (uuid::text)
 
 
 #: SQLite's limit on bound parameters per statement (SQLITE_MAX_VARIABLE_NUMBER since 3.32).
