@@ -240,10 +240,7 @@ async def claim(
         if admission is not None and rows:
             rows, deferred = await admission(conn, rows, now)
             if deferred:
-                await conn.execute(
-                    _RELEASE,
-                    [{"b_id": i, "b_worker": worker, "b_at": at, "b_now": now} for i, at in deferred],
-                )
+                await _put_back(conn, worker, now, deferred)
     return _in_claim_order(rows)
 
 
@@ -460,24 +457,41 @@ async def finish(
     return Written(landed, [r.task_id for r in results if r.task_id not in ids])
 
 
-_RELEASE = (
-    sa.update(tasks)
-    .where(
-        tasks.c.id == sa.bindparam("b_id"),
-        tasks.c.lease_owner == sa.bindparam("b_worker"),
-        tasks.c.status == "processing",
+# Deferred or released unsent: back to where it came from, due again at its time, no attempt charged; marked for
+# traffic control (``held_by``), so relaxing the host's (or business's) limits pulls it forward again. On the
+# driver directly, like the finish: a sick host's tasks are put back like this once per cool-down each.
+_SQLITE_RELEASE = """UPDATE tasks SET
+    status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'retrying' END,
+    next_attempt_at = ?2,
+    held_by = host,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = ?4
+WHERE id = ?1 AND lease_owner = ?3 AND status = 'processing'"""
+_PG_RELEASE = """UPDATE tasks AS t SET
+    status = CASE WHEN t.attempts = 0 THEN 'pending' ELSE 'retrying' END,
+    next_attempt_at = r.at,
+    held_by = t.host,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = $4
+FROM unnest($1::bigint[], $2::timestamptz[]) AS r (id, at)
+WHERE t.id = r.id AND t.lease_owner = $3 AND t.status = 'processing'"""
+
+
+async def _put_back(
+    conn: AsyncConnection, worker: str, now: datetime, deferrals: Sequence[tuple[int, datetime]]
+) -> None:
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql(
+            _PG_RELEASE, ([i for i, _ in deferrals], [at for _, at in deferrals], worker, now)
+        )
+        return
+    driver = await sqlite_driver(conn)
+    updated_at = sqlite_time(now)
+    await driver.executemany(
+        _SQLITE_RELEASE, [(i, sqlite_time(at), worker, updated_at) for i, at in deferrals]
     )
-    .values(
-        # Deferred or released unsent: back to where it came from, no attempt charged.
-        status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
-        next_attempt_at=sa.bindparam("b_at", type_=tasks.c.next_attempt_at.type),
-        # Marked for traffic control: relaxing the host's (or business's) limits pulls it forward again.
-        held_by=tasks.c.host,
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
-    )
-)
 
 
 async def release(
@@ -486,9 +500,8 @@ async def release(
     """Give claimed tasks back unsent, each due again at its given time (no attempt is charged)."""
     if not deferrals:
         return
-    params = [{"b_id": i, "b_worker": worker, "b_at": at, "b_now": now} for i, at in deferrals]
     async with db.write() as conn:
-        await conn.execute(_RELEASE, params)
+        await _put_back(conn, worker, now, deferrals)
         # A task cancelled while it was held only needs its lease dropped.
         await conn.execute(
             sa.update(tasks)
