@@ -62,13 +62,6 @@ def async_url(url: str) -> sa.URL:
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
 
 
-#: Page cache of the one writer connection, in KiB (SQLite's default is 2 MiB). A claimed batch and its results
-#: touch the rows of ~100 tasks and every index entry of theirs; with the default cache the results' writes read
-#: most of those pages back from the OS: 60-75 -> 31-34 us of SQLite time per finished task with 32 MiB (10,000
-#: tasks, micro-benchmark, docs/benchmarks.md). Memory is taken only as pages are used.
-SQLITE_WRITER_CACHE_KIB = 65536
-
-
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -80,8 +73,6 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=10000")
         cur.execute("PRAGMA foreign_keys=ON")
-        if immediate:  # the writer
-            cur.execute(f"PRAGMA cache_size=-{SQLITE_WRITER_CACHE_KIB}")
         cur.close()
 
     @event.listens_for(engine.sync_engine, "begin")
