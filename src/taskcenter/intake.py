@@ -67,6 +67,8 @@ def _int_list(value: Any, field: str, lo: int, hi: int) -> list[int] | None:
 
 
 def _json_object(value: Any, field: str, limit: int) -> Any:
+    if value is None:
+        return None
     try:
         size = len(orjson.dumps(value))
     except TypeError as exc:
@@ -175,8 +177,10 @@ _VARIANT = "89ab"
 RequestMemo = dict[tuple[Any, ...], RequestSpec]
 
 
-def _request(data: Mapping[str, Any], memo: RequestMemo | None) -> RequestSpec:
-    """:func:`build_request` for an http task's fields, or its memoised target with this item's body."""
+def _request(data: Mapping[str, Any], memo: RequestMemo | None) -> tuple[RequestSpec, str | None, str | None]:
+    """:func:`build_request` for an http task's fields, as (the request, its encoded body, its content type):
+    on a memo hit the request is the memoised one (its method, URL, host and headers hold) with this item's own
+    body encoded."""
     method, url, headers = data.get("method", "POST"), data.get("url"), data.get("headers")
     content_type = data.get("content_type")
     has_json = "json" in data and data["json"] is not None
@@ -192,17 +196,19 @@ def _request(data: Mapping[str, Any], memo: RequestMemo | None) -> RequestSpec:
                              form=data.get("form"), body=data.get("body"), content_type=content_type)  # fmt: skip
         if key is not None and memo is not None:
             memo[key] = spec
-        return spec
+        return spec, spec.body, spec.content_type
     # Method, URL and headers passed build_request with these very values; what is left of its checks is the
     # body's, in the same order (encode_body, then no body on GET or HEAD).
     text, ctype = encode_body(json_body=data.get("json"), has_json=has_json, form=data.get("form"),
                               body=data.get("body"), content_type=content_type)  # fmt: skip
     if text is not None and known.method in ("GET", "HEAD"):
         raise ValidationError(f"a {known.method} request cannot carry a body", field="method")
-    return RequestSpec(known.method, known.url, known.host, known.headers, text, ctype)
+    return known, text, ctype
 
 
 def _check_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    if allowed.issuperset(data):
+        return
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValidationError(f"{unknown[0]} is not a known field", field=unknown[0])
@@ -298,14 +304,14 @@ def new_task_row(
             )
         if data.get("url") is None:
             raise ValidationError("url is required", field="url")
-        spec = _request(data, requests)
+        target, body, content_type = _request(data, requests)
         row.update(
-            method=spec.method,
-            url=spec.url,
-            host=spec.host,
-            headers=box.seal_headers(spec.headers),
-            body=spec.body,
-            content_type=spec.content_type,
+            method=target.method,
+            url=target.url,
+            host=target.host,
+            headers=box.seal_headers(target.headers),
+            body=body,
+            content_type=content_type,
         )
     else:
         if task_type not in processors:
