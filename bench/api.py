@@ -188,7 +188,8 @@ def free_port() -> int:
 async def start_server(
     fleet: Fleet, backend: str, db_url: str, no_worker: bool, timeout: float
 ) -> tuple[Child, str]:
-    """``taskcenter serve`` (API + dispatcher) on a free loopback port; returns it and its base URL."""
+    """``taskcenter serve`` (API + dispatcher; with ``no_worker`` the API alone) on a free loopback port; returns
+    it and its base URL."""
     port = free_port()
     os.environ.update(
         TASKCENTER_DATABASE_URL=db_url,
@@ -198,8 +199,9 @@ async def start_server(
     )
     program = str(Path(sys.executable).parent / "taskcenter")
     server = await fleet.spawn_exec(
-        f"api-serve-{backend}", program, "serve", "--host", LOOPBACK, "--port", str(port)
-    )
+        f"api-serve-{backend}", program, "serve", "--host", LOOPBACK, "--port", str(port),
+        *(["--no-worker"] if no_worker else []),
+    )  # fmt: skip
     base = f"http://{LOOPBACK}:{port}"
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
