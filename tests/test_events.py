@@ -73,6 +73,8 @@ async def test_attempted_then_succeeded_reach_sync_and_async_handlers(
     assert data["id"] == task.id and data["business_id"] == "e-1" and data["attempt"] == 1
     assert data["status"] == "succeeded" and data["outcome"] == "success"
     assert data["last_response"]["status_code"] == 200
+    assert set(data["last_response"]) == {"status_code", "headers", "body", "truncated", "duration_ms"}
+    assert isinstance(data["last_response"]["duration_ms"], int)
 
 
 async def test_attempted_fires_for_every_attempt_and_failed_once(atc: TaskCenter, receiver: Receiver) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from taskcenter.config import DispatchConfig
@@ -40,6 +41,10 @@ from taskcenter.storage.traffic import TrafficControl
 
 log = logging.getLogger("taskcenter.dispatcher")
 MAX_STORED_REQUEST_BODY = 65536
+
+_Pending = tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None, int | None]
+"""What the write loop needs of a recorded attempt for events and notifications, in step with its Finished:
+(row, attempt number, status, outcome, response record, duration in ms)."""
 
 
 def worker_name() -> str:
@@ -84,12 +89,12 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._sending: dict[int, asyncio.Task[None]] = {}
         self._ready: collections.deque[Mapping[str, Any]] = collections.deque()
-        self._policies: dict[str, RetryPolicy] = {}
+        self._policies: dict[bytes | str, RetryPolicy] = {}
         self._held: set[int] = set()  # claimed and not yet written back: their leases need heartbeats
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
-        self._pending_events: list[tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None]] = []
+        self._pending_events: list[_Pending] = []
         self.delivered = 0
         self._claimed_last = 0
 
@@ -109,6 +114,8 @@ class Dispatcher:
         """Run until :meth:`stop`. Safe to run several dispatchers (processes) on one database."""
         if self.notifier is not None:
             self.notifier.subscribe(self.wake)
+        # Read when scraped instead of set each time a slot frees up (a locked write per attempt).
+        self.metrics.in_flight.set_function(self._in_flight)
         helpers = [
             asyncio.create_task(self._write_loop(), name="tc-writer"),
             asyncio.create_task(self._rescue_loop(), name="tc-rescue"),
@@ -198,7 +205,9 @@ class Dispatcher:
         limit = self.config.concurrency
         while self._ready and len(self._sending) < limit and not self._stopping.is_set():
             self._start(self._ready.popleft())
-        self.metrics.in_flight.set(len(self._sending))
+
+    def _in_flight(self) -> int:
+        return len(self._sending)
 
     async def _admit(
         self, conn: Any, rows: Any, _claimed_at: datetime
@@ -366,7 +375,12 @@ class Dispatcher:
 
     def _policy(self, retry: Mapping[str, Any]) -> RetryPolicy:
         """Parse (and validate) each distinct stored policy once, not once per attempt."""
-        key = repr(sorted(retry.items()))
+        # The key tells apart what the policy parser tells apart (1 from 1.0 and true, key order aside).
+        # orjson costs 0.6-0.7 us here where repr(sorted(items)) cost 4-7 us, the largest share of _record.
+        try:
+            key: bytes | str = orjson.dumps(retry, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # not JSON (only a hand-built row can be): fall back to its repr
+            key = repr(sorted(retry.items()))
         policy = self._policies.get(key)
         if policy is None:
             if len(self._policies) > 1000:
@@ -399,18 +413,19 @@ class Dispatcher:
             status_code=attempt.status_code,
             rng=self.rng,
         )
-        last_response = dict(response, duration_ms=duration_ms) if response is not None else None
-        self._count(self.metrics.attempts, decision.outcome.value)
+        # Enum .value is a property lookup (0.3 us each): read once, not at each of the five places it is used.
+        status, outcome = decision.status.value, decision.outcome.value
+        self._count(self.metrics.attempts, outcome)
         if duration_ms is not None:
             self.metrics.attempt_seconds.observe(duration_ms / 1000)
         if decision.finished_at is not None:
-            self._count(self.metrics.finished, decision.status.value)
+            self._count(self.metrics.finished, status)
         self._results.append(
             queue.Finished(
                 task_id=row["id"],
                 attempt=number,
-                status=decision.status.value,
-                outcome=decision.outcome.value,
+                status=status,
+                outcome=outcome,
                 started_at=started,
                 duration_ms=duration_ms,
                 next_attempt_at=decision.next_attempt_at,
@@ -423,9 +438,7 @@ class Dispatcher:
                 pause_until=now.timestamp() + decision.host_pause_s if decision.host_pause_s else None,
             )
         )
-        self._pending_events.append(
-            (row, number, decision.status.value, decision.outcome.value, last_response)
-        )
+        self._pending_events.append((row, number, status, outcome, response, duration_ms))
         self._results_ready.set()
 
     def _count(self, counter: Any, label: str) -> None:
@@ -493,11 +506,9 @@ class Dispatcher:
             lost += one.lost
         return queue.Written(landed, lost)
 
-    async def _notify(
-        self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]
-    ) -> None:
+    async def _notify(self, events: list[_Pending], landed: dict[int, str]) -> None:
         finished = []
-        for row, number, _status, outcome, _resp in events:
+        for row, number, _status, outcome, _response, _duration in events:
             final = landed.get(row["id"])
             if row["notify"] and final in ("succeeded", "failed"):
                 finished.append(({**row, "attempts": number, "outcome": outcome}, final))
@@ -507,13 +518,13 @@ class Dispatcher:
             except TaskCenterError as exc:
                 log.warning("queuing %d notifications failed: %s", len(finished), exc)
 
-    async def _emit(
-        self, events: list[tuple[Mapping[str, Any], int, str, str, Any]], landed: dict[int, str]
-    ) -> None:
-        for row, number, _status, outcome, last_response in events:
+    async def _emit(self, events: list[_Pending], landed: dict[int, str]) -> None:
+        for row, number, _status, outcome, response, duration_ms in events:
             final = landed.get(row["id"])
             if final is None:
                 continue
+            # Built here, not per attempt: most processes have no listener and never need it.
+            last_response = dict(response, duration_ms=duration_ms) if response is not None else None
             data = {
                 "id": str(row["uuid"]),
                 "business_id": row["business_id"],
