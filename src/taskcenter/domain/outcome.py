@@ -54,6 +54,23 @@ class Classification:
     retryable: bool
 
 
+# classify() runs once per attempt; its answers are immutable, so each is built once here (saves building a
+# frozen dataclass, ~0.6 us, per attempt).
+_SUCCESS = Classification(Outcome.SUCCESS, False)
+_TIMEOUT = Classification(Outcome.TIMEOUT, True)
+_BLOCKED = Classification(Outcome.BLOCKED, False)
+_STOPPED = Classification(Outcome.STOPPED, False)
+_PROCESSOR_ERROR = Classification(Outcome.SERVER_ERROR, True)
+_INTERRUPTED = Classification(Outcome.INTERRUPTED, True)
+_NETWORK_ERROR = Classification(Outcome.NETWORK_ERROR, True)
+_RATE_LIMITED = Classification(Outcome.RATE_LIMITED, True)
+_SERVER_ERROR = Classification(Outcome.SERVER_ERROR, True)
+_CLIENT_ERROR = {
+    True: Classification(Outcome.CLIENT_ERROR, True),
+    False: Classification(Outcome.CLIENT_ERROR, False),
+}
+
+
 def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
     if not headers:
         return None
@@ -81,30 +98,29 @@ def classify(
     kind = result.error_kind
     if kind is not None:
         if kind == "timeout":
-            return Classification(Outcome.TIMEOUT, True)
+            return _TIMEOUT
         if kind == "blocked":
-            return Classification(Outcome.BLOCKED, False)
+            return _BLOCKED
         if kind == "permanent_failure":
-            return Classification(Outcome.STOPPED, False)
+            return _STOPPED
         if kind == "processor_error":
-            return Classification(Outcome.SERVER_ERROR, True)
+            return _PROCESSOR_ERROR
         if kind == "interrupted":
-            return Classification(Outcome.INTERRUPTED, True)
-        return Classification(Outcome.NETWORK_ERROR, True)
+            return _INTERRUPTED
+        return _NETWORK_ERROR
     code = result.status_code
     if code is None:
-        return Classification(Outcome.NETWORK_ERROR, True)
+        return _NETWORK_ERROR
     if code in (success_codes if success_codes is not None else DEFAULT_SUCCESS_CODES):
-        return Classification(Outcome.SUCCESS, False)
+        return _SUCCESS
     stop = _header(result.headers, "X-Task-Retry")
     if code == 410 or (stop is not None and stop.strip().lower() == "stop"):
-        return Classification(Outcome.STOPPED, False)
+        return _STOPPED
     if code == 429:
-        return Classification(Outcome.RATE_LIMITED, True)
+        return _RATE_LIMITED
     if code >= 500:
-        return Classification(Outcome.SERVER_ERROR, True)
-    retryable = code in RETRYABLE_4XX or code in retry_on
-    return Classification(Outcome.CLIENT_ERROR, retryable)
+        return _SERVER_ERROR
+    return _CLIENT_ERROR[code in RETRYABLE_4XX or code in retry_on]
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
