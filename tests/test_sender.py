@@ -222,6 +222,24 @@ async def test_send_after_close_raises() -> None:
         await sender.send(request("http://127.0.0.1/"))
 
 
+async def test_final_url_is_the_url_as_sent_every_time(sender: Sender, receiver: Receiver) -> None:
+    # The sender keeps each URL's parsed form; the second request must not differ from the first.
+    given = named_url(receiver, "/a b?x=é", "HOOK.test")
+    sent = f"http://hook.test:{receiver.port}/a%20b?x=%C3%A9"
+    first = await sender.send(request(given))
+    second = await sender.send(request(given))
+    assert (first.status_code, first.final_url, second.final_url) == (200, sent, sent)
+    assert [r.path for r in receiver.requests] == ["/a b", "/a b"]
+
+
+async def test_blocked_url_is_reported_as_given(sender: Sender) -> None:
+    given = "ftp://Example.com/a b"
+    for _ in range(2):
+        result = await sender.send(request(given, guard=LOOPBACK_ONLY))
+        assert (result.error_kind, result.final_url) == ("blocked", given)
+        assert result.error == f"scheme 'ftp' is not allowed: {given}"
+
+
 # --- redirects ---
 
 

@@ -5,10 +5,16 @@ Every address here is handed to pure functions or a fake resolver; nothing is co
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pickle
 import socket
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import pytest
+from yarl import URL
 
 from taskcenter.errors import BlockedAddress, ValidationError
 from taskcenter.ssrf import GuardedResolver, GuardPolicy, check_address, check_url, forbidden_reason
@@ -226,6 +232,44 @@ def test_equal_lists_make_equal_hashable_policies() -> None:
     b = GuardPolicy.from_lists(["127.0.0.0/8", "10.0.0.0/8", "10.0.0.0/8"], allow_hosts=["a.example."])
     assert a == b
     assert len({a, b}) == 1
+
+
+def test_policy_unpickled_in_another_process_hashes_like_its_own_policies() -> None:
+    # The hash is computed once when built, and string hashes differ between processes: a pickled policy must
+    # not carry this process's hash along.
+    policy = GuardPolicy.from_lists(["127.0.0.0/8"], allow_hosts=["a.example"], deny_hosts=["b.example"])
+    code = (
+        "import pickle, sys\n"
+        "from taskcenter.ssrf import GuardPolicy\n"
+        "copy = pickle.loads(sys.stdin.buffer.read())\n"
+        "own = GuardPolicy.from_lists(['127.0.0.0/8'], allow_hosts=['a.example'], deny_hosts=['b.example'])\n"
+        "print(copy == own, hash(copy) == hash(own), len({copy, own}))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(policy), env=env, capture_output=True, check=True
+    )
+    assert done.stdout.decode().split() == ["True", "True", "1"]
+
+
+def test_replaced_policy_hashes_like_an_equal_policy() -> None:
+    policy = GuardPolicy.from_lists(["127.0.0.0/8"], allow_hosts=["a.example"], deny_hosts=["b.example"])
+    off = dataclasses.replace(policy, enabled=False)
+    assert off == GuardPolicy.from_lists(["127.0.0.0/8"], ["a.example"], ["b.example"], enabled=False)
+    assert hash(off) == hash(
+        GuardPolicy.from_lists(["127.0.0.0/8"], ["a.example"], ["b.example"], enabled=False)
+    )
+
+
+def test_check_url_uses_the_parsed_form_given_and_quotes_the_url_as_given() -> None:
+    given = "ftp://Example.com/a b"
+    with pytest.raises(BlockedAddress) as caught:
+        check_url(given, GuardPolicy(), parsed=URL(given))
+    assert caught.value.message == f"scheme 'ftp' is not allowed: {given}"
+    parsed = URL("http://127.0.0.1/")
+    with pytest.raises(BlockedAddress):  # judged by what was parsed, not by the text
+        check_url("http://example.com/", GuardPolicy(), parsed=parsed)
+    assert check_url("http://127.0.0.1/", GuardPolicy.from_lists(["127.0.0.0/8"]), parsed=parsed) is parsed
 
 
 def test_merged_unions_lists() -> None:
