@@ -407,6 +407,18 @@ class TaskService:
             rows.append((n, row))
         if rows:
             await self._check_active_limit(business, len(rows))
+            if public and self.db.is_postgres:
+                # The public form has no row id, so the common case — every business_id new — needs no row
+                # back: one statement storing all rows or, if one is live already, none (then the usual path).
+                async with self.db.autocommit() as conn:
+                    stored_all = await task_sql.insert_all(
+                        conn, [r for _, r in rows], notify_channel=NOTIFY_CHANNEL
+                    )
+                if stored_all:
+                    for n, row in rows:
+                        results[n] = {"status": 201, "task": _public_new_task(business, row)}
+                    self.notifier.wake()
+                    return results
             represent: Callable[[Business, Mapping[str, Any]], Any] = (
                 _public_new_task if public else self._task_from_new_row
             )

@@ -72,16 +72,12 @@ def _param_type(name: str, *, array: bool) -> str:
     return f"{_pg_type(tasks.c[name])}{'[]' if array else ''}"
 
 
-@functools.cache
-def _unnest_insert(varying: tuple[str, ...], shared: tuple[str, ...], notify: bool) -> str:
-    """PostgreSQL: insert any number of rows with one statement.
+def _unnest_rows(varying: tuple[str, ...], shared: tuple[str, ...]) -> str:
+    """``INSERT INTO tasks (…) SELECT … FROM unnest(…)`` of any number of rows (PostgreSQL).
 
     Each column in ``varying`` is one array parameter, unnested into the rows; each column in ``shared`` (a
     value every row has) is one scalar parameter, computed once by the server as an InitPlan (``(SELECT $n)``)
-    rather than once per row. ``varying`` must not be empty: it gives the row count. With ``notify``, the
-    statement also calls ``pg_notify`` on the channel given as the last parameter — also as an InitPlan, so
-    once, and only if a row was stored (the RETURNING list is evaluated only for stored rows); PostgreSQL
-    sends it at commit.
+    rather than once per row. ``varying`` must not be empty: it gives the row count.
     """
     names = ", ".join(f'"{name}"' for name in (*varying, *shared))
     arrays = ", ".join(f"${n}::{_param_type(name, array=True)}" for n, name in enumerate(varying, 1))
@@ -89,11 +85,58 @@ def _unnest_insert(varying: tuple[str, ...], shared: tuple[str, ...], notify: bo
         f", (SELECT ${n}::{_param_type(name, array=False)})"
         for n, name in enumerate(shared, len(varying) + 1)
     )
+    return f"INSERT INTO tasks ({names}) SELECT u.*{scalars} FROM unnest({arrays}) AS u"
+
+
+@functools.cache
+def _unnest_insert(varying: tuple[str, ...], shared: tuple[str, ...], notify: bool) -> str:
+    """:func:`_unnest_rows`, skipping rows whose ``business_id`` is live already, returning the stored ones.
+
+    With ``notify``, the statement also calls ``pg_notify`` on the channel given as the last parameter — as an
+    InitPlan, so once, and only if a row was stored (the RETURNING list is evaluated only for stored rows);
+    PostgreSQL sends it at commit.
+    """
     wake = f", (SELECT pg_notify(${len(varying) + len(shared) + 1}::text, ''))" if notify else ""
     return (
-        f"INSERT INTO tasks ({names}) SELECT u.*{scalars} FROM unnest({arrays}) AS u "
+        f"{_unnest_rows(varying, shared)} "
         f"ON CONFLICT (business_pk, business_id) WHERE {LIVE_SQL} DO NOTHING RETURNING id, uuid::text{wake}"
     )
+
+
+@functools.cache
+def _unnest_insert_all(varying: tuple[str, ...], shared: tuple[str, ...]) -> str:
+    """:func:`_unnest_rows` with no conflict clause and nothing returned but one NOTIFY (the last parameter)."""
+    channel = len(varying) + len(shared) + 1
+    return (
+        f"WITH stored AS ({_unnest_rows(varying, shared)} RETURNING 1) "
+        f"SELECT pg_notify(${channel}::text, '') FROM (SELECT count(*) AS n FROM stored) AS c WHERE c.n > 0"
+    )
+
+
+#: The unique index that keeps a ``business_id`` to one live task (storage.schema).
+_LIVE_INDEX = "uq_tasks_live_business_id"
+
+
+async def insert_all(
+    conn: AsyncConnection, rows: Sequence[Mapping[str, Any]], *, notify_channel: str
+) -> bool:
+    """PostgreSQL, on a connection in autocommit: store every row or none, with one statement; True if stored.
+
+    The cheap case of :func:`insert_many`, for a batch whose ``business_id`` values are all new: no conflict
+    arbiter (a speculative insertion per row, ~7 % of the statement's server time) and no row sent back. If a
+    ``business_id`` is live already the statement fails as a whole and this returns False, having stored
+    nothing: the caller then goes through :func:`insert_many`, which reports each row. ``notify_channel`` is
+    NOTIFY'd when the rows are stored. Rows must have the same keys and no ``id``.
+    """
+    varying, shared, values = _split_columns(tuple(rows[0].keys()), rows)
+    values.append(notify_channel)
+    try:
+        await conn.exec_driver_sql(_unnest_insert_all(tuple(varying), tuple(shared)), tuple(values))
+    except sa.exc.IntegrityError as exc:
+        if f'"{_LIVE_INDEX}"' in str(exc.orig):  # 'duplicate key value violates unique constraint "…"'
+            return False
+        raise
+    return True
 
 
 def _split_columns(
