@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -282,14 +281,17 @@ class Runtime:
     async def run_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Run a dispatcher with its sender and the policy refresher until it is stopped."""
         await self.policies.load()
-        refresher = asyncio.create_task(self.policies.run(), name="tc-policies")
+        helpers = [
+            asyncio.create_task(self.policies.run(), name="tc-policies"),
+            asyncio.create_task(self.db.checkpoints(), name="tc-checkpoints"),
+        ]
         try:
             async with dispatcher.sender:
                 await dispatcher.run()
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def close(self) -> None:
         await self.db.close()

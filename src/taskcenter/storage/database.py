@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -19,6 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from taskcenter.errors import ConfigError, SchemaOutOfDate, StorageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("taskcenter.storage")
+
+#: WAL pages after which SQLite's writer checkpoints by itself, inside the commit that crossed the line (SQLite's
+#: default is 1,000 pages, ~4 MB). That checkpoint's copy and fsync stall every write queued behind it: measured on
+#: a writer committing small transactions, commit p99 5-8 ms and max 25-32 ms with the default, 0.5-3 ms and 14 ms
+#: without. :meth:`Database.checkpoints` checkpoints from a connection of its own instead; this is only the safety
+#: net for when nothing runs that (an API-only process) or it falls behind.
+SQLITE_WRITER_AUTOCHECKPOINT = 16384
+#: Returns (1 if it could not run at all, frames in the WAL, frames copied to the database).
+CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
 
 
 def json_text(value: Any) -> str:
@@ -73,6 +85,8 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=10000")
         cur.execute("PRAGMA foreign_keys=ON")
+        if immediate:  # the writer
+            cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WRITER_AUTOCHECKPOINT}")
         cur.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -160,6 +174,29 @@ class Database:
                 yield conn
         except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
             raise StorageError(f"database error: {_short(exc)}") from exc
+
+    async def checkpoints(self, interval_s: float = 0.25) -> None:
+        """SQLite: checkpoint the WAL every ``interval_s`` until cancelled, from a connection of its own.
+
+        Passive checkpoints neither wait for the writer nor block it, so commits never pay for a checkpoint (see
+        ``SQLITE_WRITER_AUTOCHECKPOINT``). Returns at once on PostgreSQL.
+        """
+        if self.dialect != "sqlite":
+            return
+        import aiosqlite
+
+        # aiosqlite runs the connection's calls one after another on its own thread, so closing it after a
+        # cancelled checkpoint waits for that checkpoint instead of pulling the connection from under it.
+        conn = await aiosqlite.connect(make_url(self.url).database or "")
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await conn.execute(CHECKPOINT_SQL)
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            await conn.close()
 
     async def ping(self) -> None:
         """Raise :class:`StorageError` unless the database answers."""

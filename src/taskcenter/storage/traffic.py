@@ -15,8 +15,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
@@ -30,6 +32,7 @@ from taskcenter.domain.traffic import (
     negligible,
     record,
 )
+from taskcenter.storage.database import sqlite_driver
 from taskcenter.storage.schema import DUE_SQL, HELD_SQL, UTCDateTime, business_state, host_state, tasks
 
 _PROCESSING = sa.text("status = 'processing'")
@@ -165,18 +168,43 @@ def _busy(dialect: str, table: str, key: str, count: bool) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _locking_read(dialect: str, table_name: str, count: bool) -> Any:
+def _locking_read(
+    dialect: Dialect, table_name: str, count: bool
+) -> tuple[str, tuple[str, ...], dict[str, Any], tuple[str, ...]]:
     """``SELECT … FOR UPDATE`` of the state rows whose keys are bound as ``b_keys``, in key order (so two
-    dispatchers never deadlock on each other's rows), with their requests in flight if ``count``. Built once per
-    shape, not per claim: building it cost about as much CPU as running it."""
+    dispatchers never deadlock on each other's rows), with their requests in flight if ``count``.
+
+    Built and compiled once per shape, and run on the driver directly (see ``storage.queue``): returns the SQL
+    text, the order of its parameters, the values of those it fixes itself and the names of its columns. The keys go as one array (PostgreSQL) or one
+    JSON list (SQLite), so the text is the same for any number of keys.
+    """
     table = host_state if table_name == "host_state" else business_state
     key = table.c.host if table is host_state else table.c.business_pk
-    return (
-        sa.select(table, _busy(dialect, table_name, key.name, count))
-        .where(key.in_(sa.bindparam("b_keys", expanding=True)))
+    if dialect.name == "postgresql":
+        keys: Any = key == sa.any_(sa.cast(sa.bindparam("b_keys"), postgresql.ARRAY(key.type)))
+    else:
+        keys = key.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(sa.bindparam("b_keys"))))
+    stmt = (
+        sa.select(table, _busy(dialect.name, table_name, key.name, count))
+        .where(keys)
         .order_by(key)
         .with_for_update(of=table)
     )
+    compiled = stmt.compile(dialect=dialect)
+    names = tuple(c.name for c in stmt.selected_columns)
+    return str(compiled), tuple(compiled.positiontup or ()), dict(compiled.params), names
+
+
+async def _read_locked(
+    conn: AsyncConnection, table_name: str, keys: list[Any], count: bool
+) -> list[dict[str, Any]]:
+    sql, params, fixed, names = _locking_read(conn.dialect, table_name, count)
+    bound = {**fixed, "b_keys": keys if conn.dialect.name == "postgresql" else orjson.dumps(keys).decode()}
+    if conn.dialect.name == "postgresql":
+        rows: Any = (await conn.exec_driver_sql(sql, tuple(bound[n] for n in params))).all()
+    else:
+        rows = await (await sqlite_driver(conn)).execute_fetchall(sql, [bound[n] for n in params])
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def _forget_changed(limits: Mapping[Any, Limits], seen: dict[Any, Limits], booked: dict[Any, float]) -> None:
@@ -256,14 +284,13 @@ class TrafficControl:
         # Lock in a fixed order (sorted) so two dispatchers never deadlock on each other's rows.
         host_rows: dict[str, Any] = {}
         if hosts:
-            stmt = _locking_read(dialect, "host_state", count_hosts)
-            result = await conn.execute(stmt, {"b_keys": sorted(hosts)})
-            host_rows = {r["host"]: r for r in result.mappings()}
+            host_rows = {
+                r["host"]: r for r in await _read_locked(conn, "host_state", sorted(hosts), count_hosts)
+            }
         biz_rows: dict[int, Any] = {}
         if bizs:
-            stmt = _locking_read(dialect, "business_state", count_bizs)
-            result = await conn.execute(stmt, {"b_keys": sorted(bizs)})
-            biz_rows = {r["business_pk"]: r for r in result.mappings()}
+            found = await _read_locked(conn, "business_state", sorted(bizs), count_bizs)
+            biz_rows = {r["business_pk"]: r for r in found}
         return (
             {h: _state(host_rows.get(h)) for h in hosts},
             {b: State(tokens=r["tokens"], refilled_at=r["refilled_at"]) for b, r in biz_rows.items()}
