@@ -53,7 +53,8 @@ _SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type"})
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "transfer-encoding"})
 _HTTP_SCHEMES = frozenset({"http", "https"})
 _TIMEOUT_CACHE_SIZE = 64
-_URL_CACHE_SIZE = 4096
+# Parsed URLs kept (Sender._parse). A URL may be 8 KiB long, so at most ~20 MiB; most traffic goes to a few URLs.
+_URL_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
