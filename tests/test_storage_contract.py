@@ -280,6 +280,37 @@ async def test_a_claimed_row_holds_what_sqlalchemys_column_types_read(
     ]
 
 
+@pytest.mark.parametrize("businesses", [(), (1, 2)])
+def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: tuple[int, ...]) -> None:
+    # Without statistics SQLite planned the claim over ix_tasks_status (every pending task, sorted, per claim).
+    import asyncio
+    import sqlite3
+
+    from sqlalchemy.dialects.sqlite import aiosqlite
+
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    database = Database(url)
+    asyncio.run(database.migrate())
+    asyncio.run(database.close())
+    sql, names, fixed = queue._claim_sql(aiosqlite.dialect(), businesses)
+    values = {
+        **fixed,
+        "b_now": "2030-01-01 00:00:00.000000",
+        "b_limit": 100,
+        "b_worker": "w",
+        "b_until": None,
+    }
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [values[n] for n in names])]
+    finally:
+        conn.close()
+    reads = [step for step in plan if "INDEX" in step and "PRIMARY KEY" not in step]
+    expected = "ix_tasks_due_business" if businesses else "ix_tasks_due"
+    assert len(reads) == (len(businesses) + 1 if businesses else 1), plan
+    assert all(f"USING INDEX {expected} " in f"{step} " for step in reads), plan
+
+
 async def test_finish_stores_times_and_json_as_sqlalchemy_reads_them(
     db: Database, business: Business
 ) -> None:
