@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+import pytest
 import pytest_asyncio
 
-from taskcenter.api.tasks import task_json
+from taskcenter.api.schemas import TaskCreate
+from taskcenter.api.tasks import _AS_SENT, task_json
 from tests.receiver import Receiver, Reply
 from tests.test_api_support import OPERATOR, PROBLEM, Api, serving, task_body
 from tests.test_delivery import running
@@ -252,6 +255,51 @@ async def test_a_batch_answers_each_stored_task_exactly_as_a_single_create_does(
         row = {"id": 1, **service.prepare(shop, item, now=public["created_at"], task_uuid=public["id"])}
         expected = task_json(service._task_from_new_row(shop, row))
         assert list(public.items()) == list(expected.items())
+
+
+AS_SENT_SAMPLES: list[dict[str, Any]] = [
+    {"business_id": "a", "url": "https://x.example.com", "method": "put", "headers": {"X-A": "1", "B": ""}},
+    {"business_id": "a", "url": "https://x.example.com", "json": {"f": 1.0, "i": 1, "b": True, "n": None, "l": [1.5]}},
+    {"business_id": "a", "url": "https://x.example.com", "json": None, "form": {"i": 1, "f": 2.0, "b": False, "s": "x"}},
+    {"business_id": "a", "url": "https://x.example.com", "body": "<x/>", "content_type": "application/xml"},
+    {"business_id": "a", "type": "resize", "payload": {"w": 1.0, "h": [2]}, "priority": -3},
+    {"business_id": "a", "url": "https://x.example.com", "success_codes": [200], "retry_on": [409, 503],
+     "follow_redirects": True, "notify": {"url": "https://n.example.com", "on": ["failed"]},
+     "metadata": {"k": {"v": 1.0}}},
+    {"business_id": "a", "url": "https://x.example.com", "notify": {"email": "a@b.example", "on": None}, "type": None},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("item", AS_SENT_SAMPLES)
+def test_fields_the_batch_passes_on_as_sent_are_dumped_back_unchanged_by_pydantic(
+    item: dict[str, Any],
+) -> None:
+    assert _AS_SENT.issuperset(item)
+    dumped = TaskCreate.model_validate(item).model_dump(exclude_unset=True, by_alias=True)
+    assert dumped.keys() == item.keys()  # in the schema's order, which the service does not depend on
+    for name, value in item.items():  # value for value, nested order kept, 1.0 stays 1.0 and 1 stays 1
+        assert orjson.dumps(dumped[name]) == orjson.dumps(value), name
+
+
+def test_only_fields_that_validation_changes_are_dumped() -> None:
+    fields = {f.alias or name for name, f in TaskCreate.model_fields.items()}
+    assert fields - _AS_SENT == {"delay", "timeout", "scheduled_at", "retry"}
+
+
+async def test_a_batch_stores_converted_fields_as_a_single_create_does(api: Api) -> None:
+    key = await api.business_key("shop")
+    extra = {"timeout": 3, "delay": 5, "retry": {"strategy": "intervals", "intervals": [1, 2]},
+             "scheduled_at": None}  # fmt: skip
+    single = await api.create(key, "single", **extra)
+    response = await api.client.post(
+        "/tasks/batch", json={"tasks": [task_body("batch", **extra)]}, headers=key
+    )
+    batched = response.json()["results"][0]["task"]
+    for name in ("timeout", "retry", "max_attempts"):
+        assert orjson.dumps(batched[name]) == orjson.dumps(single[name]), name
+    assert (
+        batched["scheduled_at"] is not None and single["scheduled_at"] is not None
+    )  # delay 5 s from each one's now
 
 
 async def test_a_batch_of_more_than_1000_tasks_is_refused_whole(api: Api) -> None:
