@@ -303,12 +303,14 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: 
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [values[n] for n in names])]
+        next_due = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queue.SQLITE_NEXT_DUE)]
     finally:
         conn.close()
     reads = [step for step in plan if "INDEX" in step and "PRIMARY KEY" not in step]
     expected = "ix_tasks_due_business" if businesses else "ix_tasks_due"
     assert len(reads) == (len(businesses) + 1 if businesses else 1), plan
     assert all(f"USING INDEX {expected} " in f"{step} " for step in reads), plan
+    assert next_due == ["SEARCH tasks USING INDEX ix_tasks_due_time"], next_due
 
 
 async def test_finish_stores_times_and_json_as_sqlalchemy_reads_them(

@@ -284,9 +284,17 @@ def _in_claim_order(rows: Sequence[Mapping[Any, Any]]) -> list[Mapping[Any, Any]
     return [r for _, r in sorted(zip(rank, ordered, strict=True), key=lambda pair: pair[0])]
 
 
+#: SQLite, as for the claim (see _sqlite_due_index): without the hint the planner counted every pending task through
+#: ix_tasks_status (15 ms with 20,000 due), with it min() is one step into the due-time index (0.015 ms).
+SQLITE_NEXT_DUE = f"SELECT min(next_attempt_at) FROM tasks INDEXED BY ix_tasks_due_time WHERE {DUE_SQL}"
+
+
 async def next_due(db: Database) -> datetime | None:
     """When the earliest waiting task falls due (``None`` if none waits)."""
     async with db.read() as conn:
+        if not db.is_postgres:
+            text: str | None = (await conn.exec_driver_sql(SQLITE_NEXT_DUE)).scalar()
+            return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
         value: datetime | None = (
             await conn.execute(sa.select(sa.func.min(tasks.c.next_attempt_at)).where(_DUE))
         ).scalar()
