@@ -133,7 +133,8 @@ async def insert_all(
     try:
         await conn.exec_driver_sql(_unnest_insert_all(tuple(varying), tuple(shared)), tuple(values))
     except sa.exc.IntegrityError as exc:
-        if f'"{_LIVE_INDEX}"' in str(exc.orig):  # 'duplicate key value violates unique constraint "…"'
+        # The driver's error (asyncpg's UniqueViolationError) names the index; its message may be translated.
+        if getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None) == _LIVE_INDEX:
             return False
         raise
     return True
