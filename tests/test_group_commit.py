@@ -183,9 +183,14 @@ async def test_insert_many_stores_exactly_what_the_single_row_insert_stores(runt
     assert nulls in (0, 5)
 
 
-async def test_insert_many_stores_each_rows_own_values_where_rows_differ(runtime: Runtime) -> None:
+@pytest.mark.parametrize("shapes_left", [True, False])
+async def test_insert_many_stores_each_rows_own_values_where_rows_differ(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, shapes_left: bool
+) -> None:
     """Columns all rows share go once, the others per row; JSON that Python holds equal (1 == 1.0 == True) stays
-    apart, as does every other differing column."""
+    apart, as does every other differing column. The same when no new statement shape may be made."""
+    monkeypatch.setattr(task_sql, "_SHAPES", {})
+    monkeypatch.setattr(task_sql, "MAX_SHAPES", 100 if shapes_left else 0)
     service = runtime.service
     shop = await service.ensure_business("shop")
     given: list[dict[str, Any]] = [
@@ -212,6 +217,30 @@ async def test_insert_many_stores_each_rows_own_values_where_rows_differ(runtime
     assert [found[f"d-{n}"].timeout for n in range(5)] == [30.0, 30.0, 30.0, 3.0, 30.0]
     assert [found[f"d-{n}"].host for n in range(5)] == ["api.example.com:443"] * 4 + ["other.example.com:443"]
     assert [found[f"d-{n}"].body for n in range(5)] == [f'{{"id":"d-{n}"}}' for n in range(5)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # the split is PostgreSQL's statement
+async def test_past_max_shapes_a_new_shape_goes_as_arrays_and_is_not_remembered(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    shapes: dict[Any, None] = {}
+    monkeypatch.setattr(task_sql, "_SHAPES", shapes)
+    monkeypatch.setattr(task_sql, "MAX_SHAPES", 1)
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    first = [service.prepare(shop, task_body(f"s-{n}")) for n in range(2)]
+    other = [service.prepare(shop, task_body(f"o-{n}", priority=n)) for n in range(2)]  # priority varies too
+    async with runtime.db.write() as conn:
+        stored = await task_sql.insert_many(conn, first)
+    assert len(shapes) == 1
+    varying, shared, values = task_sql._split_columns(tuple(other[0].keys()), other)
+    assert shared == [] and varying == list(other[0].keys()) and all(len(v) == 2 for v in values)
+    async with runtime.db.write() as conn:
+        stored += await task_sql.insert_many(conn, other)
+    assert len(stored) == 4 and len(shapes) == 1
+    async with runtime.db.read() as conn:
+        priorities = dict((await conn.execute(sa.select(tasks.c.business_id, tasks.c.priority))).all())
+    assert priorities == {"s-0": 0, "s-1": 0, "o-0": 0, "o-1": 1}
 
 
 async def test_the_tasks_of_one_batch_share_their_creation_time(runtime: Runtime) -> None:

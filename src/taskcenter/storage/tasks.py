@@ -149,7 +149,8 @@ def _split_columns(
     A batch's rows mostly agree (status, timestamps, the retry policy, the target, every unset field), and a
     shared column costs one value to encode and send instead of one per row. JSON columns are compared by their
     serialised text, since Python's ``==`` holds ``1 == 1.0 == True``, which JSON does not. ``uuid`` is
-    always an array: it is unique per row, and the statement needs one array.
+    always an array: it is unique per row, and the statement needs one array. A split into a new shape once
+    :data:`MAX_SHAPES` are known comes back with every column varying.
     """
     count = len(rows)
     varying: list[str] = []
@@ -172,7 +173,22 @@ def _split_columns(
         else:
             varying.append(name)
             arrays.append(values)
+    shape = (tuple(varying), tuple(shared))
+    if shared and shape not in _SHAPES:
+        if len(_SHAPES) >= MAX_SHAPES:
+            # Every column an array: the one statement a column set always had, whatever varies.
+            per_row = dict(zip(varying, arrays, strict=True))
+            once = dict(zip(shared, scalars, strict=True))
+            return list(columns), [], [per_row[n] if n in per_row else [once[n]] * count for n in columns]
+        _SHAPES[shape] = None
     return varying, shared, arrays + scalars
+
+
+#: Statement shapes (which columns vary, which all rows share) made so far. Each is a statement text that every
+#: connection prepares once; past MAX_SHAPES a new shape is sent with every column as an array instead, so a
+#: varied workload cannot churn the drivers' prepared-statement caches (100 statements per connection).
+MAX_SHAPES = 32
+_SHAPES: dict[tuple[tuple[str, ...], tuple[str, ...]], None] = {}
 
 
 async def insert_many(
