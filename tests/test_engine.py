@@ -177,3 +177,22 @@ async def test_a_delayed_task_is_not_sent_before_its_time(runtime: Runtime, rece
     async with running(runtime):
         [req] = await receiver.wait_for(1, "/later", timeout=10)
     assert req.arrived_at >= task.created_at.timestamp() + 1.0
+
+
+def test_a_settled_process_collects_young_objects_less_often() -> None:
+    """``settle_heap`` (what ``serve`` and ``worker`` call once started) raises the young-generation threshold."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import gc; from taskcenter.heap import settle_heap, YOUNG_GC_THRESHOLD as T; "
+            "before = gc.get_threshold()[0]; settle_heap(); print(before, gc.get_threshold()[0], T, gc.get_freeze_count() > 0)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["700", "10000", "10000", "True"]
