@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     """Port ``serve`` listens on."""
     concurrency: int = Field(default=100, ge=1, le=10_000)
     """Requests in flight per dispatcher process."""
-    claim_batch: int = Field(default=100, ge=1, le=5000)
+    claim_batch: int = Field(default=200, ge=1, le=5000)
     """Most tasks claimed in one statement."""
     poll_interval_s: float = Field(default=5.0, gt=0, le=300)
     """Longest sleep between looks at the queue when no wake-up arrives."""
@@ -189,7 +189,7 @@ class DispatchConfig:
 
     concurrency: int = 100
     """Requests in flight at once."""
-    claim_batch: int = 100
+    claim_batch: int = 200
     """Most tasks claimed in one statement."""
     poll_interval_s: float = 5.0
     """Longest sleep without a wake-up."""
