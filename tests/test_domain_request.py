@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from taskcenter.domain.request import (
     MAX_TIMEOUT_S,
@@ -371,3 +373,12 @@ def test_other_timeouts_are_refused(value: Any) -> None:
 def test_timeout_cap_can_be_lowered() -> None:
     with pytest.raises(ValidationError, match="at most 5"):
         validate_timeout(6, cap=5)
+
+
+@given(st.text(max_size=40))
+def test_the_url_character_check_is_the_rule_it_states(text: str) -> None:
+    # Whitespace (the space), any C0 control or DEL — and nothing else, non-ASCII included.
+    from taskcenter.domain.request import _BAD_URL_CHARACTER
+
+    expected = any(c == " " or c == "\x7f" or c < " " for c in text)
+    assert (_BAD_URL_CHARACTER.search(text) is not None) == expected
