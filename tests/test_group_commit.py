@@ -4,6 +4,7 @@ outcome: its task, a 409 naming the live task, or the error of its own row — n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -261,13 +262,11 @@ async def _drained(received: asyncio.Queue[str]) -> None:
         received.get_nowait()
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # NOTIFY is PostgreSQL's
-async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, backend: str) -> None:
-    """One NOTIFY per stored group or batch (folded into the insert), none when nothing was stored."""
+@contextlib.asynccontextmanager
+async def _notifications(runtime: Runtime) -> AsyncIterator[asyncio.Queue[str]]:
+    """The payloads of NOTIFY on the dispatchers' channel, as another process's listener receives them."""
     import asyncpg
 
-    service = runtime.service
-    shop = await service.ensure_business("shop")
     url = sa.make_url(runtime.db.url)
     listener = await asyncpg.connect(
         host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
@@ -275,6 +274,17 @@ async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, ba
     received: asyncio.Queue[str] = asyncio.Queue()
     await listener.add_listener(NOTIFY_CHANNEL, lambda *args: received.put_nowait(args[3]))
     try:
+        yield received
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # NOTIFY is PostgreSQL's
+async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, backend: str) -> None:
+    """One NOTIFY per stored group or batch (folded into the insert), none when nothing was stored."""
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    async with _notifications(runtime) as received:
         await asyncio.gather(*(service.create_task(shop, task_body(f"n-{n}")) for n in range(5)))
         await asyncio.wait_for(received.get(), timeout=5)
         await _drained(received)  # the creates may have gone in two groups, each notifying
@@ -288,8 +298,6 @@ async def test_creates_notify_other_processes_on_postgresql(runtime: Runtime, ba
         assert await asyncio.wait_for(received.get(), timeout=5) == ""
         await asyncio.sleep(0.2)
         assert received.empty(), "a create that stored nothing notified"
-    finally:
-        await listener.close()
 
 
 async def test_a_group_is_never_larger_than_one_statement(runtime: Runtime) -> None:
@@ -313,17 +321,9 @@ async def test_a_public_batch_stores_all_at_once_or_reports_each_duplicate(
     """The API's batch (public form): all new -> one statement and one NOTIFY; one live duplicate -> nothing
     stored by that statement, then each item reported as usual (409 naming the live task), still one NOTIFY,
     and none when nothing at all was stored."""
-    import asyncpg
-
     service = runtime.service
     shop = await service.ensure_business("shop")
-    url = sa.make_url(runtime.db.url)
-    listener = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
-    )
-    received: asyncio.Queue[str] = asyncio.Queue()
-    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: received.put_nowait(args[3]))
-    try:
+    async with _notifications(runtime) as received:
         first = await service.create_tasks(shop, [task_body("p-1"), task_body("p-2")], public=True)
         assert [r["status"] for r in first] == [201, 201]
         await asyncio.wait_for(received.get(), timeout=5)
@@ -335,8 +335,6 @@ async def test_a_public_batch_stores_all_at_once_or_reports_each_duplicate(
         assert [r["status"] for r in again] == [409, 409]
         await asyncio.sleep(0.2)
         assert received.empty(), "a batch that stored nothing notified"
-    finally:
-        await listener.close()
     stored = await _stored(runtime)
     assert sorted(b for b, _ in stored.values()) == ["p-1", "p-2", "p-3"]
     assert {r["task"]["id"] for r in first + mixed if r["status"] == 201} == set(stored)
