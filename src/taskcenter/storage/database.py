@@ -47,9 +47,11 @@ def sqlite_time(value: datetime | None) -> str | None:
     """
     if value is None:
         return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to the database; use an aware UTC datetime")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if value.tzinfo is not UTC:  # the dispatcher's own times are UTC already: skip the conversion for them
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 async def sqlite_driver(conn: AsyncConnection) -> Any:

@@ -414,13 +414,14 @@ async def _finish_sqlite(
     mine = [r for r in results if r.task_id in held]
     if mine:
         updated_at = sqlite_time(now)
-        await driver.executemany(
-            _SQLITE_ATTEMPT,
-            [
+        logged, moved = [], []
+        for r in mine:
+            started = sqlite_time(r.started_at)
+            logged.append(
                 (
                     r.task_id,
                     r.attempt,
-                    sqlite_time(r.started_at),
+                    started,
                     r.duration_ms,
                     json_text(r.request),
                     json_text(r.response),
@@ -428,12 +429,8 @@ async def _finish_sqlite(
                     r.error,
                     worker,
                 )
-                for r in mine
-            ],
-        )
-        await driver.executemany(
-            _SQLITE_FINISH,
-            [
+            )
+            moved.append(
                 (
                     r.task_id,
                     worker,
@@ -441,16 +438,16 @@ async def _finish_sqlite(
                     r.attempt,
                     r.outcome,
                     sqlite_time(r.next_attempt_at),
-                    sqlite_time(r.started_at),
+                    started,
                     sqlite_time(r.finished_at),
                     json_text(_last_response(r)),
                     r.error,
                     json_text(r.result),
                     updated_at,
                 )
-                for r in mine
-            ],
-        )
+            )
+        await driver.executemany(_SQLITE_ATTEMPT, logged)
+        await driver.executemany(_SQLITE_FINISH, moved)
     # As written: a cancelled task stays cancelled, any other moves to the result's status.
     return [(r.task_id, held[r.task_id] if held[r.task_id] == "cancelled" else r.status) for r in mine]
 
