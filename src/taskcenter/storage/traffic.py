@@ -167,40 +167,81 @@ def _busy(dialect: str, table: str, key: str, count: bool) -> Any:
     ).label("busy")
 
 
-@functools.lru_cache(maxsize=8)
-def _locking_read(
-    dialect: Dialect, table_name: str, count: bool
-) -> tuple[str, tuple[str, ...], dict[str, Any], tuple[str, ...]]:
-    """``SELECT … FOR UPDATE`` of the state rows whose keys are bound as ``b_keys``, in key order (so two
-    dispatchers never deadlock on each other's rows), with their requests in flight if ``count``.
+_KEY_PARAMS = {"host_state": "b_hosts", "business_state": "b_bizs"}
 
-    Built and compiled once per shape, and run on the driver directly (see ``storage.queue``): returns the SQL
-    text, the order of its parameters, the values of those it fixes itself and the names of its columns. The keys go as one array (PostgreSQL) or one
-    JSON list (SQLite), so the text is the same for any number of keys.
-    """
+
+def _state_select(dialect: Dialect, table_name: str, count: bool) -> Any:
+    """``SELECT … FOR UPDATE`` of one table's state rows whose keys are bound as one parameter, in key order (so
+    two dispatchers never deadlock on each other's rows), with their requests in flight if ``count``. The keys go
+    as one array (PostgreSQL) or one JSON list (SQLite), so the text is the same for any number of keys."""
     table = host_state if table_name == "host_state" else business_state
     key = table.c.host if table is host_state else table.c.business_pk
+    param: Any = sa.bindparam(_KEY_PARAMS[table_name])
     if dialect.name == "postgresql":
-        keys: Any = key == sa.any_(sa.cast(sa.bindparam("b_keys"), postgresql.ARRAY(key.type)))
+        keys: Any = key == sa.any_(sa.cast(param, postgresql.ARRAY(key.type)))
     else:
-        keys = key.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(sa.bindparam("b_keys"))))
-    stmt = (
+        keys = key.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(param)))
+    return (
         sa.select(table, _busy(dialect.name, table_name, key.name, count))
         .where(keys)
         .order_by(key)
         .with_for_update(of=table)
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _locking_read(
+    dialect: Dialect, tables: tuple[tuple[str, bool], ...]
+) -> tuple[str, tuple[str, ...], dict[str, Any], tuple[str, ...]]:
+    """The locking read of the state rows of ``tables`` ((table name, count its requests in flight), hosts first):
+    one statement whatever the number of tables, so a claim's admission costs one round trip, not one per table.
+
+    Built and compiled once per shape, and run on the driver directly (see ``storage.queue``): returns the SQL
+    text, the order of its parameters, the values of those it fixes itself and the names of its columns. With
+    both tables, the rows of each are locked in key order, hosts before businesses (a UNION ALL runs its branches
+    in order), as the two statements it replaces did.
+    """
+    if len(tables) == 1:
+        stmt = _state_select(dialect, *tables[0])
+    else:
+        h = _state_select(dialect, "host_state", tables[0][1]).subquery("h")
+        b = _state_select(dialect, "business_state", tables[1][1]).subquery("b")
+
+        def none(type_: Any, name: str) -> Any:
+            return sa.cast(sa.null(), type_).label(name)
+
+        host_only = [c for c in h.c if c.name not in ("host", "tokens", "refilled_at", "busy")]
+        stmt = sa.union_all(
+            sa.select(
+                h.c.host, none(sa.Integer, "business_pk"), h.c.tokens, h.c.refilled_at, *host_only, h.c.busy
+            ),
+            sa.select(
+                none(sa.String, "host"),
+                b.c.business_pk,
+                b.c.tokens,
+                b.c.refilled_at,
+                *(none(c.type, c.name) for c in host_only),
+                b.c.busy,
+            ),
+        )
     compiled = stmt.compile(dialect=dialect)
     names = tuple(c.name for c in stmt.selected_columns)
     return str(compiled), tuple(compiled.positiontup or ()), dict(compiled.params), names
 
 
 async def _read_locked(
-    conn: AsyncConnection, table_name: str, keys: list[Any], count: bool
+    conn: AsyncConnection, hosts: list[str], bizs: list[int], count_hosts: bool, count_bizs: bool
 ) -> list[dict[str, Any]]:
-    sql, params, fixed, names = _locking_read(conn.dialect, table_name, count)
-    bound = {**fixed, "b_keys": keys if conn.dialect.name == "postgresql" else orjson.dumps(keys).decode()}
-    if conn.dialect.name == "postgresql":
+    tables: tuple[tuple[str, bool], ...] = (("host_state", count_hosts),) if hosts else ()
+    tables += (("business_state", count_bizs),) if bizs else ()
+    sql, params, fixed, names = _locking_read(conn.dialect, tables)
+    postgres = conn.dialect.name == "postgresql"
+    bound = {
+        **fixed,
+        "b_hosts": hosts if postgres else orjson.dumps(hosts).decode(),
+        "b_bizs": bizs if postgres else orjson.dumps(bizs).decode(),
+    }
+    if postgres:
         rows: Any = (await conn.exec_driver_sql(sql, tuple(bound[n] for n in params))).all()
     else:
         rows = await (await sqlite_driver(conn)).execute_fetchall(sql, [bound[n] for n in params])
@@ -272,7 +313,7 @@ class TrafficControl:
         count_bizs: bool = False,
     ) -> tuple[dict[str, State], dict[int, State], Counter[str], Counter[int]]:
         """Lock and read the hosts' and businesses' shared state, and (if asked) count their requests in flight
-        cluster-wide in the same statements: one round trip per table, not two."""
+        cluster-wide in the same statement: one round trip."""
         dialect = conn.dialect.name
         new_hosts, new_bizs = hosts - self.known_hosts, bizs - self.known_businesses
         if new_hosts:
@@ -281,16 +322,16 @@ class TrafficControl:
         if new_bizs:
             await conn.execute(_insert_missing(dialect, business_state, "business_pk", sorted(new_bizs)))
             self.known_businesses |= new_bizs
-        # Lock in a fixed order (sorted) so two dispatchers never deadlock on each other's rows.
+        # Lock in a fixed order (hosts, then businesses, each sorted) so two dispatchers never deadlock on each
+        # other's rows; both tables in one statement.
         host_rows: dict[str, Any] = {}
-        if hosts:
-            host_rows = {
-                r["host"]: r for r in await _read_locked(conn, "host_state", sorted(hosts), count_hosts)
-            }
         biz_rows: dict[int, Any] = {}
-        if bizs:
-            found = await _read_locked(conn, "business_state", sorted(bizs), count_bizs)
-            biz_rows = {r["business_pk"]: r for r in found}
+        if hosts or bizs:
+            for r in await _read_locked(conn, sorted(hosts), sorted(bizs), count_hosts, count_bizs):
+                if r["host"] is not None:
+                    host_rows[r["host"]] = r
+                else:
+                    biz_rows[r["business_pk"]] = r
         return (
             {h: _state(host_rows.get(h)) for h in hosts},
             {b: State(tokens=r["tokens"], refilled_at=r["refilled_at"]) for b, r in biz_rows.items()}
