@@ -9,12 +9,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.errors import DuplicateTask, StorageError
+from taskcenter.storage.database import json_text
 from taskcenter.storage.schema import LIVE_SQL, attempts, businesses, tasks
 
 _LIVE = sa.text(LIVE_SQL)
@@ -53,11 +53,6 @@ _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 def _pg_type(column: sa.Column[Any]) -> str:
     return str(column.type.dialect_impl(_PG).compile(dialect=_PG))
-
-
-def json_text(value: Any) -> str:
-    """A JSON column's value as the engines serialise it (``Database``'s ``json_serializer``)."""
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 #: JSON columns take their values serialised (the driver's jsonb codec sends text as is).
