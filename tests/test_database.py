@@ -98,3 +98,67 @@ async def test_the_checkpointer_has_nothing_to_do_on_postgres(db_url: str) -> No
         await asyncio.wait_for(db.checkpoints(interval_s=0.01), timeout=5)
     finally:
         await db.close()
+
+
+# -- transactions on SQLite: BEGIN sent to the driver in one hop -----------------------------------------------
+
+
+async def test_a_sqlite_write_transaction_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        await _write_rows(db, 1)
+        async with db.write() as conn:
+            # Nothing written yet, but BEGIN IMMEDIATE has taken the lock: another writer is refused at once.
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            finally:
+                other.close()
+            await conn.execute(sa.text("INSERT INTO t (v) VALUES ('in')"))
+        async with db.read() as conn:
+            assert (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar() == 2
+    finally:
+        await db.close()
+
+
+async def test_a_failed_sqlite_write_transaction_leaves_the_writer_usable(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        await _write_rows(db, 1)
+        with pytest.raises(RuntimeError):
+            async with db.write() as conn:
+                await conn.execute(sa.text("INSERT INTO t (v) VALUES ('lost')"))
+                raise RuntimeError("boom")
+        async with db.write() as conn:
+            await conn.execute(sa.text("INSERT INTO t (v) VALUES ('kept')"))
+        async with db.read() as conn:
+            values = (await conn.execute(sa.text("SELECT v FROM t ORDER BY id"))).scalars().all()
+    finally:
+        await db.close()
+    assert values == ["x" * 500, "kept"]
+
+
+async def test_a_busy_sqlite_database_is_a_storage_error_not_a_crash(tmp_path: Path) -> None:
+    from taskcenter.errors import StorageError
+
+    path = tmp_path / "b.db"
+    db = Database(f"sqlite:///{path}")
+    other = None
+    try:
+        await _write_rows(db, 1)
+        async with db.write() as conn:  # the writer's busy timeout, lowered for this test
+            await conn.exec_driver_sql("PRAGMA busy_timeout=50")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StorageError, match="locked"):
+            async with db.write() as conn:
+                await conn.execute(sa.text("INSERT INTO t (v) VALUES ('no')"))
+        other.execute("ROLLBACK")
+        async with db.write() as conn:  # and once it lets go, the writer works again
+            await conn.execute(sa.text("INSERT INTO t (v) VALUES ('yes')"))
+    finally:
+        if other is not None:
+            other.close()
+        await db.close()

@@ -15,8 +15,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util.concurrency import await_
 
 from taskcenter.errors import ConfigError, SchemaOutOfDate, StorageError
 
@@ -91,9 +92,18 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
             cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WRITER_AUTOCHECKPOINT}")
         cur.close()
 
+    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # To the driver directly: one hop to aiosqlite's thread, where a statement through SQLAlchemy takes three
+        # (cursor, execute, close). Every transaction begins here, and under load each hop waits a turn of the
+        # event loop: measured at 500 deliveries/s, 22 hops per task went down to 13 with the ``next_due`` below.
+        driver = conn.connection.driver_connection
+        try:
+            await_(driver.execute_fetchall(begin))
+        except sqlite3.Error as exc:  # as SQLAlchemy raises a statement's error (busy, disk I/O)
+            raise OperationalError(begin, None, exc) from exc
 
 
 class Database:

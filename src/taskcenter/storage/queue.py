@@ -293,7 +293,10 @@ async def next_due(db: Database) -> datetime | None:
     """When the earliest waiting task falls due (``None`` if none waits)."""
     async with db.read() as conn:
         if not db.is_postgres:
-            text: str | None = (await conn.exec_driver_sql(SQLITE_NEXT_DUE)).scalar()
+            # To the driver: one hop, no transaction (through SQLAlchemy: BEGIN, four hops for the statement and
+            # a ROLLBACK; the claim loop asks this after every claim that came back short).
+            rows = await (await sqlite_driver(conn)).execute_fetchall(SQLITE_NEXT_DUE)
+            text: str | None = rows[0][0] if rows else None
             return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
         value: datetime | None = (
             await conn.execute(sa.select(sa.func.min(tasks.c.next_attempt_at)).where(_DUE))
@@ -458,32 +461,47 @@ Recorder = Callable[[AsyncConnection, dict[str, list[str]], dict[str, float], da
 async def finish(
     db: Database, *, worker: str, now: datetime, results: Sequence[Finished], recorder: Recorder | None = None
 ) -> Written:
-    """Write a batch of attempt results in one transaction: attempts inserted, tasks moved, leases dropped.
+    """Write a batch of attempt results atomically: attempts inserted, tasks moved, leases dropped.
 
     Only results whose task this worker still holds land; the others come back as ``lost``. ``recorder`` folds
-    the landed outcomes into the host breakers inside the same transaction.
+    the landed outcomes into the host breakers: in the same transaction on SQLite, right after in one of its own
+    on PostgreSQL (where the results are one statement, sent without a transaction around it).
     """
     if not results:
         return Written([], [])
-    async with db.write() as conn:
-        if db.is_postgres:
+    if db.is_postgres:
+        # One statement, so no transaction around it: BEGIN and COMMIT would be two more round trips per batch.
+        # The breakers' bookkeeping, when there is any, follows in a transaction of its own (a crash between the
+        # two loses a batch's worth of breaker evidence, never a task's state).
+        async with db.autocommit() as conn:
             landed = [(int(i), status) for i, status in await _finish_postgres(conn, worker, now, results)]
-        else:
-            landed = await _finish_sqlite(conn, worker, now, results)
         if recorder is not None and landed:
-            ids = {i for i, _ in landed}
-            outcomes: dict[str, list[str]] = {}
-            pauses: dict[str, float] = {}
-            for r in results:
-                if r.host is not None and r.task_id in ids:
-                    outcomes.setdefault(r.host, []).append(r.outcome)
-                    if r.pause_until:
-                        pauses[r.host] = max(pauses.get(r.host, 0.0), r.pause_until)
-            await recorder(conn, outcomes, pauses, now)
+            async with db.write() as conn:
+                await recorder(conn, *_evidence(results, landed), now)
+    else:
+        async with db.write() as conn:
+            landed = await _finish_sqlite(conn, worker, now, results)
+            if recorder is not None and landed:
+                await recorder(conn, *_evidence(results, landed), now)
     ids = {i for i, _ in landed}
     order = {r.task_id: n for n, r in enumerate(results)}
     landed.sort(key=lambda pair: order[pair[0]])
     return Written(landed, [r.task_id for r in results if r.task_id not in ids])
+
+
+def _evidence(
+    results: Sequence[Finished], landed: Sequence[tuple[int, str]]
+) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """The landed results' outcomes and pauses per host, for the breakers."""
+    ids = {i for i, _ in landed}
+    outcomes: dict[str, list[str]] = {}
+    pauses: dict[str, float] = {}
+    for r in results:
+        if r.host is not None and r.task_id in ids:
+            outcomes.setdefault(r.host, []).append(r.outcome)
+            if r.pause_until:
+                pauses[r.host] = max(pauses.get(r.host, 0.0), r.pause_until)
+    return outcomes, pauses
 
 
 # Deferred or released unsent: back to where it came from, due again at its time, no attempt charged; marked for
