@@ -287,13 +287,9 @@ class TaskService:
         await done
 
     async def _flush_groups(self) -> None:
-        limit = min(GROUP_COMMIT_MAX, task_sql.rows_per_statement(self.db.dialect))
         try:
             while self._pending:
-                group = [p for p in self._pending[:limit] if not p.done.done()]
-                del self._pending[:limit]
-                if group:
-                    await self._store_group(group)
+                await self._store_group(None)
         finally:
             # Never leave a caller waiting (e.g. the flusher cancelled at shutdown).
             left = self._pending if asyncio.current_task() is self._flusher else []
@@ -302,18 +298,42 @@ class TaskService:
                     pending.done.set_exception(StorageError("the create was not stored: shutting down"))
             left.clear()
 
-    async def _store_group(self, group: list[_PendingCreate]) -> None:
-        """One statement for ``group``; each future gets its row's outcome. Never raises."""
+    def _take_group(self) -> list[_PendingCreate]:
+        """The next group: the creates waiting now (those whose caller is still there), at most one statement's
+        worth."""
+        limit = min(GROUP_COMMIT_MAX, task_sql.rows_per_statement(self.db.dialect))
+        group = [p for p in self._pending[:limit] if not p.done.done()]
+        del self._pending[:limit]
+        return group
+
+    async def _store_group(self, group: list[_PendingCreate] | None) -> None:
+        """One statement for ``group`` (``None``: the creates waiting once the connection is ours); each future
+        gets its row's outcome. Never raises.
+
+        The group is taken only once the write connection is ours: on SQLite that connection is the one writer,
+        which the dispatcher's claims and finishes hold in turn, and the creates that arrive while the flusher
+        waits for it go in with this group instead of waiting for the next one (measured at 500 creates/s with
+        the dispatcher in the process: the flusher waited 3-4 ms on average, as long as a group took to write).
+        """
         outcomes: dict[int, BaseException | None] = {}
-        self.group_commits += 1
+        if group is not None:
+            self.group_commits += 1
         try:
             # One INSERT statement per group (groups never outgrow one, see storage.tasks.rows_per_statement):
             # atomic by itself, so no BEGIN/COMMIT around it. The lookups of duplicates that follow read
             # committed data, as they did inside a transaction (each statement its own snapshot), and a
             # PostgreSQL NOTIFY goes out when the statement commits.
             async with self.db.autocommit() as conn:
+                if group is None:
+                    group = self._take_group()
+                    if not group:
+                        return
+                    self.group_commits += 1
                 outcomes = await self._insert_group(conn, [p.row for p in group])
         except TaskCenterError as exc:
+            if group is None:  # the connection failed before a group was taken: this group meets the error
+                group = self._take_group()
+                self.group_commits += 1
             if len(group) > 1:
                 # Something in the group broke the statement: retry each row alone so that the error
                 # reaches only the caller whose row caused it.
@@ -323,11 +343,13 @@ class TaskService:
                 return
             outcomes = {0: exc}
         except asyncio.CancelledError:
-            for pending in group:
+            for pending in group or ():
                 if not pending.done.done():
                     pending.done.set_exception(StorageError("the create was not stored: shutting down"))
             raise
         except Exception as exc:  # a bug: report it to every caller rather than leave them waiting
+            if group is None:
+                group = self._take_group()
             outcomes = dict.fromkeys(range(len(group)), exc)
         if any(outcomes.get(n) is None and self.needs_wakeup(p.row) for n, p in enumerate(group)):
             self.notifier.wake()
