@@ -24,6 +24,7 @@ from taskcenter.storage.schema import attempts as attempts_table
 from taskcenter.storage.schema import businesses as businesses_table
 from taskcenter.storage.schema import host_policies, host_state
 from taskcenter.storage.schema import tasks as tasks_table
+from taskcenter.storage.traffic import hold_due, release_held
 from tests.conftest import make_settings
 from tests.receiver import Receiver, Reply
 from tests.test_delivery import running
@@ -449,6 +450,69 @@ async def test_probe_failure_keeps_the_circuit_open_for_another_cooldown(
     assert times[1] - times[0] < 0.5
     assert times[2] - times[1] >= 0.9 and times[3] - times[2] >= 0.9, "one probe per cool-down"
     assert row is not None and row["breaker"] == "open"
+
+
+async def test_an_open_circuit_moves_the_hosts_other_due_tasks_past_the_cooldown_at_once(
+    db_url: str, receiver: Receiver
+) -> None:
+    """Once a circuit is open, the first claim that meets the host's tasks moves all the others past the
+    cool-down in one statement, instead of each being claimed and put back when the claim reaches it."""
+    rt = Runtime(make_settings(db_url, claim_batch=10))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=FAST)
+        host = host_of(receiver)
+        await set_host_policy(rt, host, breaker_failures=2, breaker_cooldown=60)
+        receiver.set_default(Reply(status=503), "/down")
+        await make_tasks(rt, biz, receiver.url("/down"), 2, "f")
+        async with running(rt, concurrency=10) as dispatcher:
+            await receiver.wait_for(2, "/down", timeout=10)
+
+            async def circuit_open() -> bool:
+                row = await host_row(rt, host)
+                return row is not None and row["breaker"] == "open"
+
+            await wait_until(circuit_open, 5, "the circuit to open")
+            backlog = await make_tasks(rt, biz, receiver.url("/down"), 300, "b")
+
+            async def all_held() -> bool:
+                cutoff = utcnow() + timedelta(seconds=50)
+                return all(r["next_attempt_at"] > cutoff for r in await task_rows(rt, backlog))
+
+            await wait_until(all_held, 10, "the backlog to be held past the cool-down")
+            assert dispatcher.traffic is not None
+            claimed_and_held = dispatcher.traffic.deferred["circuit_open"]
+    finally:
+        await rt.close()
+    assert len(receiver.requests_for("/down")) == 2
+    rows = await task_rows(rt, backlog)
+    assert {(r["status"], r["attempts"], r["held_by"], r["lease_owner"]) for r in rows} == {
+        ("pending", 0, host, None)
+    }
+    assert claimed_and_held <= 20, "one claim's worth (or two) held one by one, not all 300"
+
+
+async def test_hold_due_moves_only_the_hosts_tasks_due_now_and_release_brings_them_back(
+    runtime: Runtime, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    due = await make_tasks(runtime, biz, receiver.url("/x"), 5, "d")
+    later = await make_tasks(runtime, biz, receiver.url("/x"), 2, "l", delay=600)
+    other = await make_tasks(runtime, biz, other_receiver.url("/x"), 3, "o")
+    now = utcnow()
+    until = now + timedelta(seconds=30)
+    async with runtime.db.write() as conn:
+        assert await hold_due(conn, host=host, until=until, now=now, limit=3) == 3
+        assert await hold_due(conn, host=host, until=until, now=now) == 2
+    rows = {r["uuid"]: r for r in await task_rows(runtime, due + later + other)}
+    assert {(rows[i]["held_by"], rows[i]["next_attempt_at"]) for i in due} == {(host, until)}
+    assert all(rows[i]["held_by"] is None and rows[i]["next_attempt_at"] > until for i in later)
+    assert all(rows[i]["held_by"] is None and rows[i]["next_attempt_at"] <= now for i in other)
+    async with runtime.db.write() as conn:
+        assert await release_held(conn, host=host, due=now) == 5
+    rows = {r["uuid"]: r for r in await task_rows(runtime, due)}
+    assert {rows[i]["next_attempt_at"] for i in due} == {now}
 
 
 # -- Retry-After --------------------------------------------------------------------------------------------
