@@ -23,7 +23,7 @@ from taskcenter.service import Business, TaskService
 from taskcenter.storage import queue
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
-from taskcenter.storage.schema import attempts, tasks
+from taskcenter.storage.schema import NEXT_DUE_SQL, attempts, tasks
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE_S = 60.0
@@ -311,6 +311,68 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: 
     assert len(reads) == (len(businesses) + 1 if businesses else 1), plan
     assert all(f"USING INDEX {expected} " in f"{step} " for step in reads), plan
     assert next_due == ["SEARCH tasks USING INDEX ix_tasks_due_time"], next_due
+
+
+_DUE_COPIES = """INSERT INTO tasks (uuid, business_pk, business_id, type, status, method, url, host, headers, body,
+    content_type, retry, attempts, max_attempts, timeout, priority, follow_redirects, next_attempt_at, created_at,
+    updated_at)
+SELECT md5('due-' || g)::uuid, business_pk, 'due-' || g, type, 'pending', method, url, host, headers, body,
+    content_type, retry, 0, max_attempts, timeout, priority, follow_redirects,
+    next_attempt_at - g * interval '1 millisecond', created_at, updated_at
+FROM tasks, generate_series(1, 3000) AS g WHERE id = $1"""
+
+
+def _scans(plan: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """Every scan of ``tasks`` in an EXPLAIN (ANALYZE, FORMAT JSON) plan: (node, index, rows it returned)."""
+    found = []
+    if plan.get("Relation Name") == "tasks" and "Scan" in plan["Node Type"]:
+        found.append(
+            (plan["Node Type"], plan.get("Index Name", ""), plan["Actual Rows"] * plan["Actual Loops"])
+        )
+    for child in plan.get("Plans", ()):
+        found.extend(_scans(child))
+    return found
+
+
+@pytest.mark.parametrize("businesses", [(), "acme"])
+async def test_the_postgres_claim_reads_one_batch_even_with_statistics_from_before_the_backlog(
+    db: Database, business: Business, backend: str, businesses: Any
+) -> None:
+    # ANALYZE ran when no task was due; then 3,000 fell due. With ix_tasks_due_time usable by the claim, the
+    # planner (expecting one due row) read every due task through it and sorted them to take a batch of 100.
+    if backend != "postgres":
+        pytest.skip("PostgreSQL's planner")
+    for _ in range(50):
+        template = await insert(db, business.pk, status="succeeded")
+    async with db.write() as conn:
+        await conn.exec_driver_sql("ANALYZE tasks")
+    async with db.write() as conn:
+        await conn.exec_driver_sql(_DUE_COPIES, (template,))
+    keys = (business.pk,) if businesses else ()
+    sql, names, fixed = queue._claim_sql(db.write_engine.dialect, keys)
+    values = {**fixed, "b_now": T0, "b_limit": 100, "b_worker": "w", "b_until": T0 + timedelta(seconds=60)}
+    async with db.write() as conn:
+        raw = (
+            await conn.exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, tuple(values[n] for n in names)
+            )
+        ).scalar()
+        next_due = (
+            await conn.execute(
+                sa.text("EXPLAIN (FORMAT JSON) SELECT min(next_attempt_at) FROM tasks WHERE " + NEXT_DUE_SQL)
+            )
+        ).scalar()
+    import json
+
+    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    scans = _scans(plan)
+    assert scans, plan
+    assert plan["Actual Rows"] == 100
+    due_reads = [s for s in scans if s[1] != "pk_tasks"]
+    assert all(rows <= 100 for _, _, rows in due_reads), due_reads  # a batch, not the backlog (3,000)
+    assert "ix_tasks_due_time" not in {index for _, index, _ in scans}
+    next_plan = json.dumps(json.loads(next_due) if isinstance(next_due, str) else next_due)
+    assert "ix_tasks_due_time" in next_plan
 
 
 async def test_finish_stores_times_and_json_as_sqlalchemy_reads_them(

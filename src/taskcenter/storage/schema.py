@@ -46,6 +46,12 @@ BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LIVE_SQL = "status IN ('pending', 'processing', 'retrying')"
 DUE_SQL = "status IN ('pending', 'retrying')"
 HELD_SQL = "held_by IS NOT NULL AND status IN ('pending', 'retrying')"
+#: The next-due look-up's index predicate: the due tasks, and a term that always holds (``priority`` is NOT NULL)
+#: but that no claim states. A partial index serves only queries whose WHERE implies its predicate, so this keeps
+#: PostgreSQL's planner from reading a claim through ``ix_tasks_due_time``: with statistics from before a backlog
+#: arrived (ANALYZE saw no due tasks) it did, and then sorted every due task to take a batch — a claim of 100 read
+#: all 20,000 due tasks (50 ms) instead of 100 in ``ix_tasks_due_business`` (1 ms).
+NEXT_DUE_SQL = f"{DUE_SQL} AND priority IS NOT NULL"
 
 
 def _partial(where: str) -> dict[str, Any]:
@@ -134,7 +140,7 @@ tasks = sa.Table(
     # The claim walks this: due tasks, highest priority first, then oldest due.
     sa.Index("ix_tasks_due", sa.text("priority DESC"), "next_attempt_at", **_partial(DUE_SQL)),
     # The dispatcher's "when is the next task due" look-up.
-    sa.Index("ix_tasks_due_time", "next_attempt_at", **_partial(DUE_SQL)),
+    sa.Index("ix_tasks_due_time", "next_attempt_at", **_partial(NEXT_DUE_SQL)),
     sa.Index("ix_tasks_lease", "lease_expires_at", **_partial("lease_owner IS NOT NULL")),
     sa.Index("uq_tasks_live_business_id", "business_pk", "business_id", unique=True, **_partial(LIVE_SQL)),
     sa.Index("ix_tasks_business_key", "business_pk", "business_id"),
