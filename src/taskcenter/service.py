@@ -105,6 +105,8 @@ class _PendingCreate:
 
 #: At most this many single creates share one transaction (a batch's own limit).
 GROUP_COMMIT_MAX = 1000
+#: Groups of single creates written at once on PostgreSQL (SQLite has one writer: one).
+GROUPS_IN_FLIGHT_POSTGRES = 2
 
 
 @dataclass(slots=True)
@@ -131,7 +133,9 @@ class TaskService:
     _businesses: dict[str, Business] = field(default_factory=dict, init=False)
     _active: dict[int, _ActiveCount] = field(default_factory=dict, init=False)
     _pending: list[_PendingCreate] = field(default_factory=list, init=False)
-    _flusher: asyncio.Task[None] | None = field(default=None, init=False)
+    _flushers: dict[asyncio.Task[None], list[bool]] = field(default_factory=dict, init=False)
+    """The running flushers, each with its mark: ``[True]`` while on its way to take a group (waiting for a
+    connection), when a new create joins that group rather than starting another flusher."""
     group_commits: int = field(default=0, init=False)
     """How many transactions single creates were written in, failed ones included (fewer than creates under
     load)."""
@@ -280,33 +284,55 @@ class TaskService:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append(_PendingCreate(row, done))
-        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
-            self._flusher = loop.create_task(self._flush_groups(), name="tc-group-commit")
+        flushers = self._flushers
+        if any(f.done() or f.get_loop() is not loop for f in flushers):
+            flushers = self._flushers = {
+                f: m for f, m in flushers.items() if not f.done() and f.get_loop() is loop
+            }
+        if len(flushers) < self._groups_in_flight() and not any(m[0] for m in flushers.values()):
+            # Every flusher is writing a group already (or none runs): one more starts.
+            mark = [True]
+            flushers[loop.create_task(self._flush_groups(mark), name="tc-group-commit")] = mark
         # A caller cancelled before its group is taken is simply not stored (the flusher skips it); once taken,
         # its row is written with the group, as a create cancelled after its COMMIT would be.
         await done
 
-    async def _flush_groups(self) -> None:
+    def _groups_in_flight(self) -> int:
+        """How many groups may be written at once: one on SQLite (one writer), two on PostgreSQL, where a group
+        written while the previous one is on its way halves the wait of the creates behind it."""
+        return GROUPS_IN_FLIGHT_POSTGRES if self.db.is_postgres else 1
+
+    async def _flush_groups(self, taking: list[bool]) -> None:
+        """Write groups while creates wait; ``taking`` is its mark in ``_flushers``."""
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                await self._store_group(None)
+                taking[0] = True
+                await self._store_group(None, taking)
         finally:
-            # Never leave a caller waiting (e.g. the flusher cancelled at shutdown).
-            left = self._pending if asyncio.current_task() is self._flusher else []
-            for pending in left:
-                if not pending.done.done():
-                    pending.done.set_exception(StorageError("the create was not stored: shutting down"))
-            left.clear()
+            taking[0] = False
+            self._flushers.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            # Never leave a caller waiting (e.g. the flusher cancelled at shutdown) when no other flusher will
+            # take them.
+            if self._pending and not any(not f.done() and f.get_loop() is loop for f in self._flushers):
+                for pending in self._pending:
+                    if not pending.done.done():
+                        pending.done.set_exception(StorageError("the create was not stored: shutting down"))
+                self._pending.clear()
 
-    def _take_group(self) -> list[_PendingCreate]:
+    def _take_group(self, taking: list[bool] | None) -> list[_PendingCreate]:
         """The next group: the creates waiting now (those whose caller is still there), at most one statement's
-        worth."""
+        worth. ``taking``: the flusher's mark, cleared now that it has its group."""
+        if taking is not None:
+            taking[0] = False
         limit = min(GROUP_COMMIT_MAX, task_sql.rows_per_statement(self.db.dialect))
         group = [p for p in self._pending[:limit] if not p.done.done()]
         del self._pending[:limit]
         return group
 
-    async def _store_group(self, group: list[_PendingCreate] | None) -> None:
+    async def _store_group(
+        self, group: list[_PendingCreate] | None, taking: list[bool] | None = None
+    ) -> None:
         """One statement for ``group`` (``None``: the creates waiting once the connection is ours); each future
         gets its row's outcome. Never raises.
 
@@ -325,14 +351,14 @@ class TaskService:
             # PostgreSQL NOTIFY goes out when the statement commits.
             async with self.db.autocommit() as conn:
                 if group is None:
-                    group = self._take_group()
+                    group = self._take_group(taking)
                     if not group:
                         return
                     self.group_commits += 1
                 outcomes = await self._insert_group(conn, [p.row for p in group])
         except TaskCenterError as exc:
             if group is None:  # the connection failed before a group was taken: this group meets the error
-                group = self._take_group()
+                group = self._take_group(taking)
                 self.group_commits += 1
             if len(group) > 1:
                 # Something in the group broke the statement: retry each row alone so that the error
@@ -349,7 +375,7 @@ class TaskService:
             raise
         except Exception as exc:  # a bug: report it to every caller rather than leave them waiting
             if group is None:
-                group = self._take_group()
+                group = self._take_group(taking)
             outcomes = dict.fromkeys(range(len(group)), exc)
         if any(outcomes.get(n) is None and self.needs_wakeup(p.row) for n, p in enumerate(group)):
             self.notifier.wake()
