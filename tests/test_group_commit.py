@@ -338,3 +338,37 @@ async def test_a_public_batch_stores_all_at_once_or_reports_each_duplicate(
     stored = await _stored(runtime)
     assert sorted(b for b, _ in stored.values()) == ["p-1", "p-2", "p-3"]
     assert {r["task"]["id"] for r in first + mixed if r["status"] == 201} == set(stored)
+
+
+async def test_groups_in_flight_one_on_sqlite_two_on_postgresql_and_creates_join_a_waiting_group(
+    runtime: Runtime, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second group starts only while the first is being written, and never on SQLite (one writer); creates
+    that arrive while a flusher waits for its connection go in with that flusher's group."""
+    service = runtime.service
+    shop = await service.ensure_business("shop")
+    await service.create_task(shop, task_body("warm"))
+    writing = most = 0
+    sizes: list[int] = []
+    insert_group = service._insert_group
+
+    async def slow_insert(conn: Any, rows: list[dict[str, Any]]) -> dict[int, BaseException | None]:
+        nonlocal writing, most
+        writing += 1
+        most = max(most, writing)
+        sizes.append(len(rows))
+        try:
+            await asyncio.sleep(0.05)
+            return await insert_group(conn, rows)
+        finally:
+            writing -= 1
+
+    monkeypatch.setattr(service, "_insert_group", slow_insert)
+    first = asyncio.ensure_future(service.create_task(shop, task_body("first")))
+    await asyncio.sleep(0.01)  # the first group is being written
+    rest = [asyncio.ensure_future(service.create_task(shop, task_body(f"r-{n}"))) for n in range(6)]
+    created = await asyncio.gather(first, *rest)
+    assert len({t.id for t in created}) == 7
+    assert most == (2 if backend == "postgres" else 1)
+    assert sizes == [1, 6]  # the six created together went in one group, whichever flusher took them
+    assert not service._flushers
