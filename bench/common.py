@@ -540,6 +540,18 @@ class Child:
             self.kill()
             await self.proc.wait()
 
+    async def stop_worker(self, timeout: float = 20.0) -> dict[str, Any]:
+        """A worker's end: SIGTERM, its ``stopped`` report (``{}``, with a warning, if none came), then :meth:`stop`."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            stopped = await self.event("stopped", timeout=60)
+        except BenchError as exc:  # the figures stand; only the worker's own counters are missing
+            print(f"   warning: {exc}", flush=True)
+            stopped = {}
+        await self.stop(timeout)
+        return stopped
+
     def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -784,13 +796,7 @@ async def deliver_backlog(
     receiver_cpu = cpu_seconds(receiver.child.pid) - rec0
     pg_cpu = postgres_cpu_since(pg0, pg_name) if pg_name else 0.0
     load1 = os.getloadavg()[0]
-    worker.proc.send_signal(signal.SIGTERM)
-    try:
-        stopped = await worker.event("stopped", timeout=60)
-    except BenchError as exc:  # the figures stand; only the worker's own counters are missing
-        print(f"   warning: {exc}", flush=True)
-        stopped = {}
-    await worker.stop()
+    stopped = await worker.stop_worker()
     for spy in spies:  # py-spy writes its files when the worker exits
         await asyncio.wait_for(spy.proc.wait(), 60)
     ok_ids = Counter(a[0] for a in await receiver.arrivals() if a[3] == 200)

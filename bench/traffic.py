@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import statistics
 import sys
 import time
@@ -233,13 +232,7 @@ async def healthy_rate(
     worker_cpu = cpu_seconds(worker.pid) - cpu0
     pg_cpu = postgres_cpu_since(pg0, pg_name) if pg_name else 0.0
     s_stats = await s.stats()
-    worker.proc.send_signal(signal.SIGTERM)
-    try:
-        stopped = await worker.event("stopped", timeout=60)
-    except BenchError as exc:  # the rate stands; only the worker's own counters are missing
-        print(f"   warning: {exc}", flush=True)
-        stopped = {}
-    await worker.stop(timeout=30)
+    stopped = await worker.stop_worker(timeout=30)
     writes: dict[str, int] = {}
     if pg_name:
         await asyncio.sleep(0.5)  # the exited backends' statistics reach the views
