@@ -459,7 +459,8 @@ class TrafficControl:
         self, engine: AsyncEngine, rows: Sequence[Mapping[Any, Any]], verdicts: Mapping[int, Any], now: float
     ) -> None:
         """Move the other due tasks of hosts held as a whole for a while (an open circuit, a pause) past the hold
-        in one statement per host, after this transaction.
+        in one statement per host, in a transaction of its own started now: on SQLite it waits for the one writer,
+        so it follows this claim; on PostgreSQL it may run beside it and skips the rows the claim holds.
 
         Otherwise each of them is claimed and put back on its own when the claim meets it: a sick host's backlog
         cost PostgreSQL two writes of every index of ``tasks`` per task and the worker a claimed row each, taken
