@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -255,6 +256,38 @@ async def test_finish_records_the_attempt_and_moves_the_task(db: Database, busin
     assert (attempt["number"], attempt["outcome"], attempt["worker"]) == (1, "success", "w1")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [None, 'text with "quotes", \\ and ünïcode', 7, 2.5, True, [1, "x", None], {"nested": {"a": [1, 2]}}],
+)
+async def test_finish_stores_every_json_value_as_sqlalchemy_reads_it(
+    db: Database, business: Business, value: Any
+) -> None:
+    # SQLite writes a batch's results as one JSON document that its statements take apart (json_each): each
+    # value, whatever its JSON type, must read back as it was given (a processor's result can be any of them).
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    done = replace(
+        result(task_id),
+        result=value,
+        error='boom \u2013 "quoted"',
+        request={"method": "POST", "url": "https://api.example.com/hook", "body": value},
+        response={"status_code": 200, "headers": {"X-Ünï": "v"}, "body": "ok\n\t"},
+    )
+    await queue.finish(db, worker="w1", now=T0, results=[done])
+    row = await row_of(db, task_id)
+    assert row["result"] == value
+    assert row["last_error"] == done.error
+    assert row["last_response"] == {**done.response, "duration_ms": 12}
+    [attempt] = await attempts_of(db, task_id)
+    assert (attempt["request"], attempt["response"], attempt["error"]) == (
+        done.request,
+        done.response,
+        done.error,
+    )
+    assert attempt["started_at"] == T0
+
+
 async def test_a_claimed_row_holds_what_sqlalchemys_column_types_read(
     db: Database, business: Business
 ) -> None:
@@ -292,20 +325,29 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: 
     database = Database(url)
     asyncio.run(database.migrate())
     asyncio.run(database.close())
-    sql, names, fixed = queue._claim_sql(aiosqlite.dialect(), businesses)
-    values = {
-        **fixed,
-        "b_now": "2030-01-01 00:00:00.000000",
-        "b_limit": 100,
-        "b_worker": "w",
-        "b_until": None,
-    }
+    sql, names, fixed = queue._sqlite_due_sql(aiosqlite.dialect(), businesses)
+    values = {**fixed, "b_now": "2030-01-01 00:00:00.000000", "b_limit": 100}
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [values[n] for n in names])]
         next_due = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queue.SQLITE_NEXT_DUE)]
+        # The lease, the read-back and the finish find their tasks by primary key, whatever the table holds (the
+        # finish once walked ix_tasks_status through every task in 'processing', once per result).
+        by_id = [
+            [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params)]
+            for statement, params in (
+                (queue._SQLITE_LEASE, ("[1]", "w", None, None)),
+                (queue._SQLITE_CLAIMED_ROWS, ("[1]",)),
+                (queue._SQLITE_HELD, ("[[1]]", "w")),
+                (queue._SQLITE_ATTEMPTS, ("[[1]]", "w")),
+                (queue._SQLITE_FINISH, ("[[1]]", "w", None)),
+            )
+        ]
     finally:
         conn.close()
+    for steps in by_id:
+        assert any("tasks USING INTEGER PRIMARY KEY (rowid=?)" in step for step in steps), steps
+        assert not any(step.startswith("SCAN tasks") or " INDEX ix_" in step for step in steps), steps
     reads = [step for step in plan if "INDEX" in step and "PRIMARY KEY" not in step]
     expected = "ix_tasks_due_business" if businesses else "ix_tasks_due"
     assert len(reads) == (len(businesses) + 1 if businesses else 1), plan

@@ -223,17 +223,6 @@ class Dispatcher:
         # time spent claiming is not counted as time the bucket was refilling.
         return await self.traffic.admit(conn, rows, self.clock())
 
-    async def _record_traffic(
-        self, conn: Any, outcomes: dict[str, list[str]], pauses: dict[str, float], now: datetime
-    ) -> None:
-        if self.traffic is None:
-            return
-        self.traffic.answered(outcomes)
-        if not self.traffic.needs_record(outcomes, pauses):
-            return
-        for host, state in (await self.traffic.record(conn, outcomes, pauses, now)).items():
-            log.warning("circuit of %s is now %s", host, state)
-
     async def _until_next_due(self) -> float:
         try:
             due = await queue.next_due(self.db)
@@ -485,8 +474,11 @@ class Dispatcher:
         """
         for pause in (0.2, 1.0, 3.0):
             try:
-                return await queue.finish(
-                    self.db, worker=self.name, now=self.clock(), results=batch, recorder=self._record_traffic
+                return self._written(
+                    batch,
+                    await queue.finish(
+                        self.db, worker=self.name, now=self.clock(), results=batch, breakers=self.traffic
+                    ),
                 )
             except StorageError as exc:
                 log.warning("writing %d results failed, retrying: %s", len(batch), exc)
@@ -495,12 +487,11 @@ class Dispatcher:
         lost: list[int] = []
         for result in batch:
             try:
-                one = await queue.finish(
-                    self.db,
-                    worker=self.name,
-                    now=self.clock(),
-                    results=[result],
-                    recorder=self._record_traffic,
+                one = self._written(
+                    [result],
+                    await queue.finish(
+                        self.db, worker=self.name, now=self.clock(), results=[result], breakers=self.traffic
+                    ),
                 )
             except StorageError as exc:
                 log.error("giving up on the result of task %s: %s", result.task_id, exc)
@@ -509,6 +500,14 @@ class Dispatcher:
             landed += one.landed
             lost += one.lost
         return queue.Written(landed, lost)
+
+    def _written(self, batch: list[queue.Finished], written: queue.Written) -> queue.Written:
+        """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes."""
+        if self.traffic is not None and written.landed:
+            self.traffic.answered(queue.evidence(batch, written.landed)[0])
+        for host, state in written.circuits.items():
+            log.warning("circuit of %s is now %s", host, state)
+        return written
 
     async def _notify(self, events: list[_Pending], landed: dict[int, str]) -> None:
         finished = []

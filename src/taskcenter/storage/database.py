@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -21,6 +21,7 @@ from sqlalchemy.util.concurrency import await_
 
 from taskcenter.errors import ConfigError, SchemaOutOfDate, StorageError
 
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger("taskcenter.storage")
 
@@ -38,6 +39,17 @@ def json_text(value: Any) -> str:
     """A JSON column's value as the engines serialise it (``None`` is JSON ``null``, as SQLAlchemy stores it)."""
     # NON_STR_KEYS: header names arrive as str subclasses (multidict's istr), which orjson refuses otherwise.
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def json_value(stored: str | bytes | float) -> Any:
+    """A JSON column's stored value, parsed: what the engines give SQLAlchemy back.
+
+    SQLite stores a JSON column with NUMERIC affinity, so a document that is a bare number (a processor's result
+    of ``7``) comes back as that number, not as the text ``"7"`` (orjson refuses a number).
+    """
+    if isinstance(stored, int | float):
+        return stored
+    return orjson.loads(stored)
 
 
 def sqlite_time(value: datetime | None) -> str | None:
@@ -64,6 +76,35 @@ async def sqlite_driver(conn: AsyncConnection) -> Any:
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
     return driver
+
+
+async def sqlite_batch(
+    conn: AsyncConnection, work: Callable[[sqlite3.Connection], T], *, begin: bool = False
+) -> T:
+    """Run ``work(connection)`` on the thread of the aiosqlite connection under ``conn``: several statements in one
+    hop (with ``begin``, the write transaction's BEGIN IMMEDIATE too; ``work`` failing then rolls it back).
+
+    For the dispatcher's batches. Each hop to aiosqlite's thread waits a turn of a busy event loop, and each step
+    of a statement (each row of an ``executemany`` or a ``RETURNING``) hands the GIL to that thread and back; a
+    batch written as a few set-based statements over JSON (``json_each``) crosses once per statement instead.
+    ``work`` runs on that thread: it must only use the connection it is given and its arguments.
+    """
+    driver = await sqlite_driver(conn)
+    # aiosqlite's own way to run a callable on its thread (what its execute and commit use).
+    done: T = await (
+        driver._execute(_begun, work, driver._conn) if begin else driver._execute(work, driver._conn)
+    )
+    return done
+
+
+def _begun(work: Callable[[sqlite3.Connection], T], connection: sqlite3.Connection) -> T:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        return work(connection)
+    except BaseException:
+        if connection.in_transaction:
+            connection.rollback()
+        raise
 
 
 def async_url(url: str) -> sa.URL:
@@ -119,7 +160,7 @@ class Database:
         self.url = url
         target = async_url(url)
         self.dialect: str = target.get_backend_name()
-        common: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": orjson.loads}
+        common: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json_value}
         if self.dialect == "sqlite":
             database = target.database or ""
             if database in ("", ":memory:"):
@@ -149,11 +190,16 @@ class Database:
         return self.dialect == "postgresql"
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction; committed on success, rolled back on error."""
+    async def write(self, *, begin: bool = True) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; committed on success, rolled back on error.
+
+        With ``begin=False`` on SQLite the caller begins it, in the same hop as its first statements:
+        ``sqlite_batch(conn, work, begin=True)`` before anything else (that work may also commit it, then the
+        block's end has nothing left to do). Ignored on PostgreSQL.
+        """
         try:
             if self.dialect == "sqlite":
-                async with self._sqlite_write() as conn:
+                async with self._sqlite_write(begin=begin) as conn:
                     yield conn
             else:
                 async with self.write_engine.begin() as conn:
@@ -162,7 +208,7 @@ class Database:
             raise StorageError(f"database error: {_short(exc)}") from exc
 
     @contextlib.asynccontextmanager
-    async def _sqlite_write(self) -> AsyncIterator[AsyncConnection]:
+    async def _sqlite_write(self, *, begin: bool = True) -> AsyncIterator[AsyncConnection]:
         """SQLite's write transaction, begun and ended on the driver: BEGIN IMMEDIATE and COMMIT are one hop each.
 
         SQLAlchemy's own transaction (its begin, commit and their bookkeeping and events) costs CPU that the
@@ -173,7 +219,8 @@ class Database:
         """
         async with self.write_engine.connect() as conn:
             driver = await sqlite_driver(conn)
-            await driver.execute_fetchall("BEGIN IMMEDIATE")
+            if begin:
+                await driver.execute_fetchall("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -184,7 +231,7 @@ class Database:
                 raise
             if conn.in_transaction():
                 await conn.commit()
-            else:
+            elif driver.in_transaction:
                 await driver.commit()
 
     @contextlib.asynccontextmanager

@@ -7,18 +7,19 @@ that another worker now holds (compare-and-set; the loser's row count is simply 
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskcenter.storage.database import Database, json_text, sqlite_driver, sqlite_time
+from taskcenter.storage.database import Database, json_text, sqlite_batch, sqlite_driver, sqlite_time
 from taskcenter.storage.schema import DUE_SQL, NEXT_DUE_SQL, attempts, tasks
 
 # Literal predicates (not bound parameters) so PostgreSQL's generic plans can still use the partial indexes.
@@ -81,14 +82,16 @@ class Written:
 
     landed: list[tuple[int, str]]
     lost: list[int]
+    circuits: dict[str, str] = field(default_factory=dict)
+    """Hosts whose circuit changed state with this batch's outcomes, and the new state."""
 
 
 _NOW = sa.bindparam("b_now", type_=tasks.c.next_attempt_at.type)
 _LIMIT = sa.bindparam("b_limit", type_=sa.Integer)
 
 
-def _due_ids(businesses: Sequence[int]) -> Any:
-    """The ids to claim: with known businesses, round-robin across them (fairness), else one global order.
+def _due_ids(businesses: Sequence[int]) -> sa.Select[Any]:
+    """The ids to claim (a SELECT of one column, ``id``): with known businesses, round-robin across them (fairness), else one global order.
 
     The time and the batch size are bound parameters (``b_now``, ``b_limit``), so the statement is built once
     per list of businesses (see :func:`_claim_statement`), not once per claim.
@@ -106,7 +109,6 @@ def _due_ids(businesses: Sequence[int]) -> Any:
             .order_by(*order)
             .limit(_LIMIT)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
     cols = (tasks.c.id, tasks.c.business_pk, tasks.c.priority, tasks.c.next_attempt_at)
     branches = [
@@ -139,7 +141,6 @@ def _due_ids(businesses: Sequence[int]) -> Any:
         sa.select(ranked.c.id)
         .order_by(ranked.c.rn, ranked.c.priority.desc(), ranked.c.next_attempt_at)
         .limit(_LIMIT)
-        .scalar_subquery()
     )
 
 
@@ -154,7 +155,7 @@ def _claim_statement(businesses: tuple[int, ...]) -> Any:
     """The claim for this list of businesses, built (and compiled by SQLAlchemy's cache) once, not per claim."""
     return (
         sa.update(tasks)
-        .where(tasks.c.id.in_(_due_ids(businesses)))
+        .where(tasks.c.id.in_(_due_ids(businesses).scalar_subquery()))
         .values(
             status="processing",
             lease_owner=sa.bindparam("b_worker"),
@@ -166,21 +167,38 @@ def _claim_statement(businesses: tuple[int, ...]) -> Any:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _sqlite_due_sql(
+    dialect: Dialect, businesses: tuple[int, ...]
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """SQLite: the ids to claim as one JSON array (one row, one statement step), the order of its parameters and
+    the values of those it fixes itself (the businesses)."""
+    due = _due_ids(businesses).subquery("due")
+    compiled = sa.select(sa.func.json_group_array(due.c.id)).compile(dialect=dialect)
+    sql = _sqlite_due_index(
+        str(compiled), branches=len(businesses) + 1 if businesses else 1, per_business=bool(businesses)
+    )
+    return sql, tuple(compiled.positiontup or ()), dict(compiled.params)
+
+
+# SQLite's claim after its ids are chosen: lease them, then read them back as one JSON array of rows (JSON columns
+# inline), so the batch crosses from the driver's thread as one value instead of a RETURNING step per row.
+_SQLITE_LEASE = """UPDATE tasks NOT INDEXED SET status = 'processing', lease_owner = ?2, lease_expires_at = ?3,
+    updated_at = ?4, held_by = NULL
+WHERE id IN (SELECT value FROM json_each(?1))"""
+_SQLITE_CLAIMED = "SELECT json_group_array(json_array({})) FROM tasks NOT INDEXED WHERE id IN (SELECT value FROM json_each(?1))"
+
+
 @functools.lru_cache(maxsize=32)
 def _claim_sql(dialect: Dialect, businesses: tuple[int, ...]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
-    """The claim's SQL text for the driver, the order of its parameters and the values of those it fixes itself
-    (the new status, ...), compiled once per list of businesses.
+    """PostgreSQL: the claim's SQL text for the driver, the order of its parameters and the values of those it fixes
+    itself (the new status, ...), compiled once per list of businesses (SQLite's claim: ``_sqlite_due_sql``).
 
-    The claim runs on the driver directly: through SQLAlchemy, building each of a batch's rows (and, on SQLite,
-    four hops to the driver's thread per statement instead of one) cost more CPU than the claim itself.
+    The claim runs on the driver directly: through SQLAlchemy, building each of a batch's rows cost more CPU than
+    the claim itself.
     """
     compiled = _claim_statement(businesses).compile(dialect=dialect)
-    sql = str(compiled)
-    if dialect.name == "sqlite":
-        sql = _sqlite_due_index(
-            sql, branches=len(businesses) + 1 if businesses else 1, per_business=bool(businesses)
-        )
-    return sql, tuple(compiled.positiontup or ()), dict(compiled.params)
+    return str(compiled), tuple(compiled.positiontup or ()), dict(compiled.params)
 
 
 #: Where each branch of the claim reads the due tasks, as SQLAlchemy compiles it for SQLite.
@@ -204,22 +222,39 @@ def _sqlite_due_index(sql: str, *, branches: int, per_business: bool) -> str:
 
 _CLAIM_KEYS = tuple(c.name for c in CLAIM_COLUMNS)
 _SQLITE_JSON = frozenset(i for i, c in enumerate(CLAIM_COLUMNS) if isinstance(c.type, sa.JSON))
+_SQLITE_CLAIMED_ROWS = _SQLITE_CLAIMED.format(
+    ", ".join(f"json({c.name})" if i in _SQLITE_JSON else c.name for i, c in enumerate(CLAIM_COLUMNS))
+)
 _I_UUID = _CLAIM_KEYS.index("uuid")
 _I_REDIRECTS = _CLAIM_KEYS.index("follow_redirects")
 _I_DUE = _CLAIM_KEYS.index("next_attempt_at")
 
 
-def _sqlite_row(values: Sequence[Any]) -> dict[str, Any]:
-    """A claimed row as SQLite stores it, turned into the values SQLAlchemy's column types would give."""
-    row = list(values)
-    for i in _SQLITE_JSON:
-        if row[i] is not None:
-            row[i] = orjson.loads(row[i])
-    hex_ = row[_I_UUID]  # stored as 32 hex digits; read as the canonical text form
-    row[_I_UUID] = f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
-    row[_I_REDIRECTS] = bool(row[_I_REDIRECTS])
-    row[_I_DUE] = datetime.fromisoformat(row[_I_DUE]).replace(tzinfo=UTC)
-    return dict(zip(_CLAIM_KEYS, row, strict=True))
+def _sqlite_claimed(values: list[Any]) -> dict[str, Any]:
+    """A row of ``_SQLITE_CLAIMED_ROWS`` (JSON columns parsed already), valued as SQLAlchemy's types would be."""
+    hex_ = values[_I_UUID]
+    values[_I_UUID] = f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+    values[_I_REDIRECTS] = bool(values[_I_REDIRECTS])
+    values[_I_DUE] = datetime.fromisoformat(values[_I_DUE]).replace(tzinfo=UTC)
+    return dict(zip(_CLAIM_KEYS, values, strict=True))
+
+
+def _claim_sqlite(
+    due_sql: str, due_values: list[Any], lease: tuple[str, str | None, str | None], commit: bool
+) -> Callable[[sqlite3.Connection], bytes | None]:
+    """The claim's statements, for one hop to the driver's thread: the ids, their lease, the rows as JSON."""
+
+    def work(connection: sqlite3.Connection) -> bytes | None:
+        (ids,) = connection.execute(due_sql, due_values).fetchone()
+        claimed = None
+        if ids != "[]":
+            connection.execute(_SQLITE_LEASE, (ids, *lease))
+            (claimed,) = connection.execute(_SQLITE_CLAIMED_ROWS, (ids,)).fetchone()
+        if commit or claimed is None:
+            connection.commit()
+        return claimed
+
+    return work
 
 
 def _postgres_row(values: Sequence[Any]) -> dict[str, Any]:
@@ -239,30 +274,30 @@ async def claim(
     businesses: Sequence[int] = (),
     admission: Admission | None = None,
 ) -> list[Mapping[Any, Any]]:
-    """Claim up to ``limit`` due tasks in one statement, then let ``admission`` hold some back, in one transaction.
+    """Claim up to ``limit`` due tasks, then let ``admission`` hold some back, in one transaction.
 
-    PostgreSQL skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``); SQLite has one writer.
+    PostgreSQL claims in one statement and skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``).
+    SQLite has one writer: its claim chooses the ids, leases them and reads them back, in one hop to its thread.
     Held-back tasks are put straight back with a later due time: no attempt charged, no slot occupied.
     Each row is a dict of the ``CLAIM_COLUMNS``, valued as SQLAlchemy's column types read them.
     """
-    async with db.write() as conn:
-        sql, names, fixed = _claim_sql(conn.dialect, tuple(sorted(businesses)))
-        params = {
-            **fixed,
-            "b_now": now,
-            "b_limit": limit,
-            "b_worker": worker,
-            "b_until": now + timedelta(seconds=lease_s),
-        }
+    until = now + timedelta(seconds=lease_s)
+    async with db.write(begin=False) as conn:
         rows: Sequence[Mapping[Any, Any]]
         if db.is_postgres:
+            sql, names, fixed = _claim_sql(conn.dialect, tuple(sorted(businesses)))
+            params = {**fixed, "b_now": now, "b_limit": limit, "b_worker": worker, "b_until": until}
             # Through the connection (not the bare driver) so that SQLAlchemy's transaction has begun on it.
             result = await conn.exec_driver_sql(sql, tuple(params[n] for n in names))
             rows = [_postgres_row(r) for r in result.all()]
         else:
-            values = [sqlite_time(v) if isinstance(v, datetime) else v for v in (params[n] for n in names)]
-            driver = await sqlite_driver(conn)
-            rows = [_sqlite_row(r) for r in await driver.execute_fetchall(sql, values)]
+            # One hop: BEGIN IMMEDIATE and the claim's three statements (and the COMMIT, unless admission follows).
+            due_sql, names, fixed = _sqlite_due_sql(conn.dialect, tuple(sorted(businesses)))
+            bound = {**fixed, "b_now": sqlite_time(now), "b_limit": limit}
+            lease = (worker, sqlite_time(until), sqlite_time(now))
+            work = _claim_sqlite(due_sql, [bound[n] for n in names], lease, commit=admission is None)
+            claimed = await sqlite_batch(conn, work, begin=True)
+            rows = [_sqlite_claimed(r) for r in orjson.loads(claimed)] if claimed is not None else []
         if admission is not None and rows:
             rows, deferred = await admission(conn, rows, now)
             if deferred:
@@ -326,27 +361,47 @@ async def extend_leases(db: Database, *, worker: str, ids: Iterable[int], until:
 # The result of an attempt, written to the driver directly (see _claim_sql for why). A task cancelled while its
 # attempt was in flight keeps status cancelled (and its finish time, due time and result); the attempt is still
 # recorded. Only the holder of the lease writes (compare-and-set on lease_owner and status).
-_SQLITE_HELD = (
-    "SELECT id, status FROM tasks WHERE id IN (SELECT value FROM json_each(?1)) AND lease_owner = ?2"
-)
-_SQLITE_ATTEMPT = (
-    "INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SQLITE_FINISH = """UPDATE tasks SET
-    status = CASE WHEN status = 'processing' THEN ?3 ELSE status END,
-    attempts = ?4,
-    outcome = ?5,
-    next_attempt_at = CASE WHEN status = 'processing' THEN coalesce(?6, next_attempt_at) ELSE next_attempt_at END,
-    last_attempt_at = ?7,
-    finished_at = CASE WHEN status = 'processing' THEN ?8 ELSE finished_at END,
-    last_response = ?9,
-    last_error = ?10,
-    result = CASE WHEN status = 'processing' THEN ?11 ELSE result END,
+#
+# SQLite: the batch travels as one JSON array of per-result arrays (``_sqlite_batch_row``) and each statement
+# reads all of it with json_each — one statement step per statement, where an executemany stepped (and handed the
+# GIL to the driver's thread and back) once per row. The JSON-valued fields travel as JSON text inside it, so
+# they are stored exactly as SQLAlchemy stores them. ``NOT INDEXED`` leaves the planner only the primary key:
+# without it, it walked ix_tasks_status through every task in 'processing' once per result (200 ms a batch).
+_SQLITE_RESULTS = """r AS (
+    SELECT json_extract(value, '$[0]') AS r_id, json_extract(value, '$[1]') AS r_attempt,
+        json_extract(value, '$[2]') AS r_status, json_extract(value, '$[3]') AS r_outcome,
+        json_extract(value, '$[4]') AS r_started, json_extract(value, '$[5]') AS r_duration,
+        json_extract(value, '$[6]') AS r_next_at, json_extract(value, '$[7]') AS r_finished,
+        json_extract(value, '$[8]') AS r_request, json_extract(value, '$[9]') AS r_response,
+        json_extract(value, '$[10]') AS r_last_response, json_extract(value, '$[11]') AS r_error,
+        json_extract(value, '$[12]') AS r_result
+    FROM json_each(?1)
+)"""
+_SQLITE_HELD = """SELECT json_group_array(json_array(id, status)) FROM tasks NOT INDEXED
+WHERE id IN (SELECT json_extract(value, '$[0]') FROM json_each(?1)) AND lease_owner = ?2
+    AND status IN ('processing', 'cancelled')"""
+_SQLITE_ATTEMPTS = f"""WITH {_SQLITE_RESULTS}
+INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)
+SELECT r_id, r_attempt, r_started, r_duration, r_request, r_response, r_outcome, r_error, ?2
+FROM r JOIN tasks NOT INDEXED ON tasks.id = r_id
+WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')"""
+_SQLITE_FINISH = f"""WITH {_SQLITE_RESULTS}
+UPDATE tasks NOT INDEXED SET
+    status = CASE WHEN status = 'processing' THEN r_status ELSE status END,
+    attempts = r_attempt,
+    outcome = r_outcome,
+    next_attempt_at = CASE WHEN status = 'processing' THEN coalesce(r_next_at, next_attempt_at)
+        ELSE next_attempt_at END,
+    last_attempt_at = r_started,
+    finished_at = CASE WHEN status = 'processing' THEN r_finished ELSE finished_at END,
+    last_response = r_last_response,
+    last_error = r_error,
+    result = CASE WHEN status = 'processing' THEN r_result ELSE result END,
     lease_owner = NULL,
     lease_expires_at = NULL,
-    updated_at = ?12
-WHERE id = ?1 AND lease_owner = ?2 AND status IN ('processing', 'cancelled')"""
+    updated_at = ?3
+FROM r
+WHERE tasks.id = r_id AND tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')"""
 
 # PostgreSQL: the whole batch in one statement of one array per field — tasks moved, attempts inserted for the
 # tasks moved, (id, status as written) returned — so one round trip and one executor start per batch, not two
@@ -409,97 +464,120 @@ async def _finish_postgres(
     return (await conn.exec_driver_sql(_PG_FINISH, params)).all()
 
 
+def _sqlite_batch_row(r: Finished) -> list[Any]:
+    """One result as a row of the batch's JSON (the order ``_SQLITE_RESULTS`` reads)."""
+    started = sqlite_time(r.started_at)
+    return [
+        r.task_id,
+        r.attempt,
+        r.status,
+        r.outcome,
+        started,
+        r.duration_ms,
+        sqlite_time(r.next_attempt_at),
+        sqlite_time(r.finished_at),
+        json_text(r.request),
+        json_text(r.response),
+        json_text(_last_response(r)),
+        r.error,
+        json_text(r.result),
+    ]
+
+
+def _write_sqlite(
+    batch: bytes, worker: str, updated_at: str | None, commit: bool
+) -> Callable[[sqlite3.Connection], list[list[Any]]]:
+    def work(connection: sqlite3.Connection) -> list[list[Any]]:
+        (held,) = connection.execute(_SQLITE_HELD, (batch, worker)).fetchone()
+        landed: list[list[Any]] = orjson.loads(held)
+        if landed:
+            connection.execute(_SQLITE_ATTEMPTS, (batch, worker))
+            connection.execute(_SQLITE_FINISH, (batch, worker, updated_at))
+        if commit:
+            connection.commit()
+        return landed
+
+    return work
+
+
 async def _finish_sqlite(
-    conn: AsyncConnection, worker: str, now: datetime, results: Sequence[Finished]
-) -> Any:
-    driver = await sqlite_driver(conn)
-    held = dict(
-        await driver.execute_fetchall(_SQLITE_HELD, (orjson.dumps([r.task_id for r in results]), worker))
-    )
-    mine = [r for r in results if r.task_id in held]
-    if mine:
-        updated_at = sqlite_time(now)
-        logged, moved = [], []
-        for r in mine:
-            started = sqlite_time(r.started_at)
-            logged.append(
-                (
-                    r.task_id,
-                    r.attempt,
-                    started,
-                    r.duration_ms,
-                    json_text(r.request),
-                    json_text(r.response),
-                    r.outcome,
-                    r.error,
-                    worker,
-                )
-            )
-            moved.append(
-                (
-                    r.task_id,
-                    worker,
-                    r.status,
-                    r.attempt,
-                    r.outcome,
-                    sqlite_time(r.next_attempt_at),
-                    started,
-                    sqlite_time(r.finished_at),
-                    json_text(_last_response(r)),
-                    r.error,
-                    json_text(r.result),
-                    updated_at,
-                )
-            )
-        await driver.executemany(_SQLITE_ATTEMPT, logged)
-        await driver.executemany(_SQLITE_FINISH, moved)
+    conn: AsyncConnection, worker: str, now: datetime, results: Sequence[Finished], *, commit: bool
+) -> list[tuple[int, str]]:
+    """Begin the transaction and write the batch in one hop to the driver's thread (committing too, if asked)."""
+    batch = orjson.dumps([_sqlite_batch_row(r) for r in results])
+    held = await sqlite_batch(conn, _write_sqlite(batch, worker, sqlite_time(now), commit), begin=True)
+    status = {r.task_id: r.status for r in results}
     # As written: a cancelled task stays cancelled, any other moves to the result's status.
-    return [(r.task_id, held[r.task_id] if held[r.task_id] == "cancelled" else r.status) for r in mine]
+    return [(i, was if was == "cancelled" else status[i]) for i, was in held]
 
 
-Recorder = Callable[[AsyncConnection, dict[str, list[str]], dict[str, float], datetime], Awaitable[Any]]
+class Breakers(Protocol):
+    """Where :func:`finish` folds the landed outcomes (``TrafficControl`` is one)."""
+
+    def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
+        """Whether these outcomes and pauses (per host) change anything :meth:`record` keeps."""
+        ...
+
+    async def record(
+        self,
+        conn: AsyncConnection,
+        outcomes: Mapping[str, Sequence[str]],
+        pauses: Mapping[str, float],
+        now: datetime,
+    ) -> dict[str, str]:
+        """Write them; returns the hosts whose circuit changed state, with the new state."""
+        ...
 
 
 async def finish(
-    db: Database, *, worker: str, now: datetime, results: Sequence[Finished], recorder: Recorder | None = None
+    db: Database, *, worker: str, now: datetime, results: Sequence[Finished], breakers: Breakers | None = None
 ) -> Written:
     """Write a batch of attempt results atomically: attempts inserted, tasks moved, leases dropped.
 
-    Only results whose task this worker still holds land; the others come back as ``lost``. ``recorder`` folds
-    the landed outcomes into the host breakers: in the same transaction on SQLite, right after in one of its own
-    on PostgreSQL (where the results are one statement, sent without a transaction around it).
+    Only results whose task this worker still holds land; the others come back as ``lost``. ``breakers`` get the
+    landed outcomes when they ask for them (``needs_record``): in the same transaction on SQLite, right after in
+    one of its own on PostgreSQL (where the results are one statement, sent without a transaction around it).
     """
     if not results:
         return Written([], [])
+    circuits: dict[str, str] = {}
     if db.is_postgres:
         # One statement, so no transaction around it: BEGIN and COMMIT would be two more round trips per batch.
         # The breakers' bookkeeping, when there is any, follows in a transaction of its own (a crash between the
         # two loses a batch's worth of breaker evidence, never a task's state).
         async with db.autocommit() as conn:
             landed = [(int(i), status) for i, status in await _finish_postgres(conn, worker, now, results)]
-        if recorder is not None and landed:
-            async with db.write() as conn:
-                await recorder(conn, *_evidence(results, landed), now)
+        if breakers is not None and landed:
+            outcomes, pauses = evidence(results, landed)
+            if breakers.needs_record(outcomes, pauses):
+                async with db.write() as conn:
+                    circuits = await breakers.record(conn, outcomes, pauses, now)
     else:
-        async with db.write() as conn:
-            landed = await _finish_sqlite(conn, worker, now, results)
-            if recorder is not None and landed:
-                await recorder(conn, *_evidence(results, landed), now)
+        # Asked before the write, of every result: the landed ones are a subset and need a record only if these
+        # do. Without one, the write commits in the same hop that began it.
+        record = breakers is not None and breakers.needs_record(*evidence(results, None))
+        async with db.write(begin=False) as conn:
+            landed = await _finish_sqlite(conn, worker, now, results, commit=not record)
+            if record and landed:
+                assert breakers is not None
+                outcomes, pauses = evidence(results, landed)
+                if breakers.needs_record(outcomes, pauses):
+                    circuits = await breakers.record(conn, outcomes, pauses, now)
     ids = {i for i, _ in landed}
     order = {r.task_id: n for n, r in enumerate(results)}
     landed.sort(key=lambda pair: order[pair[0]])
-    return Written(landed, [r.task_id for r in results if r.task_id not in ids])
+    return Written(landed, [r.task_id for r in results if r.task_id not in ids], circuits)
 
 
-def _evidence(
-    results: Sequence[Finished], landed: Sequence[tuple[int, str]]
+def evidence(
+    results: Sequence[Finished], landed: Sequence[tuple[int, str]] | None
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """The landed results' outcomes and pauses per host, for the breakers."""
-    ids = {i for i, _ in landed}
+    """The landed results' outcomes and pauses per host, for the breakers (``landed=None``: every result's)."""
+    ids = {i for i, _ in landed} if landed is not None else None
     outcomes: dict[str, list[str]] = {}
     pauses: dict[str, float] = {}
     for r in results:
-        if r.host is not None and r.task_id in ids:
+        if r.host is not None and (ids is None or r.task_id in ids):
             outcomes.setdefault(r.host, []).append(r.outcome)
             if r.pause_until:
                 pauses[r.host] = max(pauses.get(r.host, 0.0), r.pause_until)
