@@ -617,3 +617,28 @@ async def test_one_business_backlog_does_not_delay_another_business(
     # claimed ahead into the dispatcher's ready buffer (one batch) when B's tasks were committed, and a claim in
     # progress then. (The backlog is 3,000.)
     assert a_during <= 6 * 20, a_during
+
+
+async def test_a_business_claimed_behind_a_full_buffer_goes_out_before_the_buffered_backlog(
+    db_url: str, receiver: Receiver
+) -> None:
+    """The dispatcher claims up to 4 x concurrency ahead of its slots; it starts that buffer round-robin across
+    businesses, so B's task, claimed behind a buffer full of A's tasks, takes the next free slot."""
+    receiver.set_default(Reply.delayed(0.05), path="/a")
+    rt = Runtime(make_settings(db_url, claim_batch=40))
+    await rt.start()
+    try:
+        a = await rt.service.ensure_business("bulk", rate_limit_per_minute=FAST)
+        b = await rt.service.ensure_business("urgent", rate_limit_per_minute=FAST)
+        await make_tasks(rt, a, receiver.url("/a"), 400, "a")
+        async with running(rt, concurrency=10):
+            await receiver.wait_for(20, "/a", timeout=20)  # 10 in flight, 40 claimed ahead by now
+            await make_tasks(rt, b, receiver.url("/b"), 1, "b")
+            a_before = len(receiver.requests_for("/a"))
+            await receiver.wait_for(1, "/b", timeout=20)
+            a_during = len(receiver.requests_for("/a")) - a_before
+    finally:
+        await rt.close()
+    # First in, first out, B's task would wait for the 40 buffered ahead of it (and 10 in flight): at least 40 of
+    # A's requests would start meanwhile. In turns it waits for one slot of the 10, and the claim that brings it.
+    assert a_during < 30, a_during
