@@ -1,7 +1,7 @@
 """Traffic-control figures: fairness between businesses, the cost of a sick host to a healthy one, and the
 cost of per-host limiter bookkeeping, each against its target with its baseline measured in the same run.
 
-    python3 dev.py bench traffic --backend both [--part fairness|sick|limiter|all]
+    python3 dev.py bench traffic --backend both [--part fairness|sick|limiter|admission|rate|all]
 
 - fairness: business A holds a backlog (bulk-created, not timed) that one worker process drains; meanwhile this
   script creates business B's tasks one at a time at a steady rate (``TaskService.create_task``, the API's path).
@@ -16,12 +16,19 @@ cost of per-host limiter bookkeeping, each against its target with its baseline 
 - admission: statements and CPU per claim of the dispatcher's claim with traffic-control admission, in this
   process, without and with those policies (nothing is sent): the limiter's bookkeeping alone, free of the noise
   of a whole delivery run.
+- rate: one host with a policy of ``--rate-limit``/s and ``--rate-burst``, ``--rate-tasks`` tasks due at once,
+  delivered by 1, 2 and 3 worker processes sharing the database (PostgreSQL; SQLite, one writer, with one): the
+  busiest one-second window of arrivals against rate + burst (windows starting in the first second, when cold
+  dispatchers send the first burst, with the tests' 5 % slack for jitter), and the long-run rate after the first
+  burst against the limit (within 5 %).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import math
 import statistics
 import sys
 import time
@@ -70,6 +77,10 @@ from bench.common import (
 TARGET_FAIR_P99_MS = 500.0
 TARGET_SICK_COST = 0.10
 TARGET_LIMITER_COST = 0.10
+TARGET_RATE_ERROR = 0.05
+#: Windows starting in the run's first second may exceed rate + burst by this much (tests/test_traffic.py's
+#: assert_within_rate): the first burst leaves cold dispatchers, and arrival times carry the send path's jitter.
+RATE_FIRST_SLACK = 0.05
 BUSINESS_B = "bench-b"
 
 
@@ -329,6 +340,65 @@ async def limiter(fleet: Fleet, backend: str, args: argparse.Namespace) -> list[
     return runs
 
 
+# -- rate accuracy across worker processes -----------------------------------------------------------------
+
+
+async def set_rate_policy(db_url: str, host: str, rate: float, burst: int) -> None:
+    from taskcenter.storage.database import Database
+    from taskcenter.storage.schema import host_policies
+
+    db = Database(db_url, pool_size=1)
+    try:
+        async with db.write() as conn:
+            await conn.execute(sa.insert(host_policies).values(
+                host=host, rate_per_second=rate, burst=burst, updated_at=datetime.now(UTC)))  # fmt: skip
+    finally:
+        await db.close()
+
+
+def busiest_second(times: Sequence[float], *, later: bool) -> int:
+    """The most arrivals in a one-second window ``[t, t + 1)`` starting at an arrival: within the first second
+    of the run (``later=False``), or after it."""
+    first = times[0]
+    counts = [
+        bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times) if (t >= first + 1.0) == later
+    ]
+    return max(counts, default=0)
+
+
+async def rate_accuracy(fleet: Fleet, backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rec = await receiver(fleet, f"traffic-receiver-rate-{backend}", args.timeout)
+    runs = []
+    try:
+        for workers in (1, 2, 3) if backend == "postgres" else (1,):
+            print(f"-- {backend} rate: {args.rate_tasks:,} tasks, {args.rate_limit:g}/s burst {args.rate_burst}, "
+                  f"{workers} worker process(es) ...", flush=True)  # fmt: skip
+            db_url = await fresh_database(backend, f"traffic-rate-{backend}", args.pg_url)
+            count, _ = await enqueue(
+                db_url, (task_item(n, rec.url(), prefix="r") for n in range(args.rate_tasks))
+            )
+            await set_rate_policy(db_url, f"{LOOPBACK}:{rec.port}", args.rate_limit, args.rate_burst)
+            await rec.reset()
+            procs = [
+                (await fleet.worker(db_url, concurrency=args.concurrency, max_seconds=args.timeout,
+                                    name=f"traffic-worker-rate-{backend}-{n}", grace_s=1.0))[0]
+                for n in range(workers)
+            ]  # fmt: skip
+            try:
+                await rec.wait_ok(count, timeout=count / args.rate_limit * 2 + 30)
+            finally:
+                for proc in procs:
+                    await stop_worker(proc)
+            times = sorted(a[2] for a in await rec.arrivals() if a[3] == 200)
+            after = times[args.rate_burst :]
+            runs.append({"backend": backend, "workers": workers, "tasks": count, "arrived": len(times),
+                         "first": busiest_second(times, later=False), "later": busiest_second(times, later=True),
+                         "long_run": (len(after) - 1) / (after[-1] - after[0]), "load": load()})  # fmt: skip
+    finally:
+        await rec.child.stop()
+    return runs
+
+
 # -- admission cost (in this process) ---------------------------------------------------------------------
 
 
@@ -390,7 +460,8 @@ async def admission(backend: str, args: argparse.Namespace) -> list[dict[str, An
 
 
 def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dict[str, Any]],
-           args: argparse.Namespace, adm: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+           args: argparse.Namespace, adm: list[dict[str, Any]] | None = None,
+           rate: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
     if fair:
         print(f"\nfairness: A's backlog drained by one worker (concurrency {args.concurrency}); B creates "
               f"{args.b_rate:g}/s for {args.b_seconds:g} s; B's start lag = arrival - due time")  # fmt: skip
@@ -455,6 +526,23 @@ def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dic
                              r["load"]])  # fmt: skip
         print(table(["backend", "run", "to last arrival", "to all succeeded", "worker CPU/task",
                      "cost (vs mean without)", "target", "verdict", "load avg"], rows))  # fmt: skip
+    if rate:
+        bound = args.rate_limit + args.rate_burst
+        first_bound = max(bound + 1, math.ceil(bound * (1 + RATE_FIRST_SLACK)))
+        print(f"\nrate accuracy: one host, policy {args.rate_limit:g}/s burst {args.rate_burst}, {args.rate_tasks:,} "
+              f"tasks due at once, worker processes sharing the database (concurrency {args.concurrency} each); "
+              f"busiest one-second window of arrivals at the receiver, among those starting in the run's first "
+              f"second (cold dispatchers, the first burst; allowed {RATE_FIRST_SLACK:.0%} over rate + burst for the "
+              f"send path's jitter, as the tests allow) and among those starting later (no slack); long-run rate "
+              f"after the first burst")  # fmt: skip
+        print(table(["backend", "workers", "arrived", "busiest 1 s, first second", "busiest 1 s, later",
+                     "long-run rate", "error", "target", "verdict", "load avg"], [
+            [r["backend"], r["workers"], f"{r['arrived']:,} of {r['tasks']:,}", r["first"], r["later"],
+             f"{r['long_run']:.1f}/s", f"{r['long_run'] / args.rate_limit - 1:+.1%}",
+             f"<= {first_bound}, then <= {bound:g}; {args.rate_limit:g}/s ± {TARGET_RATE_ERROR:.0%}",
+             "pass" if r["arrived"] == r["tasks"] and r["first"] <= first_bound and r["later"] <= bound
+             and abs(r["long_run"] / args.rate_limit - 1) <= TARGET_RATE_ERROR else "FAIL", r["load"]]
+            for r in rate]))  # fmt: skip
     if adm:
         print(f"\nadmission: {args.admission_claims} claims of 100 due tasks over 50 hosts in this process; "
               "statements at the write engine (claim included), CPU = process time per claim (median)")  # fmt: skip
@@ -465,11 +553,12 @@ def report(fair: list[dict[str, Any]], sick: list[dict[str, Any]], lim: list[dic
 
 
 async def main(args: argparse.Namespace) -> None:
-    parts = ["fairness", "sick", "limiter", "admission"] if args.part == "all" else [args.part]
+    parts = ["fairness", "sick", "limiter", "admission", "rate"] if args.part == "all" else [args.part]
     fair: list[dict[str, Any]] = []
     sick: list[dict[str, Any]] = []
     lim: list[dict[str, Any]] = []
     adm: list[dict[str, Any]] = []
+    rate: list[dict[str, Any]] = []
     async with Fleet(args.timeout) as fleet, asyncio.timeout(args.timeout):
         for backend in backends(args.backend):
             if "fairness" in parts:
@@ -480,15 +569,20 @@ async def main(args: argparse.Namespace) -> None:
                 lim += await limiter(fleet, backend, args)
             if "admission" in parts:
                 adm += await admission(backend, args)
-    header("traffic control: fairness, sick host, limiter overhead (one worker process each), admission cost")
-    report(fair, sick, lim, args, adm)
+            if "rate" in parts:
+                rate += await rate_accuracy(fleet, backend, args)
+    header("traffic control: fairness, sick host, limiter overhead (one worker process each), admission cost, "
+           "rate accuracy across worker processes")  # fmt: skip
+    report(fair, sick, lim, args, adm, rate)
     if any(r["b_arrived"] < r["b_tasks"] for r in fair):
         raise BenchError(f"some of B's tasks had not arrived {args.b_wait:g} s after the last was created")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser("bench/traffic.py", __doc__, timeout=1200)
-    parser.add_argument("--part", choices=["fairness", "sick", "limiter", "admission", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["fairness", "sick", "limiter", "admission", "rate", "all"], default="all"
+    )
     parser.add_argument("--concurrency", type=int, default=100, help="the worker's requests in flight")
     parser.add_argument("--backlog", type=int, default=100_000, help="fairness: business A's backlog")
     parser.add_argument("--b-rate", type=float, default=20, help="fairness: B's creates per second")
@@ -510,6 +604,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--admission-claims", type=int, default=40, help="admission: claims measured per variant"
     )
+    parser.add_argument("--rate-limit", type=float, default=200.0, help="rate: the host's policy, per second")
+    parser.add_argument("--rate-burst", type=int, default=20, help="rate: the host's burst")
+    parser.add_argument("--rate-tasks", type=int, default=3000, help="rate: tasks per run")
     return parser.parse_args(argv)
 
 
