@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
@@ -21,6 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.storage.database import Database, json_text, sqlite_batch, sqlite_driver, sqlite_time
 from taskcenter.storage.schema import DUE_SQL, NEXT_DUE_SQL, attempts, tasks
+
+if TYPE_CHECKING:
+    from taskcenter.storage.traffic import TrafficControl
 
 # Literal predicates (not bound parameters) so PostgreSQL's generic plans can still use the partial indexes.
 _DUE = sa.text(DUE_SQL)
@@ -511,31 +514,18 @@ async def _finish_sqlite(
     return [(i, was if was == "cancelled" else status[i]) for i, was in held]
 
 
-class Breakers(Protocol):
-    """Where :func:`finish` folds the landed outcomes (``TrafficControl`` is one)."""
-
-    def needs_record(self, outcomes: Mapping[str, Sequence[str]], pauses: Mapping[str, float]) -> bool:
-        """Whether these outcomes and pauses (per host) change anything :meth:`record` keeps."""
-        ...
-
-    async def record(
-        self,
-        conn: AsyncConnection,
-        outcomes: Mapping[str, Sequence[str]],
-        pauses: Mapping[str, float],
-        now: datetime,
-    ) -> dict[str, str]:
-        """Write them; returns the hosts whose circuit changed state, with the new state."""
-        ...
-
-
 async def finish(
-    db: Database, *, worker: str, now: datetime, results: Sequence[Finished], breakers: Breakers | None = None
+    db: Database,
+    *,
+    worker: str,
+    now: datetime,
+    results: Sequence[Finished],
+    breakers: TrafficControl | None = None,
 ) -> Written:
     """Write a batch of attempt results atomically: attempts inserted, tasks moved, leases dropped.
 
-    Only results whose task this worker still holds land; the others come back as ``lost``. ``breakers`` get the
-    landed outcomes when they ask for them (``needs_record``): in the same transaction on SQLite, right after in
+    Only results whose task this worker still holds land; the others come back as ``lost``. The host breakers
+    (``breakers``) get the landed outcomes when they ask for them (``needs_record``): in the same transaction on SQLite, right after in
     one of its own on PostgreSQL (where the results are one statement, sent without a transaction around it).
     """
     if not results:
