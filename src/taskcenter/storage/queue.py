@@ -94,7 +94,8 @@ _LIMIT = sa.bindparam("b_limit", type_=sa.Integer)
 
 
 def _due_ids(businesses: Sequence[int]) -> sa.Select[Any]:
-    """The ids to claim (a SELECT of one column, ``id``): with known businesses, round-robin across them (fairness), else one global order.
+    """The ids to claim (a SELECT of one column, ``id``): with known businesses, round-robin across them
+    (fairness), else one global order.
 
     The time and the batch size are bound parameters (``b_now``, ``b_limit``), so the statement is built once
     per list of businesses (see :func:`_claim_statement`), not once per claim.
@@ -189,7 +190,8 @@ def _sqlite_due_sql(
 _SQLITE_LEASE = """UPDATE tasks NOT INDEXED SET status = 'processing', lease_owner = ?2, lease_expires_at = ?3,
     updated_at = ?4, held_by = NULL
 WHERE id IN (SELECT value FROM json_each(?1))"""
-_SQLITE_CLAIMED = "SELECT json_group_array(json_array({})) FROM tasks NOT INDEXED WHERE id IN (SELECT value FROM json_each(?1))"
+_SQLITE_CLAIMED = """SELECT json_group_array(json_array({})) FROM tasks NOT INDEXED
+WHERE id IN (SELECT value FROM json_each(?1))"""
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,10 +246,10 @@ def _sqlite_claimed(values: list[Any]) -> dict[str, Any]:
 
 def _claim_sqlite(
     due_sql: str, due_values: list[Any], lease: tuple[str, str | None, str | None], commit: bool
-) -> Callable[[sqlite3.Connection], bytes | None]:
+) -> Callable[[sqlite3.Connection], str | None]:
     """The claim's statements, for one hop to the driver's thread: the ids, their lease, the rows as JSON."""
 
-    def work(connection: sqlite3.Connection) -> bytes | None:
+    def work(connection: sqlite3.Connection) -> str | None:
         (ids,) = connection.execute(due_sql, due_values).fetchone()
         claimed = None
         if ids != "[]":
@@ -525,8 +527,9 @@ async def finish(
     """Write a batch of attempt results atomically: attempts inserted, tasks moved, leases dropped.
 
     Only results whose task this worker still holds land; the others come back as ``lost``. The host breakers
-    (``breakers``) get the landed outcomes when they ask for them (``needs_record``): in the same transaction on SQLite, right after in
-    one of its own on PostgreSQL (where the results are one statement, sent without a transaction around it).
+    (``breakers``) get the landed outcomes when they ask for them (``needs_record``): in the same transaction on
+    SQLite, right after in one of its own on PostgreSQL (where the results are one statement, sent without a
+    transaction around it). The circuits that changed come back in ``Written.circuits``.
     """
     if not results:
         return Written([], [])
