@@ -166,11 +166,11 @@ class Dispatcher:
         # idle. A claim under load takes ~35-65 ms (a few event-loop turns per round trip), and the claim loop
         # runs one at a time: with only one concurrency's worth ahead, each claim could bring no more than had
         # finished meanwhile, and slots emptied during every claim (measured: 48-60 of 100 in flight on average;
-        # two ahead: tasks/s +8 to +39 % in 4 same-minute pairs; four ahead with batches of 400 instead of two
-        # with 200: +4 to +10 points of the raw ceiling, docs/benchmarks.md). The buffer is started round-robin
-        # across businesses, so another business's task claimed behind a backlog's waits for a slot, not for the
-        # buffer. Tasks waiting in it have taken their tokens already; the send-time pacer (``_pace``) keeps them
-        # from leaving a host in a clump.
+        # two ahead: tasks/s +8 to +39 % in 4 same-minute pairs; four ahead with batches of 400: mean in flight
+        # 46-49 -> 58-70 on SQLite and tasks/s -1 to +38 % there in 4 pairs, PostgreSQL within the noise;
+        # docs/benchmarks.md). The buffer is started round-robin across businesses, so another business's task
+        # claimed behind a backlog's waits for a slot, not for the buffer. Tasks waiting in it have taken their
+        # tokens already; the send-time pacer (``_pace``) keeps them from leaving a host in a clump.
         capacity = cfg.concurrency + min(cfg.claim_batch, 4 * cfg.concurrency)
         # Claim in chunks: one statement per quarter batch of free room, not one per freed slot.
         low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
