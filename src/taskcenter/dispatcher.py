@@ -489,7 +489,6 @@ class Dispatcher:
         for pause in (0.2, 1.0, 3.0):
             try:
                 return self._written(
-                    batch,
                     await queue.finish(
                         self.db, worker=self.name, now=self.clock(), results=batch, breakers=self.traffic
                     ),
@@ -502,7 +501,6 @@ class Dispatcher:
         for result in batch:
             try:
                 one = self._written(
-                    [result],
                     await queue.finish(
                         self.db, worker=self.name, now=self.clock(), results=[result], breakers=self.traffic
                     ),
@@ -515,10 +513,10 @@ class Dispatcher:
             lost += one.lost
         return queue.Written(landed, lost)
 
-    def _written(self, batch: list[queue.Finished], written: queue.Written) -> queue.Written:
+    def _written(self, written: queue.Written) -> queue.Written:
         """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes."""
-        if self.traffic is not None and written.landed:
-            self.traffic.answered(queue.evidence(batch, written.landed)[0])
+        if self.traffic is not None and written.outcomes:
+            self.traffic.answered(written.outcomes)
         for host, state in written.circuits.items():
             log.warning("circuit of %s is now %s", host, state)
         return written

@@ -87,6 +87,8 @@ class Written:
     lost: list[int]
     circuits: dict[str, str] = field(default_factory=dict)
     """Hosts whose circuit changed state with this batch's outcomes, and the new state."""
+    outcomes: dict[str, list[str]] = field(default_factory=dict)
+    """The landed results' outcomes per host (gathered when ``finish`` was given the breakers)."""
 
 
 _NOW = sa.bindparam("b_now", type_=tasks.c.next_attempt_at.type)
@@ -534,6 +536,7 @@ async def finish(
     if not results:
         return Written([], [])
     circuits: dict[str, str] = {}
+    outcomes: dict[str, list[str]] = {}
     if db.is_postgres:
         # One statement, so no transaction around it: BEGIN and COMMIT would be two more round trips per batch.
         # The breakers' bookkeeping, when there is any, follows in a transaction of its own (a crash between the
@@ -541,28 +544,29 @@ async def finish(
         async with db.autocommit() as conn:
             landed = [(int(i), status) for i, status in await _finish_postgres(conn, worker, now, results)]
         if breakers is not None and landed:
-            outcomes, pauses = evidence(results, landed)
+            outcomes, pauses = _evidence(results, landed)
             if breakers.needs_record(outcomes, pauses):
                 async with db.write() as conn:
                     circuits = await breakers.record(conn, outcomes, pauses, now)
     else:
         # Asked before the write, of every result: the landed ones are a subset and need a record only if these
         # do. Without one, the write commits in the same hop that began it.
-        record = breakers is not None and breakers.needs_record(*evidence(results, None))
+        every = _evidence(results, None) if breakers is not None else ({}, {})
+        record = breakers is not None and breakers.needs_record(*every)
         async with db.write(begin=False) as conn:
             landed = await _finish_sqlite(conn, worker, now, results, commit=not record)
-            if record and landed:
-                assert breakers is not None
-                outcomes, pauses = evidence(results, landed)
-                if breakers.needs_record(outcomes, pauses):
+            if breakers is not None and landed:
+                # Usually every result landed: then its evidence is the one already gathered.
+                outcomes, pauses = every if len(landed) == len(results) else _evidence(results, landed)
+                if record and breakers.needs_record(outcomes, pauses):
                     circuits = await breakers.record(conn, outcomes, pauses, now)
     ids = {i for i, _ in landed}
     order = {r.task_id: n for n, r in enumerate(results)}
     landed.sort(key=lambda pair: order[pair[0]])
-    return Written(landed, [r.task_id for r in results if r.task_id not in ids], circuits)
+    return Written(landed, [r.task_id for r in results if r.task_id not in ids], circuits, outcomes)
 
 
-def evidence(
+def _evidence(
     results: Sequence[Finished], landed: Sequence[tuple[int, str]] | None
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
     """The landed results' outcomes and pauses per host, for the breakers (``landed=None``: every result's)."""
