@@ -508,10 +508,16 @@ def _write_sqlite(
 
 
 async def _finish_sqlite(
-    conn: AsyncConnection, worker: str, now: datetime, results: Sequence[Finished], *, commit: bool
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    results: Sequence[Finished],
+    batch: bytes,
+    *,
+    commit: bool,
 ) -> list[tuple[int, str]]:
-    """Begin the transaction and write the batch in one hop to the driver's thread (committing too, if asked)."""
-    batch = orjson.dumps([_sqlite_batch_row(r) for r in results])
+    """Begin the transaction and write the batch (``_sqlite_batch_row`` rows as JSON) in one hop to the driver's thread (committing
+    too, if asked)."""
     held = await sqlite_batch(conn, _write_sqlite(batch, worker, sqlite_time(now), commit), begin=True)
     status = {r.task_id: r.status for r in results}
     # As written: a cancelled task stays cancelled, any other moves to the result's status.
@@ -553,8 +559,10 @@ async def finish(
         # do. Without one, the write commits in the same hop that began it.
         every = _evidence(results, None) if breakers is not None else ({}, {})
         record = breakers is not None and breakers.needs_record(*every)
+        # Built before taking the one writer, which the claims wait for (~3 ms for 400 results).
+        batch = orjson.dumps([_sqlite_batch_row(r) for r in results])
         async with db.write(begin=False) as conn:
-            landed = await _finish_sqlite(conn, worker, now, results, commit=not record)
+            landed = await _finish_sqlite(conn, worker, now, results, batch, commit=not record)
             if breakers is not None and landed:
                 # Usually every result landed: then its evidence is the one already gathered.
                 outcomes, pauses = every if len(landed) == len(results) else _evidence(results, landed)
