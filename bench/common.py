@@ -248,7 +248,16 @@ class QueueTrace:
     sample_s: float = 0.005
 
     def wrap(
-        self, names: Iterable[str] = ("claim", "finish", "next_due", "extend_leases", "release", "rescue")
+        self,
+        names: Iterable[str] = (
+            "claim",
+            "finish",
+            "finish_and_claim",
+            "next_due",
+            "extend_leases",
+            "release",
+            "rescue",
+        ),
     ) -> None:
         from taskcenter.storage import queue
 
@@ -263,7 +272,10 @@ class QueueTrace:
         async def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             result = await func(*args, **kwargs)
-            rows = len(result) if isinstance(result, Sequence) else len(kwargs.get("results") or ())
+            if isinstance(result, tuple):  # finish_and_claim: (Written, claimed rows)
+                rows = len(result[1])
+            else:
+                rows = len(result) if isinstance(result, Sequence) else len(kwargs.get("results") or ())
             record.append((time.perf_counter() - started, rows))
             return result
 

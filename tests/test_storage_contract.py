@@ -519,6 +519,61 @@ async def test_finish_of_a_batch_lands_the_held_and_reports_the_lost(
     assert (await row_of(db, theirs))["status"] == "processing"
 
 
+async def test_finish_and_claim_writes_the_results_then_claims_what_is_due(
+    db: Database, business: Business
+) -> None:
+    done, again = await insert(db, business.pk), await insert(db, business.pk)
+    assert await claim(db, "w1", limit=2) == [done, again]
+    waiting = await insert(db, business.pk)
+    theirs = await insert(db, business.pk)
+    assert await claim(db, "w2", limit=1) == [waiting]
+    results = [
+        result(done),
+        result(again, status="retrying", outcome="server_error", next_at=T0),  # due again at once
+        result(theirs),  # never claimed by w1: lost
+    ]
+    written, rows = await queue.finish_and_claim(
+        db, worker="w1", now=T0, results=results, limit=10, lease_s=LEASE_S
+    )
+    assert written.landed == [(done, "succeeded"), (again, "retrying")]
+    assert written.lost == [theirs]
+    # The claim sees the results it follows: the retry due now is claimed back, with its attempt counted.
+    assert sorted(r["id"] for r in rows) == sorted([again, theirs])
+    assert {r["id"]: r["attempts"] for r in rows}[again] == 1
+    assert [a["number"] for a in await attempts_of(db, done)] == [1]
+    assert [a["number"] for a in await attempts_of(db, again)] == [1]
+    assert await attempts_of(db, theirs) == []
+    assert ((await row_of(db, done))["status"], (await row_of(db, again))["lease_owner"]) == (
+        "succeeded",
+        "w1",
+    )
+    assert (await row_of(db, waiting))["lease_owner"] == "w2"
+
+
+async def test_finish_and_claim_is_one_transaction_on_sqlite_and_two_on_postgresql(
+    db: Database, business: Business
+) -> None:
+    """An admission that fails rolls the claim back; on SQLite the results it followed go with it (the dispatcher
+    then writes them again), on PostgreSQL they were written by a statement of their own before the claim."""
+    held = await insert(db, business.pk)
+    await claim(db, "w1")
+    due = await insert(db, business.pk)
+
+    async def failing(*_args: Any) -> Any:
+        raise RuntimeError("admission broke")
+
+    with pytest.raises(RuntimeError, match="admission broke"):
+        await queue.finish_and_claim(
+            db, worker="w1", now=T0, results=[result(held)], limit=10, lease_s=LEASE_S, admission=failing
+        )
+    assert (await row_of(db, due))["lease_owner"] is None
+    row = await row_of(db, held)
+    if db.is_postgres:
+        assert (row["status"], len(await attempts_of(db, held))) == ("succeeded", 1)
+    else:
+        assert (row["status"], row["lease_owner"], await attempts_of(db, held)) == ("processing", "w1", [])
+
+
 async def test_finish_on_a_task_cancelled_in_flight_records_the_attempt_and_keeps_it_cancelled(
     db: Database, service: TaskService, business: Business
 ) -> None:

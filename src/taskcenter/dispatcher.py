@@ -97,6 +97,11 @@ class Dispatcher:
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
         self._pending_events: list[_Pending] = []
+        self._writing: set[int] = set()  # task ids of results taken for a write that has not returned yet
+        # On SQLite the claim loop writes the waiting results in its claim's transaction (queue.finish_and_claim);
+        # the write loop writes them only while the claim loop is parked (waiting for room or for the next due task).
+        self._combine = False  # set by run()
+        self._claim_parked = True
         self.delivered = 0
         self._claimed_last = 0
 
@@ -116,6 +121,7 @@ class Dispatcher:
         """Run until :meth:`stop`. Safe to run several dispatchers (processes) on one database."""
         if self.notifier is not None:
             self.notifier.subscribe(self.wake)
+        self._combine = not self.db.is_postgres
         # Read when scraped instead of set each time a slot frees up (a locked write per attempt).
         self.metrics.in_flight.set_function(self._in_flight)
         helpers = [
@@ -148,7 +154,7 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*not_done, return_exceptions=True)
         # Whatever was claimed but never started goes back to the queue, due now, no attempt charged.
-        recorded = {r.task_id for r in self._results}
+        recorded = {r.task_id for r in self._results} | self._writing
         unsent = [i for i in self._held if i not in recorded]
         if unsent:
             with contextlib.suppress(StorageError):
@@ -176,43 +182,91 @@ class Dispatcher:
         capacity = cfg.concurrency + min(cfg.claim_batch, 8 * cfg.concurrency)
         # Claim in chunks: one statement per quarter batch of free room, not one per freed slot.
         low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
-        while not self._stopping.is_set():
-            room = capacity - len(self._sending) - self._ready_count
-            if room < low_water:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            self._wake.clear()
-            self._claimed_last = 0
-            limit = min(room, cfg.claim_batch)
+        self._claim_parked = False
+        try:
+            while not self._stopping.is_set():
+                room = capacity - len(self._sending) - self._ready_count
+                if room < low_water:
+                    self._slot_freed.clear()
+                    await self._parked(self._slot_freed.wait())
+                    continue
+                self._wake.clear()
+                self._claimed_last = 0
+                limit = min(room, cfg.claim_batch)
+                try:
+                    rows = await self._claim(limit)
+                except StorageError as exc:
+                    log.warning("claim failed, retrying: %s", exc)
+                    await self._parked(self._sleep(1.0))
+                    continue
+                self._claimed(rows)
+                if max(self._claimed_last, len(rows)) == limit:
+                    # A full batch (even if traffic control held some back): more may be due right now.
+                    continue
+                if (
+                    not self._wake.is_set()
+                ):  # woken meanwhile: claim again without asking when the next is due
+                    await self._parked(self._sleep_until_due())
+        finally:
+            self._claim_parked = True
+            self._results_ready.set()
+
+    async def _claim(self, limit: int) -> list[Mapping[str, Any]]:
+        """Claim up to ``limit`` due tasks; on SQLite, writing the waiting results in the same transaction."""
+        admission = self._admit if self.traffic is not None else None
+        if self._combine and self._results:
+            batch, events = self._take_results()
             try:
-                rows = await queue.claim(
+                written, rows = await queue.finish_and_claim(
                     self.db,
                     worker=self.name,
                     now=self.clock(),
+                    results=batch,
                     limit=limit,
                     lease_s=self.config.lease_s,
                     businesses=self.businesses(),
-                    admission=self._admit if self.traffic is not None else None,
+                    admission=admission,
+                    breakers=self.traffic,
                 )
-            except StorageError as exc:
-                log.warning("claim failed, retrying: %s", exc)
-                await self._sleep(1.0)
-                continue
-            self.metrics.claimed.inc(len(rows))
-            for row in rows:
-                self._held.add(row["id"])
-                queued = self._ready.get(row["business_pk"])
-                if queued is None:
-                    queued = self._ready[row["business_pk"]] = collections.deque()
-                queued.append(row)
-            self._ready_count += len(rows)
-            self._pump()
-            if max(self._claimed_last, len(rows)) == limit:
-                # A full batch (even if traffic control held some back): more may be due right now.
-                continue
-            if not self._wake.is_set():  # woken meanwhile: claim again without asking when the next is due
-                await self._sleep(await self._until_next_due())
+            except StorageError:
+                self._give_back(batch, events)  # the write loop retries them (one by one if need be)
+                raise
+            await self._after_write(batch, events, self._written(written))
+            return rows
+        return await queue.claim(
+            self.db,
+            worker=self.name,
+            now=self.clock(),
+            limit=limit,
+            lease_s=self.config.lease_s,
+            businesses=self.businesses(),
+            admission=admission,
+        )
+
+    def _claimed(self, rows: list[Mapping[str, Any]]) -> None:
+        """Buffer a claimed batch (one queue per business) and start what the free slots take."""
+        self.metrics.claimed.inc(len(rows))
+        for row in rows:
+            self._held.add(row["id"])
+            queued = self._ready.get(row["business_pk"])
+            if queued is None:
+                queued = self._ready[row["business_pk"]] = collections.deque()
+            queued.append(row)
+        self._ready_count += len(rows)
+        self._pump()
+
+    async def _parked(self, waiting: Awaitable[Any]) -> None:
+        """Wait with the claim loop parked: meanwhile the write loop writes the results (see ``_combine``)."""
+        self._claim_parked = True
+        if self._results:
+            self._results_ready.set()
+        try:
+            await waiting
+        finally:
+            self._claim_parked = False
+
+    async def _sleep_until_due(self) -> None:
+        await self._sleep(await self._until_next_due())
 
     def _pump(self) -> None:
         """Start buffered tasks while there are free slots: one of each business's in turn, each in claim order."""
@@ -448,7 +502,8 @@ class Dispatcher:
             )
         )
         self._pending_events.append((row, number, status, outcome, response, duration_ms))
-        self._results_ready.set()
+        if self._claim_parked or not self._combine:  # else the next claim takes it (see _combine)
+            self._results_ready.set()
 
     def _count(self, counter: Any, label: str) -> None:
         """``counter.labels(label).inc()``, with the child looked up once per label instead of once per attempt."""
@@ -463,24 +518,41 @@ class Dispatcher:
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
-            while self._results:
-                batch = self._results[: self.config.write_batch]
-                events = self._pending_events[: len(batch)]
-                written = await self._write(batch)
-                del self._results[: len(batch)]
-                del self._pending_events[: len(batch)]
-                self._held.difference_update(r.task_id for r in batch)
-                self.delivered += len(written.landed)
-                if written.lost:
-                    log.warning(
-                        "lost the lease of %d tasks before their results were written", len(written.lost)
-                    )
-                if self.events:
-                    await self._emit(events, dict(written.landed))
-                if self.notify is not None:
-                    await self._notify(events, dict(written.landed))
-            if self._stopping.is_set() and not self._sending:
+            while self._results and (not self._combine or self._claim_parked):
+                batch, events = self._take_results()
+                await self._after_write(batch, events, await self._write(batch))
+            if self._stopping.is_set() and not (self._sending or self._writing or self._results):
                 return
+
+    def _take_results(self) -> tuple[list[queue.Finished], list[_Pending]]:
+        """The next batch of results to write, with their events, out of the queue (into ``_writing``)."""
+        size = self.config.write_batch
+        batch, events = self._results[:size], self._pending_events[:size]
+        del self._results[:size]
+        del self._pending_events[:size]
+        self._writing.update(r.task_id for r in batch)
+        return batch, events
+
+    def _give_back(self, batch: list[queue.Finished], events: list[_Pending]) -> None:
+        """Return a batch whose write failed to the front of the queue, for the write loop to retry."""
+        self._results[:0] = batch
+        self._pending_events[:0] = events
+        self._writing.difference_update(r.task_id for r in batch)
+        self._results_ready.set()
+
+    async def _after_write(
+        self, batch: list[queue.Finished], events: list[_Pending], written: queue.Written
+    ) -> None:
+        ids = [r.task_id for r in batch]
+        self._writing.difference_update(ids)
+        self._held.difference_update(ids)
+        self.delivered += len(written.landed)
+        if written.lost:
+            log.warning("lost the lease of %d tasks before their results were written", len(written.lost))
+        if self.events:
+            await self._emit(events, dict(written.landed))
+        if self.notify is not None:
+            await self._notify(events, dict(written.landed))
 
     async def _write(self, batch: list[queue.Finished]) -> queue.Written:
         """Write a batch; on repeated failure write one by one, and give up on results that cannot be written.

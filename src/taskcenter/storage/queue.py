@@ -247,9 +247,16 @@ def _sqlite_claimed(values: list[Any]) -> dict[str, Any]:
 
 
 def _claim_sqlite(
-    due_sql: str, due_values: list[Any], lease: tuple[str, str | None, str | None], commit: bool
+    due_sql: str,
+    due_values: list[Any],
+    lease: tuple[str, str | None, str | None],
+    commit: bool,
+    commit_if_none: bool = True,
 ) -> Callable[[sqlite3.Connection], str | None]:
-    """The claim's statements, for one hop to the driver's thread: the ids, their lease, the rows as JSON."""
+    """The claim's statements, for one hop to the driver's thread: the ids, their lease, the rows as JSON.
+
+    Commits when asked, and (unless ``commit_if_none`` is false) when nothing was claimed, as then nothing follows.
+    """
 
     def work(connection: sqlite3.Connection) -> str | None:
         (ids,) = connection.execute(due_sql, due_values).fetchone()
@@ -257,11 +264,32 @@ def _claim_sqlite(
         if ids != "[]":
             connection.execute(_SQLITE_LEASE, (ids, *lease))
             (claimed,) = connection.execute(_SQLITE_CLAIMED_ROWS, (ids,)).fetchone()
-        if commit or claimed is None:
+        if commit or (claimed is None and commit_if_none):
             connection.commit()
         return claimed
 
     return work
+
+
+def _sqlite_claim_work(
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    limit: int,
+    lease_s: float,
+    businesses: Sequence[int],
+    *,
+    commit: bool,
+    commit_if_none: bool = True,
+) -> Callable[[sqlite3.Connection], str | None]:
+    due_sql, names, fixed = _sqlite_due_sql(conn.dialect, tuple(sorted(businesses)))
+    bound = {**fixed, "b_now": sqlite_time(now), "b_limit": limit}
+    lease = (worker, sqlite_time(now + timedelta(seconds=lease_s)), sqlite_time(now))
+    return _claim_sqlite(due_sql, [bound[n] for n in names], lease, commit, commit_if_none)
+
+
+def _sqlite_rows(claimed: str | None) -> list[Mapping[Any, Any]]:
+    return [_sqlite_claimed(r) for r in orjson.loads(claimed)] if claimed is not None else []
 
 
 def _postgres_row(values: Sequence[Any]) -> dict[str, Any]:
@@ -288,10 +316,10 @@ async def claim(
     Held-back tasks are put straight back with a later due time: no attempt charged, no slot occupied.
     Each row is a dict of the ``CLAIM_COLUMNS``, valued as SQLAlchemy's column types read them.
     """
-    until = now + timedelta(seconds=lease_s)
     async with db.write(begin=False) as conn:
-        rows: Sequence[Mapping[Any, Any]]
+        rows: list[Mapping[Any, Any]]
         if db.is_postgres:
+            until = now + timedelta(seconds=lease_s)
             sql, names, fixed = _claim_sql(conn.dialect, tuple(sorted(businesses)))
             params = {**fixed, "b_now": now, "b_limit": limit, "b_worker": worker, "b_until": until}
             # Through the connection (not the bare driver) so that SQLAlchemy's transaction has begun on it.
@@ -299,17 +327,26 @@ async def claim(
             rows = [_postgres_row(r) for r in result.all()]
         else:
             # One hop: BEGIN IMMEDIATE and the claim's three statements (and the COMMIT, unless admission follows).
-            due_sql, names, fixed = _sqlite_due_sql(conn.dialect, tuple(sorted(businesses)))
-            bound = {**fixed, "b_now": sqlite_time(now), "b_limit": limit}
-            lease = (worker, sqlite_time(until), sqlite_time(now))
-            work = _claim_sqlite(due_sql, [bound[n] for n in names], lease, commit=admission is None)
-            claimed = await sqlite_batch(conn, work, begin=True)
-            rows = [_sqlite_claimed(r) for r in orjson.loads(claimed)] if claimed is not None else []
-        if admission is not None and rows:
-            rows, deferred = await admission(conn, rows, now)
-            if deferred:
-                await _put_back(conn, worker, now, deferred)
+            work = _sqlite_claim_work(conn, worker, now, limit, lease_s, businesses, commit=admission is None)
+            rows = _sqlite_rows(await sqlite_batch(conn, work, begin=True))
+        rows = await _admit(conn, worker, now, rows, admission)
     return _in_claim_order(rows)
+
+
+async def _admit(
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    rows: list[Mapping[Any, Any]],
+    admission: Admission | None,
+) -> list[Mapping[Any, Any]]:
+    """Let ``admission`` hold back some of a claimed batch, in the claim's transaction; put those back."""
+    if admission is None or not rows:
+        return rows
+    rows, deferred = await admission(conn, rows, now)
+    if deferred:
+        await _put_back(conn, worker, now, deferred)
+    return rows
 
 
 def _in_claim_order(rows: Sequence[Mapping[Any, Any]]) -> list[Mapping[Any, Any]]:
@@ -519,6 +556,11 @@ async def _finish_sqlite(
     """Begin the transaction and write the batch (``_sqlite_batch_row`` rows as JSON) in one hop to the driver's thread (committing
     too, if asked)."""
     held = await sqlite_batch(conn, _write_sqlite(batch, worker, sqlite_time(now), commit), begin=True)
+    return _as_written(held, results)
+
+
+def _as_written(held: list[list[Any]], results: Sequence[Finished]) -> list[tuple[int, str]]:
+    """The results that landed, ``(task id, status as written)``, from ``_SQLITE_HELD``'s (id, status before)."""
     status = {r.task_id: r.status for r in results}
     # As written: a cancelled task stays cancelled, any other moves to the result's status.
     return [(i, was if was == "cancelled" else status[i]) for i, was in held]
@@ -568,10 +610,78 @@ async def finish(
                 outcomes, pauses = every if len(landed) == len(results) else _evidence(results, landed)
                 if record and breakers.needs_record(outcomes, pauses):
                     circuits = await breakers.record(conn, outcomes, pauses, now)
+    return _written(results, landed, circuits, outcomes)
+
+
+def _written(
+    results: Sequence[Finished],
+    landed: list[tuple[int, str]],
+    circuits: dict[str, str],
+    outcomes: dict[str, list[str]],
+) -> Written:
     ids = {i for i, _ in landed}
     order = {r.task_id: n for n, r in enumerate(results)}
     landed.sort(key=lambda pair: order[pair[0]])
     return Written(landed, [r.task_id for r in results if r.task_id not in ids], circuits, outcomes)
+
+
+async def finish_and_claim(
+    db: Database,
+    *,
+    worker: str,
+    now: datetime,
+    results: Sequence[Finished],
+    limit: int,
+    lease_s: float,
+    businesses: Sequence[int] = (),
+    admission: Admission | None = None,
+    breakers: TrafficControl | None = None,
+) -> tuple[Written, list[Mapping[Any, Any]]]:
+    """:func:`finish` ``results``, then :func:`claim` up to ``limit`` due tasks: on SQLite in one transaction.
+
+    SQLite has one writer, and the claims and the finishes of a busy dispatcher took turns at it, each waiting for
+    the other: every hop to the driver's thread, BEGIN and COMMIT, and taking and returning the connection cost
+    milliseconds of a busy event loop apiece. Here the finish's three statements and the claim's three go to the
+    driver's thread in one hop, with one BEGIN IMMEDIATE (and the COMMIT too when neither the breakers nor
+    admission has anything to add). The results land first, so the claim sees them (a result due again at once
+    can be claimed back). On PostgreSQL, where each is already one statement: the two calls one after the other.
+    """
+    if db.is_postgres or not results:
+        written = await finish(db, worker=worker, now=now, results=results, breakers=breakers)
+        taken = await claim(
+            db,
+            worker=worker,
+            now=now,
+            limit=limit,
+            lease_s=lease_s,
+            businesses=businesses,
+            admission=admission,
+        )
+        return written, taken
+    every = _evidence(results, None) if breakers is not None else ({}, {})
+    record = breakers is not None and breakers.needs_record(*every)
+    batch = orjson.dumps([_sqlite_batch_row(r) for r in results])
+    circuits: dict[str, str] = {}
+    outcomes: dict[str, list[str]] = {}
+    async with db.write(begin=False) as conn:
+        write = _write_sqlite(batch, worker, sqlite_time(now), commit=False)
+        take = _sqlite_claim_work(
+            conn, worker, now, limit, lease_s, businesses,
+            commit=admission is None and not record, commit_if_none=not record,
+        )  # fmt: skip
+
+        def work(connection: sqlite3.Connection) -> tuple[list[list[Any]], str | None]:
+            held = write(connection)
+            return held, take(connection)
+
+        held, claimed = await sqlite_batch(conn, work, begin=True)
+        landed = _as_written(held, results)
+        if breakers is not None and landed:
+            outcomes, pauses = every if len(landed) == len(results) else _evidence(results, landed)
+            if record and breakers.needs_record(outcomes, pauses):
+                circuits = await breakers.record(conn, outcomes, pauses, now)
+        rows = await _admit(conn, worker, now, _sqlite_rows(claimed), admission)
+    return _written(results, landed, circuits, outcomes), _in_claim_order(rows)
 
 
 def _evidence(
