@@ -433,6 +433,39 @@ async def test_breaker_opens_after_five_503s_probes_after_cooldown_and_closes(
     assert final is not None and (final["breaker"], final["failures"]) == ("closed", 0)
 
 
+async def test_a_circuit_that_opens_takes_its_hosts_tasks_out_of_the_claimed_buffer(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """Tasks claimed ahead were admitted while the circuit was closed; when it opens they are given back unsent
+    (no attempt charged) instead of each going to the failing host."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, breaker_cooldown=30)
+    receiver.set_default(Reply(status=503, delay_s=0.2), "/sick")
+    ids = await make_tasks(
+        runtime, biz, receiver.url("/sick"), 60, "s", retry={"strategy": "fixed", "interval": 60}
+    )
+    async with running(runtime, concurrency=5) as dispatcher:  # 8 x 5 = 40 claimed ahead of the 5 slots
+
+        async def circuit_open() -> bool:
+            row = await host_row(runtime, host)
+            return row is not None and row["breaker"] == "open"
+
+        await wait_until(circuit_open, 10, "the circuit to open")
+        await asyncio.sleep(1.0)
+        sent = len(receiver.requests_for("/sick"))
+        rows = await task_rows(runtime, ids)
+        buffered = dispatcher._ready_count
+    # The five that opened it, and at most one more per slot started before their results were written; without
+    # the give-back, the ~40 buffered would have followed.
+    assert 5 <= sent <= 12, sent
+    assert buffered == 0
+    assert sum(r["attempts"] for r in rows) == sent
+    unsent = [r for r in rows if r["attempts"] == 0]
+    assert len(unsent) == 60 - sent
+    assert all(r["status"] == "pending" and r["lease_owner"] is None for r in unsent)
+
+
 async def test_probe_failure_keeps_the_circuit_open_for_another_cooldown(
     runtime: Runtime, receiver: Receiver
 ) -> None:

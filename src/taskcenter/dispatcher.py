@@ -101,6 +101,7 @@ class Dispatcher:
         # On SQLite the claim loop writes the waiting results in its claim's transaction (queue.finish_and_claim);
         # the write loop writes them only while the claim loop is parked (waiting for room or for the next due task).
         self._combine = False  # set by run()
+        self._background: set[asyncio.Task[None]] = set()
         self._claim_parked = True
         self.delivered = 0
         self._claimed_last = 0
@@ -243,9 +244,10 @@ class Dispatcher:
             admission=admission,
         )
 
-    def _claimed(self, rows: list[Mapping[str, Any]]) -> None:
+    def _claimed(self, rows: list[Mapping[str, Any]], *, count: bool = True) -> None:
         """Buffer a claimed batch (one queue per business) and start what the free slots take."""
-        self.metrics.claimed.inc(len(rows))
+        if count:
+            self.metrics.claimed.inc(len(rows))
         for row in rows:
             self._held.add(row["id"])
             queued = self._ready.get(row["business_pk"])
@@ -588,12 +590,49 @@ class Dispatcher:
         return queue.Written(landed, lost)
 
     def _written(self, written: queue.Written) -> queue.Written:
-        """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes."""
+        """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes;
+        a circuit that opened takes its host's tasks out of the claimed buffer."""
         if self.traffic is not None and written.outcomes:
             self.traffic.answered(written.outcomes)
         for host, state in written.circuits.items():
             log.warning("circuit of %s is now %s", host, state)
+            if state == "open":
+                self._unbuffer(host)
         return written
+
+    def _unbuffer(self, host: str) -> None:
+        """Give back, unsent, the buffered tasks of ``host`` (its circuit just opened).
+
+        They were admitted while the circuit was closed, and the buffer holds up to ``claim_batch`` tasks: sent,
+        each would hold a slot until the sick host timed it out (sick-host bench: 37 such requests with 400
+        buffered, 73 with 800). Given back due now, the next claim's admission holds them past the cool-down
+        like the host's other due tasks, without an attempt charged.
+        """
+        pulled: list[Mapping[str, Any]] = []
+        for business, queued in list(self._ready.items()):
+            if any(r["host"] == host for r in queued):
+                pulled += [r for r in queued if r["host"] == host]
+                kept = collections.deque(r for r in queued if r["host"] != host)
+                if kept:
+                    self._ready[business] = kept
+                else:
+                    del self._ready[business]
+        if pulled:
+            self._ready_count -= len(pulled)
+            task = asyncio.create_task(self._give_back_unsent(pulled), name="tc-unbuffer")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _give_back_unsent(self, rows: list[Mapping[str, Any]]) -> None:
+        now = self.clock()
+        try:
+            await queue.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], now) for r in rows])
+        except StorageError as exc:  # still leased by us: send them after all rather than strand them
+            log.warning("giving back %d tasks of an open circuit failed, sending them: %s", len(rows), exc)
+            self._claimed(rows, count=False)
+            return
+        self._held.difference_update(r["id"] for r in rows)
+        self._slot_freed.set()
 
     async def _notify(self, events: list[_Pending], landed: dict[int, str]) -> None:
         finished = []
