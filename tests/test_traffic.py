@@ -662,7 +662,7 @@ async def test_one_business_backlog_does_not_delay_another_business(
 async def test_a_business_claimed_behind_a_full_buffer_goes_out_before_the_buffered_backlog(
     db_url: str, receiver: Receiver
 ) -> None:
-    """The dispatcher claims up to 8 x concurrency ahead of its slots; it starts that buffer round-robin across
+    """The dispatcher claims up to 4 x concurrency ahead of its slots; it starts that buffer round-robin across
     businesses, so B's task, claimed behind a buffer full of A's tasks, takes the next free slot."""
     receiver.set_default(Reply.delayed(0.05), path="/a")
     rt = Runtime(make_settings(db_url, claim_batch=40))

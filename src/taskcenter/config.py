@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     """Port ``serve`` listens on."""
     concurrency: int = Field(default=100, ge=1, le=10_000)
     """Requests in flight per dispatcher process."""
-    claim_batch: int = Field(default=800, ge=1, le=5000)
-    """Most tasks claimed in one statement, and claimed ahead of free slots (at most 8 x concurrency)."""
+    claim_batch: int = Field(default=400, ge=1, le=5000)
+    """Most tasks claimed in one statement, and claimed ahead of free slots (at most 4 x concurrency)."""
     poll_interval_s: float = Field(default=5.0, gt=0, le=300)
     """Longest sleep between looks at the queue when no wake-up arrives."""
     lease_s: float = Field(default=20.0, ge=1, le=3600)
@@ -189,8 +189,8 @@ class DispatchConfig:
 
     concurrency: int = 100
     """Requests in flight at once."""
-    claim_batch: int = 800
-    """Most tasks claimed in one statement, and claimed ahead of free slots (at most 8 x concurrency)."""
+    claim_batch: int = 400
+    """Most tasks claimed in one statement, and claimed ahead of free slots (at most 4 x concurrency)."""
     poll_interval_s: float = 5.0
     """Longest sleep without a wake-up."""
     lease_s: float = 20.0

@@ -168,19 +168,17 @@ class Dispatcher:
 
     async def _claim_loop(self) -> None:
         cfg = self.config
-        # Claim ahead of the free slots — up to a batch, at most eight times the concurrency — so the next tasks are
+        # Claim ahead of the free slots — up to a batch, at most four times the concurrency — so the next tasks are
         # already here when slots free up and the claim's round trips overlap with sending instead of leaving slots
-        # idle. A claim under load takes ~40-75 ms (a few event-loop turns per round trip, and on SQLite the wait
-        # for the one writer, which the finish holds half the time), and the claim loop runs one at a time: each
-        # claim brings about what was sent meanwhile, and when it brought too little the slots ran dry until the
-        # next (measured on SQLite with 400 ahead: the buffer empty in 42 % of 5 ms samples, 70 of 100 slots busy on
-        # average). Fewer, larger claims spend less of the writer's time per task: with batches of 800 (eight
-        # ahead), 81-83 of 100 busy on SQLite and ~100 on PostgreSQL, tasks/s +1 to +4 points of the ceiling in the
-        # same-minute runs of docs/benchmarks.md. The buffer is started round-robin across businesses, so another
-        # business's task claimed behind a backlog's waits for a slot, not for the buffer. Tasks waiting in it
-        # have taken their tokens already; the send-time pacer (``_pace``) keeps them from leaving a host in a
-        # clump.
-        capacity = cfg.concurrency + min(cfg.claim_batch, 8 * cfg.concurrency)
+        # idle. A claim under load takes ~35-65 ms (a few event-loop turns per round trip), and the claim loop
+        # runs one at a time: with only one concurrency's worth ahead, each claim could bring no more than had
+        # finished meanwhile, and slots emptied during every claim (measured: 48-60 of 100 in flight on average;
+        # two ahead: tasks/s +8 to +39 % in 4 same-minute pairs; four ahead with batches of 400: mean in flight
+        # 46-49 -> 58-70 on SQLite and tasks/s -1 to +38 % there in 4 pairs, PostgreSQL within the noise;
+        # docs/benchmarks.md). The buffer is started round-robin across businesses, so another business's task
+        # claimed behind a backlog's waits for a slot, not for the buffer. Tasks waiting in it have taken their
+        # tokens already; the send-time pacer (``_pace``) keeps them from leaving a host in a clump.
+        capacity = cfg.concurrency + min(cfg.claim_batch, 4 * cfg.concurrency)
         # Claim in chunks: one statement per quarter batch of free room, not one per freed slot.
         low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
         self._claim_parked = False
