@@ -601,10 +601,10 @@ class Dispatcher:
     def _unbuffer(self, host: str) -> None:
         """Give back, unsent, the buffered tasks of ``host`` (its circuit just opened).
 
-        They were admitted while the circuit was closed, and the buffer holds up to ``claim_batch`` tasks: sent,
-        each would hold a slot until the sick host timed it out (sick-host bench: 37 such requests with 400
-        buffered, 73 with 800). Given back due now, the next claim's admission holds them past the cool-down
-        like the host's other due tasks, without an attempt charged.
+        They were admitted while the circuit was closed, and the buffer holds up to ``claim_batch`` of them: sent,
+        each would go to the failing host and hold a slot until it answered or timed out. Given back due now, the
+        next claim's admission holds them past the cool-down with the host's other due tasks, no attempt charged.
+        (Tasks already in flight when the circuit opens are not recalled.)
         """
         pulled: list[Mapping[str, Any]] = []
         for business, queued in list(self._ready.items()):
