@@ -148,6 +148,8 @@ class Dispatcher:
 
     async def _drain(self) -> None:
         """Give in-flight sends the grace period, then release what is left unsent."""
+        if self._background:  # a give-back of an opened circuit's buffer still running
+            await asyncio.gather(*self._background, return_exceptions=True)
         pending = list(self._sending.values())
         if pending:
             _done, not_done = await asyncio.wait(pending, timeout=self.config.shutdown_grace_s)
@@ -202,9 +204,8 @@ class Dispatcher:
                 if max(self._claimed_last, len(rows)) == limit:
                     # A full batch (even if traffic control held some back): more may be due right now.
                     continue
-                if (
-                    not self._wake.is_set()
-                ):  # woken meanwhile: claim again without asking when the next is due
+                # Woken meanwhile: claim again without asking when the next is due.
+                if not self._wake.is_set():
                     await self._parked(self._sleep_until_due())
         finally:
             self._claim_parked = True
