@@ -425,9 +425,8 @@ async def test_the_postgres_claim_reads_one_batch_even_with_statistics_from_befo
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     scans = _scans(plan)
     assert scans, plan
-    assert (
-        _node(plan, "ModifyTable")["Actual Rows"] == 100
-    )  # the claim's UPDATE, under the rows' JSON aggregate
+    # The claim's UPDATE, under the aggregate that turns its rows into one JSON value.
+    assert _node(plan, "ModifyTable")["Actual Rows"] == 100
     due_reads = [s for s in scans if s[1] != "pk_tasks"]
     assert all(rows <= 100 for _, _, rows in due_reads), due_reads  # a batch, not the backlog (3,000)
     assert "ix_tasks_due_time" not in {index for _, index, _ in scans}
@@ -704,9 +703,8 @@ async def test_extend_leases_moves_only_the_workers_own_leases(db: Database, bus
     assert (await row_of(db, theirs))["lease_expires_at"] == T0 + timedelta(seconds=LEASE_S)
 
 
-@pytest.mark.parametrize(
-    "backend", ["postgres"]
-)  # SQLite has one writer: a heartbeat and a write never overlap
+# SQLite has one writer: a heartbeat and a write never overlap there.
+@pytest.mark.parametrize("backend", ["postgres"])
 async def test_the_heartbeat_skips_rows_a_write_holds_instead_of_deadlocking_with_it(
     db: Database, business: Business
 ) -> None:

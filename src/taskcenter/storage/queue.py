@@ -533,6 +533,7 @@ async def _finish_postgres(
 
 
 def _postgres_finish_params(worker: str, now: datetime, results: Sequence[Finished]) -> tuple[Any, ...]:
+    """``_PG_FINISH``'s parameters for a batch: one array per field, then the worker and the time."""
     return (
         [r.task_id for r in results],
         [r.attempt for r in results],
