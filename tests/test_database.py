@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from taskcenter.storage.database import CHECKPOINT_SQL, SQLITE_WRITER_AUTOCHECKPOINT, Database
+from taskcenter.storage import database
+from taskcenter.storage.database import (
+    CHECKPOINT_SQL,
+    SQLITE_WRITER_AUTOCHECKPOINT,
+    SQLITE_WRITER_BUSY_MS,
+    Database,
+)
 
 
 def _checkpoint(path: Path) -> tuple[int, int, int]:
@@ -140,16 +148,19 @@ async def test_a_failed_sqlite_write_transaction_leaves_the_writer_usable(tmp_pa
     assert values == ["x" * 500, "kept"]
 
 
-async def test_a_busy_sqlite_database_is_a_storage_error_not_a_crash(tmp_path: Path) -> None:
+async def test_a_busy_sqlite_database_is_a_storage_error_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from taskcenter.errors import StorageError
 
     path = tmp_path / "b.db"
     db = Database(f"sqlite:///{path}")
     other = None
+    monkeypatch.setattr(
+        database, "SQLITE_LOCK_WAIT_S", 0.05
+    )  # how long the writer waits, lowered for this test
     try:
         await _write_rows(db, 1)
-        async with db.write() as conn:  # the writer's busy timeout, lowered for this test
-            await conn.exec_driver_sql("PRAGMA busy_timeout=50")
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         with pytest.raises(StorageError, match="locked"):
@@ -162,3 +173,74 @@ async def test_a_busy_sqlite_database_is_a_storage_error_not_a_crash(tmp_path: P
         if other is not None:
             other.close()
         await db.close()
+
+
+# -- waiting for the write lock another process holds ----------------------------------------------------------
+
+
+def _hold_twice(path: Path, held: threading.Event, gap_s: float, seen: list[int]) -> None:
+    """Another process's writer: holds the lock 0.6 s, lets go for ``gap_s``, takes it again (noting how many
+    rows it then sees) for 0.3 s."""
+    other = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(0.6)
+        other.execute("COMMIT")
+        time.sleep(gap_s)
+        other.execute("BEGIN IMMEDIATE")  # waits (10 s) if the other writer got in during the gap
+        seen.append(other.execute("SELECT count(*) FROM t").fetchone()[0])
+        time.sleep(0.3)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+async def test_a_sqlite_writer_gets_in_during_a_short_gap_in_another_writers_lock(tmp_path: Path) -> None:
+    # Another process's dispatcher holds the write lock nearly all the time and lets go for a moment between its
+    # batches. SQLite's own busy handler would be asleep for 25-100 ms by then and would seldom try in the gap;
+    # the writer looks every 1-2 ms, so it writes in the gap instead of after the next batch.
+    path = tmp_path / "g.db"
+    db = Database(f"sqlite:///{path}")
+    held, seen = threading.Event(), []
+    try:
+        await _write_rows(db, 1)
+        async with db.write() as conn:
+            busy_ms = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+        holder = threading.Thread(target=_hold_twice, args=(path, held, 0.025, seen))
+        holder.start()
+        held.wait()
+        async with db.write() as conn:
+            await conn.execute(sa.text("INSERT INTO t (v) VALUES ('in the gap')"))
+        await asyncio.to_thread(holder.join)
+    finally:
+        await db.close()
+    assert seen == [2]  # the holder's second transaction began after this writer's row was committed
+    assert busy_ms == SQLITE_WRITER_BUSY_MS
+
+
+async def test_a_create_beside_another_processs_write_waits_for_the_lock(tmp_path: Path) -> None:
+    # A single create is a lone INSERT outside a transaction (it takes the lock itself): it waits for the lock as
+    # BEGIN IMMEDIATE does rather than failing after the write connection's few milliseconds of busy_timeout.
+    from taskcenter.runtime import Runtime
+    from tests.conftest import make_settings
+    from tests.test_api_support import task_body
+
+    path = tmp_path / "create.db"
+    rt = Runtime(make_settings(f"sqlite:///{path}"))
+    await rt.start()
+    other = None
+    try:
+        shop = await rt.service.ensure_business("shop")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        create = asyncio.create_task(rt.service.create_task(shop, task_body("waits")))
+        await asyncio.sleep(0.3)
+        assert not create.done()  # waiting, not failed
+        other.execute("COMMIT")
+        task = await asyncio.wait_for(create, timeout=10)
+    finally:
+        if other is not None:
+            other.close()
+        await rt.close()
+    assert task.business_id == "waits"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,15 @@ log = logging.getLogger("taskcenter.storage")
 SQLITE_WRITER_AUTOCHECKPOINT = 16384
 #: Returns (1 if it could not run at all, frames in the WAL, frames copied to the database).
 CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
+#: How long a write waits for SQLite's write lock before it fails with "database is locked".
+SQLITE_LOCK_WAIT_S = 10.0
+#: The write connection's ``busy_timeout``, in ms: SQLite's own busy handler then sleeps 1 ms and 2 ms before it
+#: gives up, and :func:`sqlite_locked` tries again at once, so a write waiting for the lock looks every 1-2 ms
+#: until ``SQLITE_LOCK_WAIT_S``. With a long busy_timeout the handler backs off to sleeps of 25, 50 and 100 ms;
+#: another process's dispatcher hands the lock back for a millisecond or two between its batches, so a write
+#: sleeping that long seldom tries in such a gap (measured: creates from an API process beside a busy worker
+#: waited p99 437-634 ms for the lock).
+SQLITE_WRITER_BUSY_MS = 3
 
 
 def json_text(value: Any) -> str:
@@ -97,8 +107,35 @@ async def sqlite_batch(
     return done
 
 
+def sqlite_locked(statement: Callable[[], T]) -> T:
+    """``statement()``, tried again for up to ``SQLITE_LOCK_WAIT_S`` while it fails because another connection
+    holds SQLite's write lock. For a statement that takes the lock (BEGIN IMMEDIATE, a lone write in autocommit), on the write
+    connection (see ``SQLITE_WRITER_BUSY_MS``) and its driver's thread; such a statement fails for the lock
+    before it changes anything, so running it again is safe.
+    """
+    deadline = time.monotonic() + SQLITE_LOCK_WAIT_S
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # set on errors raised by SQLite itself
+    if code is not None:
+        return bool(code & 0xFF == sqlite3.SQLITE_BUSY)  # SQLITE_BUSY and its extended codes
+    return str(exc).startswith("database is locked")
+
+
+def begin_immediate(connection: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE on the write connection, waiting for the write lock as :func:`sqlite_locked` does."""
+    sqlite_locked(lambda: connection.execute("BEGIN IMMEDIATE"))
+
+
 def _begun(work: Callable[[sqlite3.Connection], T], connection: sqlite3.Connection) -> T:
-    connection.execute("BEGIN IMMEDIATE")
+    begin_immediate(connection)
     try:
         return work(connection)
     except BaseException:
@@ -127,7 +164,9 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=10000")
+        # The write connection waits for the lock in sqlite_locked (see SQLITE_WRITER_BUSY_MS); readers seldom wait
+        # at all under WAL.
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_WRITER_BUSY_MS if immediate else 10000}")
         cur.execute("PRAGMA foreign_keys=ON")
         if immediate:  # the writer
             cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WRITER_AUTOCHECKPOINT}")
@@ -144,7 +183,10 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         if driver.in_transaction:  # Database.write began it on the driver already
             return
         try:
-            await_(driver.execute_fetchall(begin))
+            if immediate:
+                await_(driver._execute(begin_immediate, driver._conn))
+            else:
+                await_(driver.execute_fetchall(begin))
         except sqlite3.Error as exc:  # as SQLAlchemy raises a statement's error (busy, disk I/O)
             raise OperationalError(begin, None, exc) from exc
 
@@ -220,7 +262,7 @@ class Database:
         async with self.write_engine.connect() as conn:
             driver = await sqlite_driver(conn)
             if begin:
-                await driver.execute_fetchall("BEGIN IMMEDIATE")
+                await driver._execute(begin_immediate, driver._conn)
             try:
                 yield conn
             except BaseException:
@@ -240,8 +282,9 @@ class Database:
 
         For one statement that must be atomic on its own (a statement is): on PostgreSQL the connection is in
         autocommit; on SQLite the driver connection already is, as long as the statements go to the driver
-        directly (through SQLAlchemy the first one would open a BEGIN IMMEDIATE transaction), and a lone INSERT
-        takes the write lock when it starts, waiting ``busy_timeout`` as BEGIN IMMEDIATE would.
+        directly (through SQLAlchemy the first one would open a BEGIN IMMEDIATE transaction) and through
+        :func:`sqlite_locked`: a lone INSERT takes the write lock when it starts, and waits for it as BEGIN
+        IMMEDIATE does.
         """
         async with self._autocommit(self.write_engine) as conn:
             yield conn

@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.errors import DuplicateTask, StorageError
-from taskcenter.storage.database import json_text
+from taskcenter.storage.database import json_text, sqlite_locked
 from taskcenter.storage.schema import LIVE_SQL, attempts, businesses, tasks
 
 _LIVE = sa.text(LIVE_SQL)
@@ -263,13 +263,20 @@ async def _insert_many_sqlite(
                 value = row[name]
                 params.append(process(value) if process is not None else value)
         try:
-            stored = await driver.execute_fetchall(_sqlite_insert(columns, len(page)), params)
+            # Outside a transaction (the create path's autocommit) the INSERT takes the write lock itself.
+            stored = await driver._execute(
+                _fetch_locked, driver._conn, _sqlite_insert(columns, len(page)), params
+            )
         except sqlite3.Error as exc:  # what Database.write() makes of SQLAlchemy's wrapping of it
             raise StorageError(
                 f"database error: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
             ) from exc
         out.extend((int(row_id), stored_as[stored_uuid]) for row_id, stored_uuid in stored)
     return out
+
+
+def _fetch_locked(connection: sqlite3.Connection, sql: str, params: list[Any]) -> list[Any]:
+    return sqlite_locked(lambda: connection.execute(sql, params).fetchall())
 
 
 def insert_row(conn: sa.Connection, row: dict[str, Any], *, notify_channel: str | None = None) -> int:
