@@ -757,6 +757,8 @@ class Delivery:
     """CPU of the PostgreSQL backends serving the benchmark database (background writers not included)."""
     load: tuple[float, float]
     """One-minute load average before and after: how busy the shared machine was."""
+    machine: MachineCPU | None = None
+    """The whole machine's CPU from the worker's start to the last task succeeded."""
     sql: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
 
@@ -801,9 +803,11 @@ async def deliver_backlog(
         experiments=experiments,
     )
     worker_cpu0 = cpu_seconds(worker.pid)  # start-up (imports, schema check) is not delivery
+    machine0 = MachineCPU.mark()
     spies = await attach_profilers(fleet, worker.pid, profile) if profile else []
     stats = await receiver.wait_ok(count, timeout=timeout)
     done_t = await wait_status_count(db_url, "succeeded", count, timeout=timeout)
+    machine = MachineCPU.since(machine0)
     worker_cpu = cpu_seconds(worker.pid) - worker_cpu0
     receiver_cpu = cpu_seconds(receiver.child.pid) - rec0
     pg_cpu = postgres_cpu_since(pg0, pg_name) if pg_name else 0.0
@@ -823,6 +827,7 @@ async def deliver_backlog(
         receiver_cpu_s=receiver_cpu,
         postgres_cpu_s=pg_cpu,
         load=(load0, load1),
+        machine=machine,
         sql=stopped.get("sql", {}),
         trace=stopped.get("trace", {}),
     )
@@ -1098,6 +1103,32 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+@dataclass(frozen=True)
+class MachineCPU:
+    """The whole machine's CPU over a window: every process and the kernel, from ``psutil.cpu_times()``."""
+
+    wall_s: float
+    busy_s: float
+    """CPU seconds spent on anything but idle and I/O wait, over all cores."""
+    steal_s: float
+    """CPU seconds the hypervisor gave to other guests while this one wanted them (the shared host's noise)."""
+    cores: int
+
+    @classmethod
+    def since(cls, before: tuple[float, Any]) -> MachineCPU:
+        t0, c0 = before
+        t1, c1 = time.monotonic(), psutil.cpu_times()
+        idle = (c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
+        steal = getattr(c1, "steal", 0.0) - getattr(c0, "steal", 0.0)
+        total = sum(c1) - sum(c0) - (getattr(c1, "guest", 0.0) - getattr(c0, "guest", 0.0))
+        total -= getattr(c1, "guest_nice", 0.0) - getattr(c0, "guest_nice", 0.0)  # both already in user/nice
+        return cls(t1 - t0, max(0.0, total - idle - steal), max(0.0, steal), psutil.cpu_count() or 1)
+
+    @staticmethod
+    def mark() -> tuple[float, Any]:
+        return time.monotonic(), psutil.cpu_times()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -17,6 +17,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -203,8 +204,35 @@ def report(runs: list[Run]) -> None:
             ],
         )
     )  # fmt: skip
+    machine = [r for r in runs if r.delivery.machine is not None]
+    if machine:
+        cores = machine[0].delivery.machine.cores  # type: ignore[union-attr]
+        print(
+            f"\nThe whole machine from the worker's start to the last task succeeded: once its {cores} cores are busy,"
+        )
+        print(
+            "tasks/s is at most cores x 1e6 / (all CPU per task), whatever the worker does with its own share."
+        )
+        print(table(["run", f"machine busy (of {cores} cores)", "steal", "all CPU/task", "worker", "receiver",
+                     "PostgreSQL", "rest (kernel, this script)", f"bound at that cost ({cores} cores)",
+                     "of ceiling"], [machine_row(r) for r in machine]))  # fmt: skip
     print()
     print_worker_details([(r.label, r.delivery) for r in runs])
+
+
+def machine_row(run: Run) -> list[Any]:
+    """Where the machine's CPU went per task during a worker run, and the rate those costs allow."""
+    d, m = run.delivery, run.delivery.machine
+    assert m is not None
+    per_task = m.busy_s / d.tasks * 1e6
+    parts = [d.worker_cpu_s, d.receiver_cpu_s, d.postgres_cpu_s]
+    rest = max(0.0, m.busy_s - sum(parts)) / d.tasks * 1e6
+    bound = m.cores * 1e6 / per_task if per_task else 0.0
+    return [
+        run.label, f"{m.busy_s / m.wall_s / m.cores:.0%}", f"{m.steal_s / m.wall_s / m.cores:.0%}",
+        f"{per_task:.0f} us", *(f"{p / d.tasks * 1e6:.0f} us" if p else "-" for p in parts), f"{rest:.0f} us",
+        f"{bound:,.0f}/s", f"{bound / run.ceiling:.0%}",
+    ]  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
