@@ -109,9 +109,12 @@ async def sqlite_batch(
 
 def sqlite_locked(statement: Callable[[], T]) -> T:
     """``statement()``, tried again for up to ``SQLITE_LOCK_WAIT_S`` while it fails because another connection
-    holds SQLite's write lock. For a statement that takes the lock (BEGIN IMMEDIATE, a lone write in autocommit), on the write
-    connection (see ``SQLITE_WRITER_BUSY_MS``) and its driver's thread; such a statement fails for the lock
-    before it changes anything, so running it again is safe.
+    holds SQLite's write lock.
+
+    For a statement that takes the lock outside a transaction (BEGIN IMMEDIATE, a lone write in autocommit), run
+    on the write connection's thread (see ``SQLITE_WRITER_BUSY_MS``): such a statement fails for the lock before
+    it changes anything, so running it again is safe. Inside a transaction a busy statement is not retried here:
+    that transaction's snapshot may be what is stale.
     """
     deadline = time.monotonic() + SQLITE_LOCK_WAIT_S
     while True:

@@ -276,6 +276,9 @@ async def _insert_many_sqlite(
 
 
 def _fetch_locked(connection: sqlite3.Connection, sql: str, params: list[Any]) -> list[Any]:
+    """The statement's rows; outside a transaction, waiting for the write lock as BEGIN IMMEDIATE does."""
+    if connection.in_transaction:  # the lock is held already (Database.write)
+        return connection.execute(sql, params).fetchall()
     return sqlite_locked(lambda: connection.execute(sql, params).fetchall())
 
 
