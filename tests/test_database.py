@@ -1,4 +1,5 @@
-"""SQLite's WAL checkpoints: taken off the writer's commits and done by a connection of their own."""
+"""SQLite's WAL checkpoints (taken off the writer's commits, done by a connection of their own) and its write lock
+(taken up front by BEGIN IMMEDIATE, waited for every 1-2 ms when another process holds it)."""
 
 from __future__ import annotations
 
@@ -156,9 +157,8 @@ async def test_a_busy_sqlite_database_is_a_storage_error_not_a_crash(
     path = tmp_path / "b.db"
     db = Database(f"sqlite:///{path}")
     other = None
-    monkeypatch.setattr(
-        database, "SQLITE_LOCK_WAIT_S", 0.05
-    )  # how long the writer waits, lowered for this test
+    # How long the writer waits for the lock, lowered for this test.
+    monkeypatch.setattr(database, "SQLITE_LOCK_WAIT_S", 0.05)
     try:
         await _write_rows(db, 1)
         other = sqlite3.connect(path, isolation_level=None)
@@ -209,7 +209,7 @@ async def test_a_sqlite_writer_gets_in_during_a_short_gap_in_another_writers_loc
             busy_ms = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
         holder = threading.Thread(target=_hold_twice, args=(path, held, 0.025, seen))
         holder.start()
-        held.wait()
+        assert held.wait(10), "the other writer never took the lock"
         async with db.write() as conn:
             await conn.execute(sa.text("INSERT INTO t (v) VALUES ('in the gap')"))
         await asyncio.to_thread(holder.join)
@@ -244,3 +244,16 @@ async def test_a_create_beside_another_processs_write_waits_for_the_lock(tmp_pat
             other.close()
         await rt.close()
     assert task.business_id == "waits"
+
+
+def test_only_a_busy_database_is_waited_for() -> None:
+    # Any other error of a statement that takes the lock (a missing table, a constraint) fails at once.
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("no such table: nowhere")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        database.sqlite_locked(broken)
+    assert calls == [1]
