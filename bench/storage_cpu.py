@@ -38,6 +38,7 @@ import sqlalchemy as sa
 
 from bench.common import (
     BUSINESS,
+    BenchError,
     Fleet,
     backends,
     bench_settings,
@@ -133,7 +134,7 @@ async def one_round(backend: str, args: argparse.Namespace) -> Costs:
                 main1 = time.thread_time()
                 costs.add("finish", meter.database_since(db0), main1 - main0)
         if costs.tasks != args.tasks:
-            raise RuntimeError(f"claimed {costs.tasks} of {args.tasks} tasks")
+            raise BenchError(f"claimed {costs.tasks} of {args.tasks} tasks")
         return costs
     finally:
         await rt.close()
