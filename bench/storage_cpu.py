@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script (dev.py bench): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +44,7 @@ from bench.common import (
     fresh_database,
     header,
     postgres_backends,
+    postgres_cpu_since,
     run_script,
     script_parser,
     table,
@@ -68,23 +68,25 @@ class Costs:
 
 
 class Meter:
-    """CPU so far of the database's side and of this process's main thread."""
+    """CPU so far of the database's side: PostgreSQL's backends of one database, or this process's other threads."""
 
     def __init__(self, postgres_db: str | None) -> None:
         self._postgres_db = postgres_db
         self._process = psutil.Process()
 
-    def database(self) -> Any:
+    def database(self) -> dict[int, float] | float:
         if self._postgres_db is not None:
             return postgres_backends(self._postgres_db)
-        times = self._process.cpu_times()
-        return times.user + times.system - time.thread_time()  # the driver threads': all but the main thread
+        times = self._process.cpu_times()  # the driver threads': all but the main thread
+        return float(times.user + times.system) - time.thread_time()
 
-    def database_since(self, before: Any) -> float:
-        now = self.database()
+    def database_since(self, before: dict[int, float] | float) -> float:
         if isinstance(before, dict):
-            return float(sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items()))
-        return float(now - before)
+            assert self._postgres_db is not None
+            return postgres_cpu_since(before, self._postgres_db)
+        now = self.database()
+        assert isinstance(now, float)
+        return now - before
 
 
 async def one_round(backend: str, args: argparse.Namespace) -> Costs:
