@@ -155,6 +155,30 @@ async def test_a_new_task_wakes_a_sleeping_dispatcher_at_once(db_url: str, recei
         await rt.close()
 
 
+async def test_a_retry_due_before_the_poll_interval_is_sent_on_time(db_url: str, receiver: Receiver) -> None:
+    """A retry 0.2 s after a failure is sent then, not when a 30 s poll next looks at the queue: the claim loop,
+    asleep while the failed attempt was still in flight, is woken when its result schedules the retry."""
+    rt = Runtime(make_settings(db_url, poll_interval_s=30))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        receiver.script("/soon", Reply(status=503), Reply(status=200))
+        task = await rt.service.create_task(
+            biz,
+            {
+                "business_id": "r",
+                "url": receiver.url("/soon"),
+                "retry": {"strategy": "intervals", "intervals": [0.2]},
+            },
+        )
+        async with running(rt):
+            first, second = await receiver.wait_for(2, "/soon", timeout=5)
+            await wait_status(rt, biz, task.id, "succeeded")
+        assert second.arrived_at - first.arrived_at >= 0.2
+    finally:
+        await rt.close()
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_task_created_elsewhere_wakes_a_worker_process_through_notify(
     runtime: Runtime, receiver: Receiver, db_url: str

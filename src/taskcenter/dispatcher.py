@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -41,6 +41,7 @@ from taskcenter.storage.traffic import TrafficControl
 
 log = logging.getLogger("taskcenter.dispatcher")
 MAX_STORED_REQUEST_BODY = 65536
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 _Pending = tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None, int | None]
 """What the write loop needs of a recorded attempt for events and notifications, in step with its Finished:
@@ -103,6 +104,9 @@ class Dispatcher:
         self._combine = False  # set by run()
         self._background: set[asyncio.Task[None]] = set()
         self._claim_parked = True
+        # While the claim loop sleeps until the next due task: when it means to look again. A result written
+        # meanwhile may schedule a retry before that (its task was in flight, so not due, when the sleep began).
+        self._asleep_until: datetime | None = None
         self.delivered = 0
         self._claimed_last = 0
 
@@ -267,7 +271,14 @@ class Dispatcher:
             self._claim_parked = False
 
     async def _sleep_until_due(self) -> None:
-        await self._sleep(await self._until_next_due())
+        # A result written while the next due time is being read may not be in what that read saw: it wakes us too.
+        self._asleep_until = _NEVER
+        try:
+            seconds = await self._until_next_due()
+            self._asleep_until = self.clock() + timedelta(seconds=seconds)
+            await self._sleep(seconds)
+        finally:
+            self._asleep_until = None
 
     def _pump(self) -> None:
         """Start buffered tasks while there are free slots: one of each business's in turn, each in claim order."""
@@ -548,6 +559,12 @@ class Dispatcher:
         self._writing.difference_update(ids)
         self._held.difference_update(ids)
         self.delivered += len(written.landed)
+        if self._asleep_until is not None:
+            retries = [
+                r.next_attempt_at for r in batch if r.status == "retrying" and r.next_attempt_at is not None
+            ]
+            if retries and min(retries) < self._asleep_until:
+                self._wake.set()  # look again: the sleep would outlast a retry just scheduled
         if written.lost:
             log.warning("lost the lease of %d tasks before their results were written", len(written.lost))
         if self.events:
