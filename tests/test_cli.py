@@ -207,6 +207,24 @@ def test_task_cancel_then_retry_like_the_symfony_command(cli: Cli) -> None:
     assert json.loads(cli.ok("task", "show", data["id"], "--output-json"))["status"] == "pending"
 
 
+def test_stats_prints_the_system_figures_and_one_business_s(cli: Cli) -> None:
+    """DESIGN's ``taskcenter stats``: the figures ``GET /stats`` gives, or ``GET /businesses/{code}/stats``'s."""
+    first = create(cli, "s-1")
+    create(cli, "s-2")
+    cli.ok("task", "cancel", first["id"])
+    every = json.loads(cli.ok("stats", "--json"))
+    assert every["business_code"] is None and every["businesses"] == 1
+    assert every["counts"]["pending"] == 1 and every["counts"]["cancelled"] == 1 and every["total"] == 2
+    one = json.loads(cli.ok("stats", "--business", "shop", "--window-hours", "1", "--json"))
+    assert one["business_code"] == "shop" and one["window_hours"] == 1.0 and one["created"] == 2
+    human = cli.ok("stats")
+    assert "pending 1" in human and "cancelled 1" in human and "total 2" in human
+
+
+def test_stats_of_an_unknown_business_is_one_line(cli: Cli) -> None:
+    assert "nope" in one_line_error(cli("stats", "--business", "nope"), 1)
+
+
 def test_config_show_masks_secrets(cli: Cli) -> None:
     result = cli("config", "show", TASKCENTER_OPERATOR_KEY="very-secret")
     assert result.exit_code == 0

@@ -29,6 +29,7 @@ from taskcenter.errors import TaskCenterError
 from taskcenter.heap import settle_heap
 from taskcenter.logs import setup_logging
 from taskcenter.runtime import Runtime
+from taskcenter.stats import StatsService
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -501,6 +502,54 @@ def purge(
             return await rt.service.purge(older_than_s=age, progress=lambda n: bar.advance(job, n))
 
     out.print(f"purged {_run(_with_runtime(_settings(config), work))} finished tasks")
+
+
+@app.command()
+def stats(
+    business: Annotated[
+        str | None, typer.Option("--business", "-b", help="Only this business system (default: all).")
+    ] = None,
+    window_hours: Annotated[
+        float, typer.Option(help="Hours the created/succeeded/failed counts, latency and hosts look back.")
+    ] = 24.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (as GET /api/v1/stats answers).")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Counts by status, success rate, attempt latency p50/p90/p95/p99 and the busiest hosts."""
+
+    async def work(rt: Runtime) -> dict[str, Any]:
+        biz = await rt.service.business(business) if business else None
+        return await StatsService(rt.db, clock=rt.clock).figures(biz, window_hours=window_hours)
+
+    figures = _run(_with_runtime(_settings(config), work))
+    if as_json:
+        out.print_json(json.dumps(figures))
+        return
+    who = figures["business_code"] or f"all business systems ({figures['businesses']})"
+    counts = "  ".join(f"{status} {n}" for status, n in figures["counts"].items())
+    rate = figures["success_rate"]
+    latency = figures["latency_ms"]
+    lines = [
+        f"{'business':>10}  {who}",
+        f"{'tasks':>10}  {counts}  (total {figures['total']})",
+        f"{'last':>10}  {figures['window_hours']:g} h, since {figures['since']}: created {figures['created']}, "
+        f"succeeded {figures['succeeded']}, failed {figures['failed']}, success rate "
+        + (f"{rate * 100:.1f} %" if rate is not None else "-"),
+        f"{'latency':>10}  "
+        + "  ".join(
+            f"{p} {latency[p]:g} ms" for p in ("p50", "p90", "p95", "p99") if latency.get(p) is not None
+        )
+        + f"  ({latency.get('samples', 0)} attempts)",
+    ]
+    for line in lines:
+        out.print(escape(line), highlight=False)
+    if figures["hosts"]:
+        table = Table("host", "tasks", "succeeded", "failed", show_edge=False, header_style="bold")
+        for h in figures["hosts"]:
+            table.add_row(escape(h["host"]), str(h["tasks"]), str(h["succeeded"]), str(h["failed"]))
+        _print_table(table)
 
 
 @config_app.command("show")
