@@ -1,0 +1,29 @@
+"""The guides against the code they describe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from taskcenter.config import Settings
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _documented_settings() -> set[str]:
+    """The ``TASKCENTER_*`` names in the first column of operations.md's configuration table (``_X`` after a
+    full name abbreviates ``TASKCENTER_X``)."""
+    text = (DOCS / "operations.md").read_text()
+    table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first = line.split("|")[1]
+        for token in re.findall(r"`([A-Z_]+)`", first):
+            names.add(token if token.startswith("TASKCENTER_") else "TASKCENTER" + token)
+    return names
+
+
+def test_the_operations_guide_lists_every_setting_and_no_other() -> None:
+    assert _documented_settings() == {f"TASKCENTER_{name.upper()}" for name in Settings.model_fields}
