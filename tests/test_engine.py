@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from taskcenter.runtime import Runtime
+from taskcenter.storage import queue
 from taskcenter.storage.schema import attempts as attempts_table
 from taskcenter.storage.schema import tasks as tasks_table
 from tests.conftest import make_settings
@@ -100,6 +104,41 @@ async def test_killed_worker_leases_are_rescued_and_the_attempt_recorded_as_inte
         assert task.attempts == 2
         second = [r for r in receiver.requests_for("/slow") if r.headers["X-Task-Id"] == task.id]
         assert [r.headers["X-Task-Attempt"] for r in second] == ["1", "2"]
+    finally:
+        await rt.close()
+
+
+async def test_a_task_failed_by_the_lease_rescue_notifies_like_any_other_failure(
+    db_url: str, receiver: Receiver
+) -> None:
+    """A lost worker's last allowed attempt fails the task (the rescue charges it); that end is terminal like any
+    other: the task's ``notify`` webhook goes out and library listeners hear ``failed``."""
+    rt = Runtime(make_settings(db_url, rescue_interval_s=0.2))
+    await rt.start()
+    heard: list[dict[str, Any]] = []
+    rt.events.on("failed", lambda _event, data: heard.append(data))
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        task = await rt.service.create_task(
+            biz,
+            {
+                "business_id": "last",
+                "url": receiver.url("/never"),
+                "retry": {"strategy": "intervals", "intervals": []},
+                "notify": {"url": receiver.url("/notified"), "on": ["failed"]},
+            },
+        )
+        # A worker that claims the task and is never heard from again (its lease runs out in 0.3 s).
+        claimed = await queue.claim(rt.db, worker="lost", now=datetime.now(UTC), limit=1, lease_s=0.3)
+        assert [row["id"] for row in claimed] == [task.row_id]
+        async with running(rt):
+            [notice] = await receiver.wait_for(1, "/notified", timeout=10)
+        done = await rt.service.get_task(biz, task.id)
+        assert (done.status, done.outcome, done.attempts) == ("failed", "interrupted", 1)
+        body = json.loads(notice.body)
+        assert body["type"] == "task.failed" and body["task"]["id"] == task.id
+        assert [(e["id"], e["status"], e["outcome"]) for e in heard] == [(task.id, "failed", "interrupted")]
+        assert receiver.requests_for("/never") == []
     finally:
         await rt.close()
 

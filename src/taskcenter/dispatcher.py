@@ -694,6 +694,34 @@ class Dispatcher:
             if rescued:
                 log.warning("rescued %d tasks whose lease expired", len(rescued))
                 self.wake()
+                if self.notify is not None or self.events.wants("failed"):
+                    await self._rescued_failures(rescued)
+
+    async def _rescued_failures(self, rescued: list[int]) -> None:
+        """Tasks the rescue failed (a lost worker's attempt was their last allowed one) end like any other failure:
+        their ``notify`` webhook is queued and ``failed`` listeners are called."""
+        try:
+            rows = await queue.failed_by_rescue(self.db, rescued)
+        except StorageError as exc:
+            log.warning("reading the tasks the lease rescue failed: %s", exc)
+            return
+        finished = [(row, "failed") for row in rows if row["notify"]]
+        if finished and self.notify is not None:
+            try:
+                await self.notify(finished)
+            except TaskCenterError as exc:
+                log.warning("queuing %d notifications failed: %s", len(finished), exc)
+        if self.events.wants("failed"):
+            for row in rows:
+                data = {
+                    "id": str(row["uuid"]),
+                    "business_id": row["business_id"],
+                    "attempt": row["attempts"],
+                    "status": "failed",
+                    "outcome": row["outcome"],
+                    "last_response": None,
+                }
+                await self.events.emit("failed", data)
 
     async def _purge_loop(self) -> None:
         while self.purge is not None:

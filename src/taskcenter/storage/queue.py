@@ -800,6 +800,22 @@ async def release(
         )
 
 
+async def failed_by_rescue(db: Database, ids: Sequence[int]) -> list[Mapping[Any, Any]]:
+    """Of the tasks :func:`rescue` returned, those it failed (their budget was spent), with what their ``notify``
+    webhook and a ``failed`` event need: ``id``, ``uuid``, ``business_id``, ``business_pk``, ``notify``,
+    ``attempts``, ``outcome``."""
+    if not ids:
+        return []
+    async with db.read() as conn:
+        result = await conn.execute(
+            sa.select(
+                tasks.c.id, tasks.c.uuid, tasks.c.business_id, tasks.c.business_pk, tasks.c.notify,
+                tasks.c.attempts, tasks.c.outcome,
+            ).where(tasks.c.id.in_(ids), tasks.c.status == "failed", tasks.c.outcome == "interrupted")
+        )  # fmt: skip
+        return [dict(row) for row in result.mappings()]
+
+
 async def rescue(db: Database, *, now: datetime, limit: int = 500) -> list[int]:
     """Return tasks whose lease expired to ``retrying``, recording the interrupted attempt. Returns their ids."""
     async with db.write() as conn:
