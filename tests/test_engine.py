@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from taskcenter.errors import StorageError
 from taskcenter.runtime import Runtime
 from taskcenter.storage import queue
 from taskcenter.storage.schema import attempts as attempts_table
@@ -259,3 +260,49 @@ def test_a_settled_process_collects_young_objects_less_often() -> None:
         check=True,
     ).stdout.split()
     assert out == ["700", "10000", "10000", "True"]
+
+
+async def test_a_result_from_before_the_lease_was_rescued_does_not_land_on_the_task_claimed_again(
+    db_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live dispatcher whose heartbeats fail (its database connection in trouble, a stall) loses its lease: the
+    attempt in flight is rescued as interrupted and the task claimed again, here by the same dispatcher. The old
+    attempt's late result must not land on the new claim (attempt numbers twice, the new send unrecorded), nor
+    take the new claim's lease out of the heartbeat."""
+    heartbeat = queue.extend_leases
+    failing = True
+
+    async def flaky_heartbeat(*args: Any, **kwargs: Any) -> int:
+        if failing:
+            raise StorageError("database error: connection is closed")
+        return await heartbeat(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "extend_leases", flaky_heartbeat)
+    hold = asyncio.Event()
+    # The second attempt outlasts a lease: it needs the heartbeat that the first one's lost result must not stop.
+    receiver.script("/late", Reply(status=200, hold=hold), Reply(status=200, delay_s=1.5))
+    rt = Runtime(make_settings(db_url, lease_s=1, rescue_interval_s=0.2))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        task = await rt.service.create_task(biz, {"business_id": "late", "url": receiver.url("/late")})
+        async with running(rt, concurrency=1):
+            await receiver.wait_for(1, "/late", timeout=10)
+            for _ in range(100):  # rescued (attempt 1 interrupted), then claimed again by the same dispatcher
+                again = await rt.service.get_task(biz, task.id)
+                if again.status == "processing" and again.attempts == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert (again.status, again.attempts) == ("processing", 1)
+            failing = False
+            hold.set()  # the first attempt's response arrives now, after its lease was rescued
+            await receiver.wait_for(2, "/late", timeout=10)
+            await wait_status(rt, biz, task.id, "succeeded", "retrying", "failed")
+            await asyncio.sleep(0.3)  # anything written late would have landed by now
+        done = await rt.service.get_task(biz, task.id)
+        tries = await rt.service.attempts(biz, task.id)
+        assert [(a.number, a.outcome) for a in tries] == [(1, "interrupted"), (2, "success")]
+        assert done.attempts == 2
+        assert [r.headers["X-Task-Attempt"] for r in receiver.requests_for("/late")] == ["1", "2"]
+    finally:
+        await rt.close()

@@ -93,7 +93,10 @@ class Dispatcher:
         self._ready: dict[int, collections.deque[Mapping[str, Any]]] = {}
         self._ready_count = 0
         self._policies: dict[bytes | str, RetryPolicy] = {}
-        self._held: set[int] = set()  # claimed and not yet written back: their leases need heartbeats
+        # Claimed and not yet written back (their leases need heartbeats): task id -> the attempt number claimed.
+        # A task rescued from under this dispatcher (its lease expired in a stall) and claimed again is held for
+        # its new attempt; the old claim's copy is then stale (see _attempt and _after_write).
+        self._held: dict[int, int] = {}
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
@@ -168,7 +171,8 @@ class Dispatcher:
                 await queue.release(
                     self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent]
                 )
-            self._held.difference_update(unsent)
+            for i in unsent:
+                del self._held[i]
 
     # -- claiming -------------------------------------------------------------------------------------
 
@@ -252,7 +256,7 @@ class Dispatcher:
         if count:
             self.metrics.claimed.inc(len(rows))
         for row in rows:
-            self._held.add(row["id"])
+            self._held[row["id"]] = row["attempts"] + 1
             queued = self._ready.get(row["business_pk"])
             if queued is None:
                 queued = self._ready[row["business_pk"]] = collections.deque()
@@ -326,8 +330,9 @@ class Dispatcher:
         self._sending[task_id] = task
         task.add_done_callback(functools.partial(self._sent, task_id))
 
-    def _sent(self, task_id: int, _task: object = None) -> None:
-        self._sending.pop(task_id, None)
+    def _sent(self, task_id: int, task: object = None) -> None:
+        if self._sending.get(task_id) is task:  # not a newer claim's attempt of the same task
+            del self._sending[task_id]
         self._pump()
         self._slot_freed.set()
 
@@ -354,8 +359,10 @@ class Dispatcher:
     async def _attempt(self, row: Mapping[str, Any]) -> None:
         if self.traffic is not None and row["type"] == "http":
             await self._pace(row["host"])
-        started = self.clock()
         number = row["attempts"] + 1
+        if self._held.get(row["id"]) != number:
+            return  # a stale copy: the lease expired meanwhile and the task was rescued (and maybe claimed again)
+        started = self.clock()
         request_record: dict[str, Any] | None = None
         result_value: Any = None
         try:
@@ -557,7 +564,9 @@ class Dispatcher:
     ) -> None:
         ids = [r.task_id for r in batch]
         self._writing.difference_update(ids)
-        self._held.difference_update(ids)
+        for r in batch:
+            if self._held.get(r.task_id) == r.attempt:  # else a newer claim of the task holds it now
+                del self._held[r.task_id]
         self.delivered += len(written.landed)
         if self._asleep_until is not None:
             retries = [
@@ -647,7 +656,9 @@ class Dispatcher:
             log.warning("giving back %d tasks of an open circuit failed, sending them: %s", len(rows), exc)
             self._claimed(rows, count=False)
             return
-        self._held.difference_update(r["id"] for r in rows)
+        for r in rows:
+            if self._held.get(r["id"]) == r["attempts"] + 1:  # else claimed again since it was given back
+                del self._held[r["id"]]
         self._slot_freed.set()
 
     async def _notify(self, events: list[_Pending], landed: dict[int, str]) -> None:

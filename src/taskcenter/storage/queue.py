@@ -445,7 +445,9 @@ async def extend_leases(db: Database, *, worker: str, ids: Iterable[int], until:
 
 # The result of an attempt, written to the driver directly (see _claim_sql for why). A task cancelled while its
 # attempt was in flight keeps status cancelled (and its finish time, due time and result); the attempt is still
-# recorded. Only the holder of the lease writes (compare-and-set on lease_owner and status).
+# recorded. Only the holder of the lease writes (compare-and-set on lease_owner and status), and only the result of
+# the attempt it claimed (attempts = number - 1): a worker whose lease expired (a stall, a lost database connection)
+# may claim the rescued task again, and the result of its cut-off attempt must not land on that new claim.
 #
 # SQLite: the batch travels as one JSON array of per-result arrays (``_sqlite_batch_row``) and each statement
 # reads all of it with json_each — one statement step per statement, where an executemany stepped (and handed the
@@ -462,14 +464,14 @@ _SQLITE_RESULTS = """r AS (
         json_extract(value, '$[12]') AS r_result
     FROM json_each(?1)
 )"""
-_SQLITE_HELD = """SELECT json_group_array(json_array(id, status)) FROM tasks NOT INDEXED
-WHERE id IN (SELECT json_extract(value, '$[0]') FROM json_each(?1)) AND lease_owner = ?2
-    AND status IN ('processing', 'cancelled')"""
+_SQLITE_HELD = f"""WITH {_SQLITE_RESULTS}
+SELECT json_group_array(json_array(id, status, r_status)) FROM r JOIN tasks NOT INDEXED ON tasks.id = r_id
+WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled') AND tasks.attempts = r_attempt - 1"""
 _SQLITE_ATTEMPTS = f"""WITH {_SQLITE_RESULTS}
 INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)
 SELECT r_id, r_attempt, r_started, r_duration, r_request, r_response, r_outcome, r_error, ?2
 FROM r JOIN tasks NOT INDEXED ON tasks.id = r_id
-WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')"""
+WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled') AND tasks.attempts = r_attempt - 1"""
 _SQLITE_FINISH = f"""WITH {_SQLITE_RESULTS}
 UPDATE tasks NOT INDEXED SET
     status = CASE WHEN status = 'processing' THEN r_status ELSE status END,
@@ -486,7 +488,8 @@ UPDATE tasks NOT INDEXED SET
     lease_expires_at = NULL,
     updated_at = ?3
 FROM r
-WHERE tasks.id = r_id AND tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')"""
+WHERE tasks.id = r_id AND tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')
+    AND tasks.attempts = r_attempt - 1"""
 
 # PostgreSQL: the whole batch in one statement of one array per field — tasks moved, attempts inserted for the
 # tasks moved, (id, status as written) returned — so one round trip and one executor start per batch, not two
@@ -513,6 +516,7 @@ _PG_FINISH = """WITH r (id, attempt, status, outcome, started, duration, next_at
         updated_at = $15
     FROM r
     WHERE t.id = r.id AND t.lease_owner = $14 AND t.status IN ('processing', 'cancelled')
+        AND t.attempts = r.attempt - 1
     RETURNING t.id, t.status
 ), logged AS (
     INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)
@@ -589,11 +593,11 @@ def _write_sqlite(
     return work
 
 
-def _as_written(held: list[list[Any]], results: Sequence[Finished]) -> list[tuple[int, str]]:
-    """The results that landed, ``(task id, status as written)``, from ``_SQLITE_HELD``'s (id, status before)."""
-    status = {r.task_id: r.status for r in results}
+def _as_written(held: list[list[Any]]) -> list[tuple[int, str]]:
+    """The results that landed, ``(task id, status as written)``, from ``_SQLITE_HELD``'s (id, status before,
+    result's status)."""
     # As written: a cancelled task stays cancelled, any other moves to the result's status.
-    return [(i, was if was == "cancelled" else status[i]) for i, was in held]
+    return [(i, was if was == "cancelled" else status) for i, was, status in held]
 
 
 async def finish(
@@ -631,7 +635,7 @@ async def finish(
         async with db.write(begin=False) as conn:
             # One hop: BEGIN IMMEDIATE, the batch's three statements and (unless the breakers record) the COMMIT.
             write = _write_sqlite(batch, worker, sqlite_time(now), commit=not record)
-            landed = _as_written(await sqlite_batch(conn, write, begin=True), results)
+            landed = _as_written(await sqlite_batch(conn, write, begin=True))
             circuits, outcomes = await _sqlite_breakers(conn, breakers, results, landed, every, record, now)
     return _written(results, landed, circuits, outcomes)
 
@@ -728,7 +732,7 @@ async def finish_and_claim(
             return held, take(connection)
 
         held, claimed = await sqlite_batch(conn, work, begin=True)
-        landed = _as_written(held, results)
+        landed = _as_written(held)
         circuits, outcomes = await _sqlite_breakers(conn, breakers, results, landed, every, record, now)
         rows = await _admit(conn, worker, now, _sqlite_rows(claimed), admission)
     return _written(results, landed, circuits, outcomes), _in_claim_order(rows)
