@@ -464,9 +464,10 @@ _SQLITE_RESULTS = """r AS (
         json_extract(value, '$[12]') AS r_result
     FROM json_each(?1)
 )"""
-_SQLITE_HELD = f"""WITH {_SQLITE_RESULTS}
-SELECT json_group_array(json_array(id, status, r_status)) FROM r JOIN tasks NOT INDEXED ON tasks.id = r_id
-WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled') AND tasks.attempts = r_attempt - 1"""
+_SQLITE_HELD = """SELECT json_group_array(json_array(tasks.id, tasks.status, json_extract(r.value, '$[2]')))
+FROM json_each(?1) AS r JOIN tasks NOT INDEXED ON tasks.id = json_extract(r.value, '$[0]')
+WHERE tasks.lease_owner = ?2 AND tasks.status IN ('processing', 'cancelled')
+    AND tasks.attempts = json_extract(r.value, '$[1]') - 1"""
 _SQLITE_ATTEMPTS = f"""WITH {_SQLITE_RESULTS}
 INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)
 SELECT r_id, r_attempt, r_started, r_duration, r_request, r_response, r_outcome, r_error, ?2
