@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -186,6 +187,23 @@ def test_sync_context_manager_starts_and_closes(db_url: str) -> None:
     with TaskCenter(settings=make_settings(db_url), business="shop") as center:
         assert center.list_tasks() == ([], None)
     assert center._thread is None
+
+
+@pytest.mark.timeout(30)
+def test_sync_call_from_an_event_handler_raises_instead_of_hanging(tc: TaskCenter) -> None:
+    """Handlers run on the private loop: a sync call there would wait on that loop for ever."""
+    errors: list[Exception] = []
+
+    def handler(_event: str, data: dict[str, Any]) -> None:
+        try:
+            tc.get_task(data["id"])
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    tc.on("created", handler)
+    task = tc.create_task("POST", URL, business_id="reentrant")
+    assert len(errors) == 1 and "aget_task" in str(errors[0])
+    assert tc.get_task(task.id).status == "pending"  # the instance is still usable
 
 
 # -- async API --------------------------------------------------------------------------------------------

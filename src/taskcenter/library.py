@@ -145,7 +145,16 @@ class TaskCenter:
         return self._loop
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._running_loop()).result()
+        loop = self._running_loop()
+        if threading.current_thread() is self._thread:
+            # An event handler or an async processor run by the sync worker: blocking the private loop to wait
+            # for work queued on that same loop would wait forever.
+            coro.close()
+            raise RuntimeError(
+                "TaskCenter's sync methods cannot be called from its own event loop (an event handler or an "
+                "async processor); await the async twin there (e.g. `await tc.aget_task(...)`)"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     # -- registration ---------------------------------------------------------------------------------
 
