@@ -9,6 +9,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -204,6 +205,22 @@ def test_sync_call_from_an_event_handler_raises_instead_of_hanging(tc: TaskCente
     task = tc.create_task("POST", URL, business_id="reentrant")
     assert len(errors) == 1 and "aget_task" in str(errors[0])
     assert tc.get_task(task.id).status == "pending"  # the instance is still usable
+
+
+def test_close_from_another_thread_stops_a_run_worker_running_in_a_thread(tc: TaskCenter) -> None:
+    """No signal reaches a worker thread: close() is how an application (Flask, Django) stops it."""
+    tc.create_task("POST", URL, business_id="later", delay=3600)
+    worker = threading.Thread(target=tc.run_worker, name="app-worker", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while tc._dispatcher is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tc._dispatcher is not None, "the worker never started"
+    tc.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "run_worker still running after close()"
+    assert not any(t.name == "taskcenter-loop" and t.is_alive() for t in threading.enumerate())
+    assert tc.get_task(tc.get_by_business_id("later").id).status == "pending"  # reusable afterwards
 
 
 # -- async API --------------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ class TaskCenter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dispatcher: Any = None
+        self._worker: tuple[threading.Thread, asyncio.Event, threading.Event] | None = None
+        """The thread in :meth:`run_worker`, its stop event and its done flag, while it runs."""
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -146,15 +148,21 @@ class TaskCenter:
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         loop = self._running_loop()
+        try:
+            self._check_not_on_own_loop()
+        except RuntimeError:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def _check_not_on_own_loop(self) -> None:
         if threading.current_thread() is self._thread:
             # An event handler or an async processor run by the sync worker: blocking the private loop to wait
             # for work queued on that same loop would wait forever.
-            coro.close()
             raise RuntimeError(
                 "TaskCenter's sync methods cannot be called from its own event loop (an event handler or an "
                 "async processor); await the async twin there (e.g. `await tc.aget_task(...)`)"
             )
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -333,14 +341,18 @@ class TaskCenter:
         return self._sync(self.aretry(task_id))
 
     def run_worker(self, *, concurrency: int | None = None) -> None:
-        """Deliver tasks until SIGINT or SIGTERM, then shut down gracefully and :meth:`close`.
+        """Deliver tasks until SIGINT or SIGTERM (or :meth:`close` from another thread), then shut down
+        gracefully and :meth:`close`.
 
         The worker runs on the same private loop as the other sync methods: database connections opened by
         an earlier ``create_task`` belong to that loop and cannot move to another. Signals are caught only
-        when called from the main thread (Python delivers them there).
+        when called from the main thread (Python delivers them there); a worker run in another thread stops
+        when :meth:`close` is called.
         """
         stop = asyncio.Event()
         loop = self._running_loop()
+        done = threading.Event()
+        self._worker = (threading.current_thread(), stop, done)
 
         def on_signal(_signum: int, _frame: object) -> None:
             loop.call_soon_threadsafe(stop.set)
@@ -354,10 +366,23 @@ class TaskCenter:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.close()
+            try:
+                self.close()
+            finally:
+                self._worker = None
+                done.set()
 
     def close(self) -> None:
-        """Close the database connections and stop the private loop (a later sync call starts a new one)."""
+        """Close the database connections and stop the private loop (a later sync call starts a new one).
+
+        A :meth:`run_worker` running in another thread is stopped first (gracefully) and waited for.
+        """
+        self._check_not_on_own_loop()
+        worker = self._worker
+        if worker is not None and worker[0] is not threading.current_thread() and self._loop is not None:
+            _thread, stop, done = worker
+            self._loop.call_soon_threadsafe(stop.set)
+            done.wait()  # run_worker closes on its way out
         if self._loop is not None:
             loop, thread = self._loop, self._thread
             try:
