@@ -223,6 +223,17 @@ def test_close_from_another_thread_stops_a_run_worker_running_in_a_thread(tc: Ta
     assert tc.get_task(tc.get_by_business_id("later").id).status == "pending"  # reusable afterwards
 
 
+def test_settings_together_with_a_database_url_or_overrides_is_refused(tmp_path: Path) -> None:
+    """Both given: the URL and the overrides used to be dropped without a word, tasks went elsewhere."""
+    settings = make_settings(f"sqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(ValidationError) as info:
+        TaskCenter(f"sqlite:///{tmp_path / 'b.db'}", settings=settings)
+    assert info.value.field == "settings" and "database_url" in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        TaskCenter(settings=settings, concurrency=7)
+    assert info.value.field == "settings" and "concurrency" in str(info.value)
+
+
 # -- async API --------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.task import Attempt, Task
+from taskcenter.errors import ValidationError
 from taskcenter.events import EventBus, Handler
 from taskcenter.processors import ProcessorFunc, ProcessorRegistry
 from taskcenter.runtime import Runtime
@@ -90,7 +91,8 @@ class TaskCenter:
         business: the business system (tenant) this instance creates tasks for; registered if missing.
         business_limits: limits to register it with, e.g. ``{"rate_limit_per_minute": 60000}`` (default 1,000
             callbacks per minute, DESIGN "Traffic control").
-        settings: full settings; by default loaded from ``taskcenter.toml`` and ``TASKCENTER_*``.
+        settings: full settings; by default loaded from ``taskcenter.toml`` and ``TASKCENTER_*``. Give either
+            these or ``database_url`` and ``overrides``, not both.
         **overrides: individual settings (e.g. ``concurrency=50``).
 
     Use either the async methods (``a…``) from your event loop or the sync ones, not both on one instance:
@@ -106,6 +108,13 @@ class TaskCenter:
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
+        if settings is not None and (database_url is not None or overrides):
+            # Silently dropping them would send the tasks to another database than the one named here.
+            given = ["database_url"] * (database_url is not None) + sorted(overrides)
+            raise ValidationError(
+                f"give either settings or individual settings ({', '.join(given)}), not both",
+                field="settings",
+            )
         if settings is None:
             if database_url is not None:
                 overrides["database_url"] = database_url
