@@ -234,6 +234,14 @@ def test_settings_together_with_a_database_url_or_overrides_is_refused(tmp_path:
     assert info.value.field == "settings" and "concurrency" in str(info.value)
 
 
+def test_a_misspelt_setting_is_refused_not_ignored(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as info:
+        TaskCenter(f"sqlite:///{tmp_path / 'a.db'}", concurency=5)
+    assert info.value.field == "concurency"
+    center = TaskCenter(f"sqlite:///{tmp_path / 'a.db'}", concurrency=5)
+    assert center.runtime.settings.concurrency == 5
+
+
 # -- async API --------------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,10 @@ class TaskCenter:
                 field="settings",
             )
         if settings is None:
+            # Settings ignore unknown keys (for taskcenter.toml); a misspelt keyword here must not be.
+            unknown = sorted(overrides.keys() - Settings.model_fields.keys() - {"config_file"})
+            if unknown:
+                raise ValidationError(f"setting {unknown[0]}: no such setting", field=unknown[0])
             if database_url is not None:
                 overrides["database_url"] = database_url
             settings = load_settings(**overrides)
