@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest_asyncio
 
 from taskcenter import PermanentFailure, RetryPolicy, TaskCenter, ValidationError
 from tests.conftest import make_settings
+from tests.receiver import Receiver
 from tests.test_library import wait_status, working
 
 FAST = RetryPolicy.from_intervals([0.1, 0.1])
@@ -107,6 +109,47 @@ async def test_processor_slower_than_the_task_timeout_is_a_timeout(atc: TaskCent
     async with working(atc):
         done = await wait_status(atc, task.id, "failed", "succeeded")
     assert done.outcome == "timeout" and done.attempts == 1
+
+
+async def test_sync_processors_hung_past_their_timeout_leave_dns_for_http_tasks_alone(
+    atc: TaskCenter, receiver: Receiver
+) -> None:
+    """Hung sync processors used to fill the loop's default executor, which aiohttp resolves host names on."""
+    release = threading.Event()
+
+    @atc.processor("stuck", retry=RetryPolicy.none())
+    def stuck(payload: Any) -> None:
+        release.wait(30)
+
+    try:
+        default_pool = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+        hung = [
+            await atc.acreate_task(type="stuck", payload={}, business_id=f"stuck-{i}", timeout=0.2)
+            for i in range(default_pool + 1)
+        ]
+        async with working(atc):
+            for task in hung:
+                assert (await wait_status(atc, task.id, "failed")).outcome == "timeout"
+            by_name = receiver.url("/named").replace("127.0.0.1", "localhost")  # resolved through DNS
+            task = await atc.acreate_task("POST", by_name, business_id="named", timeout=5)
+            done = await wait_status(atc, task.id, "succeeded", "failed", "retrying", timeout=15)
+        assert done.status == "succeeded", done.last_error
+    finally:
+        release.set()
+
+
+async def test_sync_processors_run_in_daemon_threads(atc: TaskCenter) -> None:
+    """A processor still hung at shutdown must not keep the process alive (pool threads are joined at exit)."""
+    daemon: list[bool] = []
+
+    @atc.processor("which", retry=RetryPolicy.none())
+    def which(payload: Any) -> None:
+        daemon.append(threading.current_thread().daemon)
+
+    task = await atc.acreate_task(type="which", payload={}, business_id="w-1")
+    async with working(atc):
+        await wait_status(atc, task.id, "succeeded")
+    assert daemon == [True]
 
 
 async def test_result_that_is_not_json_is_a_retryable_error_not_a_stuck_task(atc: TaskCenter) -> None:

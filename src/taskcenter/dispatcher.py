@@ -31,7 +31,7 @@ from taskcenter.domain.traffic import State, pace
 from taskcenter.errors import PermanentFailure, StorageError, TaskCenterError
 from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
-from taskcenter.processors import ProcessorRegistry
+from taskcenter.processors import ProcessorRegistry, run_in_thread
 from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
 from taskcenter.ssrf import GuardPolicy
@@ -444,7 +444,7 @@ class Dispatcher:
                 value = await asyncio.wait_for(processor.func(row["payload"]), timeout=row["timeout"])
             else:
                 value = await asyncio.wait_for(
-                    asyncio.to_thread(processor.func, row["payload"]), timeout=row["timeout"]
+                    run_in_thread(processor.func, row["payload"]), timeout=row["timeout"]
                 )
             return AttemptResult(status_code=200), value, int((time.perf_counter() - t0) * 1000)
         except PermanentFailure as exc:

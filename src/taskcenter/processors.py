@@ -5,8 +5,12 @@ An exception means "retry by policy"; :class:`~taskcenter.errors.PermanentFailur
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +52,38 @@ def _checked(name: str, func: ProcessorFunc) -> ProcessorFunc:
         return _json_result(name, func(payload))
 
     return run
+
+
+async def run_in_thread(func: Callable[[Any], Any], payload: Any) -> Any:
+    """Run a sync processor in a daemon thread of its own and await its result.
+
+    Not the loop's default executor (``asyncio.to_thread``): a processor that hangs past its timeout keeps its
+    thread, and a few such threads would fill that small pool, which aiohttp's DNS resolver shares, so every
+    HTTP task of the worker would time out; and the pool's threads are joined at exit, so a hung processor
+    would keep the process alive after a graceful shutdown. An abandoned attempt is already recorded (timeout)
+    or released (shutdown), so nothing waits for its thread.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():  # timed out or cancelled meanwhile
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def work() -> None:
+        try:
+            outcome = (True, context.run(func, payload))
+        except BaseException as exc:  # handed to the awaiting coroutine, like a to_thread future would
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed while the processor ran
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="taskcenter-processor", daemon=True).start()
+    return await future
 
 
 @dataclass(frozen=True, slots=True)
