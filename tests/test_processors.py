@@ -88,6 +88,25 @@ async def test_exceptions_past_the_budget_fail_the_task(atc: TaskCenter) -> None
     assert done.status == "failed" and done.attempts == 3 and done.last_error == "ValueError: no capacity"
 
 
+async def test_cancelled_error_raised_by_a_processor_is_an_ordinary_failure_not_a_shutdown(
+    atc: TaskCenter,
+) -> None:
+    """It used to be recorded as "worker shut down", retried at once past the budget, left `retrying`."""
+    calls = 0
+
+    @atc.processor("create_server", retry=FAST)
+    async def create_server(payload: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise asyncio.CancelledError
+
+    task = await atc.acreate_task(type="create_server", payload={}, business_id="s-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed")
+    assert done.attempts == 3 == calls and done.outcome == "server_error"
+    assert done.last_error is not None and done.last_error.startswith("CancelledError")
+
+
 async def test_permanent_failure_fails_after_one_attempt_with_outcome_stopped(atc: TaskCenter) -> None:
     @atc.processor("create_server", retry=FAST)
     async def create_server(payload: Any) -> None:

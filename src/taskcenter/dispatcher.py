@@ -451,6 +451,13 @@ class Dispatcher:
             kind, text = "permanent_failure", str(exc)
         except TimeoutError:
             kind, text = "timeout", f"processor took longer than {row['timeout']:g} s"
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this attempt was cancelled (shutdown): _attempt records it as interrupted
+            # Raised by the processor itself (e.g. awaiting something cancelled): an ordinary failure, not a
+            # shutdown, which would retry it at once and without end.
+            kind, text = "processor_error", f"CancelledError: {exc}".rstrip(": ")
         except Exception as exc:
             kind, text = "processor_error", f"{type(exc).__name__}: {exc}"
         return AttemptResult(error_kind=kind, error=text[:2000]), None, int((time.perf_counter() - t0) * 1000)
