@@ -227,6 +227,18 @@ def test_the_last_attempt_fails_the_task() -> None:
     assert decision.next_attempt_at is None
 
 
+def test_an_interrupted_attempt_goes_again_at_once_while_the_budget_lasts() -> None:
+    decision = decide_for(AttemptResult(error_kind="interrupted"), attempt=2)
+    assert decision.status is TaskStatus.RETRYING and decision.next_attempt_at == NOW
+
+
+def test_an_interrupted_last_attempt_fails_the_task_like_a_rescued_lease() -> None:
+    """It used to stay retrying at 3/3 and the next worker sent a fourth try."""
+    decision = decide_for(AttemptResult(error_kind="interrupted"), attempt=3)
+    assert decision.status is TaskStatus.FAILED and decision.outcome is Outcome.INTERRUPTED
+    assert decision.finished_at == NOW and decision.next_attempt_at is None
+
+
 @pytest.mark.parametrize("result", [response(404), response(410), AttemptResult(error_kind="blocked")])
 def test_a_final_result_fails_at_the_first_attempt(result: AttemptResult) -> None:
     assert decide_for(result, attempt=1).status is TaskStatus.FAILED

@@ -170,7 +170,10 @@ def decide(
     if outcome is Outcome.SUCCESS:
         return Decision(TaskStatus.SUCCEEDED, outcome, None, now)
     if outcome is Outcome.INTERRUPTED:
-        # Cut off by a shutdown or a lost worker: never the reason a task fails; it goes again at once.
+        # Cut off by a shutdown: it goes again at once, but it was charged (the receiver may have got it), so
+        # with the budget spent the task fails, as a rescued lease does, rather than be sent past max_attempts.
+        if attempt >= max_attempts:
+            return Decision(TaskStatus.FAILED, outcome, None, now)
         return Decision(TaskStatus.RETRYING, outcome, now, None)
     pause: float | None = None
     if status_code in (429, 503):
