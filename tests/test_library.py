@@ -265,6 +265,23 @@ async def test_arun_worker_returns_when_stop_is_set(atc: TaskCenter) -> None:
     await asyncio.wait_for(job, timeout=10)
 
 
+@pytest.mark.parametrize("with_stop", [False, True])
+async def test_cancelling_arun_worker_stops_it_gracefully(
+    atc: TaskCenter, receiver: Receiver, with_stop: bool
+) -> None:
+    """DESIGN's "until stop is set (or the task is cancelled)": a cancel used to hang for ever."""
+    job = asyncio.create_task(atc.arun_worker(stop=asyncio.Event() if with_stop else None))
+    task = await atc.acreate_task("POST", receiver.url("/c"), business_id="c-1")
+    await wait_status(atc, task.id, "succeeded")
+    job.cancel()
+    done, _ = await asyncio.wait({job}, timeout=10)
+    assert done, "arun_worker did not return after being cancelled"
+    assert job.cancelled()
+    again = await atc.acreate_task("POST", receiver.url("/c"), business_id="c-2")
+    await asyncio.sleep(0.5)
+    assert (await atc.aget_task(again.id)).status == "pending"  # nothing is delivering any more
+
+
 async def test_aretry_of_failed_task_renews_the_budget_and_delivers_again(
     atc: TaskCenter, receiver: Receiver
 ) -> None:

@@ -269,16 +269,21 @@ class TaskCenter:
         dispatcher = self.runtime.dispatcher(concurrency=concurrency)
         self._dispatcher = dispatcher
         runner = asyncio.create_task(self.runtime.run_dispatcher(dispatcher))
+        waiter: asyncio.Task[Any] | None = None
         try:
+            # Shielded: a cancellation of this call stops the dispatcher gracefully (below). Passed on into the
+            # runner, it would cut the dispatcher off mid-run, and its result writer would wait for ever.
             if stop is None:
-                await runner
+                await asyncio.shield(runner)
             else:
                 waiter = asyncio.create_task(stop.wait())
                 await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 dispatcher.stop()
-                await runner
+                await asyncio.shield(runner)
         except asyncio.CancelledError:
+            if waiter is not None:
+                waiter.cancel()
             dispatcher.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
