@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
-from taskcenter import DuplicateTask, LimitExceeded, TaskCenter
+from taskcenter import DuplicateTask, LimitExceeded, TaskCenter, ValidationError
 from taskcenter.storage.database import async_url
 from taskcenter.storage.schema import businesses
 from tests.conftest import make_settings
@@ -120,6 +121,19 @@ async def test_async_duplicate_in_transaction_raises_and_leaves_the_transaction_
         assert (await conn.execute(sa.select(orders.c.note))).scalar() == "still fine"
 
 
+async def test_async_a_session_or_engine_for_connection_is_a_validation_error_naming_it(
+    atc: TaskCenter, app_engine: AsyncEngine
+) -> None:
+    """It used to be an AttributeError ('AsyncSession' has no attribute 'dialect') from inside the insert."""
+    async with AsyncSession(app_engine) as session:
+        with pytest.raises(ValidationError) as info:
+            await atc.acreate_task("POST", "http://127.0.0.1:9/", business_id="s", connection=session)  # type: ignore[arg-type]
+    assert info.value.field == "connection" and "session.connection()" in str(info.value)
+    with pytest.raises(ValidationError):
+        await atc.acreate_task("POST", "http://127.0.0.1:9/", business_id="e", connection=app_engine)  # type: ignore[arg-type]
+    assert (await atc.alist_tasks())[0] == []
+
+
 # -- sync connection (SQLite only: no sync PostgreSQL driver is installed) --------------------------------
 
 
@@ -187,3 +201,18 @@ def test_sync_outbox_obeys_the_active_task_limit(db_url: str, sync_engine: sa.En
         with pytest.raises(LimitExceeded), sync_engine.begin() as conn:
             tc.create_task("POST", "http://127.0.0.1:9/", business_id="two", connection=conn)
         assert len(tc.list_tasks()[0]) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sync_a_session_or_engine_for_connection_is_a_validation_error_naming_it(
+    db_url: str, sync_engine: sa.Engine
+) -> None:
+    """It used to be an AttributeError ('Session' object has no attribute 'run_sync')."""
+    with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+        for wrong in (Session(sync_engine), sync_engine):
+            with pytest.raises(ValidationError) as info:
+                tc.create_task("POST", "http://127.0.0.1:9/", business_id="w", connection=wrong)
+            assert info.value.field == "connection"
+        with Session(sync_engine) as session, session.begin():
+            tc.create_task("POST", "http://127.0.0.1:9/", business_id="ok", connection=session.connection())
+        assert [t.business_id for t in tc.list_tasks()[0]] == ["ok"]

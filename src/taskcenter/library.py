@@ -83,6 +83,17 @@ def _task_data(
     return data
 
 
+def _check_connection(connection: object, expected: type, twin: str) -> None:
+    """A clear error for what is not a SQLAlchemy connection of the kind this call takes (an ORM session, an
+    engine, the other kind), instead of an AttributeError from inside the insert."""
+    if connection is not None and not isinstance(connection, expected):
+        raise ValidationError(
+            f"connection must be a SQLAlchemy {expected.__name__}, not {type(connection).__name__}"
+            f" (for an ORM session pass session.connection(); {twin})",
+            field="connection",
+        )
+
+
 class TaskCenter:
     """taskcenter as a library.
 
@@ -238,6 +249,7 @@ class TaskCenter:
             retry=retry, timeout=timeout, priority=priority, success_codes=success_codes, retry_on=retry_on,
             follow_redirects=follow_redirects, notify=notify, metadata=metadata,
         )  # fmt: skip
+        _check_connection(connection, AsyncConnection, "a sync Connection goes to create_task")
         return await self.runtime.service.create_task(await self._biz(), data, connection=connection)
 
     async def aget_task(self, task_id: str | int) -> Task:
@@ -302,14 +314,15 @@ class TaskCenter:
     # -- sync API (same code, run on the private loop) ------------------------------------------------
 
     def create_task(self, method: str | None = None, url: str | None = None, **kwargs: Any) -> Task:
-        """Create a task (see :meth:`acreate_task`); ``connection`` may be a *sync* SQLAlchemy ``Connection``.
+        """Create a task (see :meth:`acreate_task`); ``connection`` is then a *sync* SQLAlchemy ``Connection``.
 
         With a sync ``Connection`` the row is inserted on the caller's thread, inside its transaction.
         """
         connection = kwargs.pop("connection", None)
-        if isinstance(connection, sa.Connection):
+        if connection is not None:
+            _check_connection(connection, sa.Connection, "an AsyncConnection goes to acreate_task")
             return self._create_in(connection, method, url, **kwargs)
-        return self._sync(self.acreate_task(method, url, connection=connection, **kwargs))
+        return self._sync(self.acreate_task(method, url, **kwargs))
 
     def _create_in(self, conn: sa.Connection, method: str | None, url: str | None, **kwargs: Any) -> Task:
         given: dict[str, Any] = {
