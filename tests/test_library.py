@@ -100,6 +100,7 @@ def test_sync_list_is_newest_first_and_filters_by_status(tc: TaskCenter) -> None
     assert [t.id for t in everything] == [second.id, first.id] and cursor is None
     cancelled, _ = tc.list_tasks(status=["cancelled"])
     assert [t.id for t in cancelled] == [first.id]
+    assert tc.list_tasks(status="cancelled") == (cancelled, None)  # one status, not the letters of one
     page, cursor = tc.list_tasks(limit=1)
     assert [t.id for t in page] == [second.id]
     rest, _ = tc.list_tasks(limit=1, cursor=cursor)

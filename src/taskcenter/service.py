@@ -605,6 +605,8 @@ class TaskService:
         """Newest first; returns the page and the cursor of the next page (``None`` at the end)."""
         if not 1 <= limit <= 500:
             raise ValidationError("limit must be between 1 and 500", field="limit")
+        if isinstance(status, str):  # a str is a Sequence[str] too: one status, not its letters
+            status = [status]
         for s in status or ():
             if s not in TaskStatus.__members__.values():
                 raise ValidationError(f"status {s!r} is not a task status", field="status")
