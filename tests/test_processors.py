@@ -243,6 +243,24 @@ def test_reserved_or_malformed_processor_names_are_refused(name: str) -> None:
     assert info.value.field == "type"
 
 
+def test_processor_policy_as_a_dict_and_bad_options_are_checked_at_registration(db_url: str) -> None:
+    """A dict policy used to fail each create with an AttributeError; a bad priority or a non-callable
+    registered fine and failed later, far from the mistake."""
+    with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+        tc.processor("as_dict", retry={"strategy": "intervals", "intervals": [1, 2]})(lambda payload: None)
+        task = tc.create_task(type="as_dict", payload={}, business_id="d-1")
+        assert task.max_attempts == 3 and task.retry["intervals"] == [1, 2]
+        with pytest.raises(ValidationError) as info:
+            tc.processor("bad_retry", retry={"strategy": "sometimes"})
+        assert info.value.field == "retry.strategy"
+        with pytest.raises(ValidationError) as info:
+            tc.processor("too_high", priority=5000)
+        assert info.value.field == "priority"
+        with pytest.raises(ValidationError) as info:
+            tc.processor("not_callable")(42)  # type: ignore[type-var]
+        assert info.value.field == "type"
+
+
 def test_the_decorator_returns_the_function_unchanged() -> None:
     tc = TaskCenter(settings=make_settings("sqlite:///unused.db"))
 

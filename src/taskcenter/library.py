@@ -22,6 +22,7 @@ from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.task import Attempt, Task
 from taskcenter.errors import ValidationError
 from taskcenter.events import EventBus, Handler
+from taskcenter.intake import PRIORITY_RANGE
 from taskcenter.processors import ProcessorFunc, ProcessorRegistry
 from taskcenter.runtime import Runtime
 from taskcenter.service import NOTIFY_CHANNEL, Business
@@ -191,16 +192,24 @@ class TaskCenter:
     # -- registration ---------------------------------------------------------------------------------
 
     def processor(
-        self, name: str, *, retry: RetryPolicy | None = None, priority: int = 0
+        self, name: str, *, retry: RetryPolicy | Mapping[str, Any] | None = None, priority: int = 0
     ) -> Callable[[F], F]:
         """Register a function as the processor of task type ``name`` (decorator; returns it unchanged).
 
         It takes the task's JSON payload and returns a JSON result (or raises: an exception is retried by
         ``retry``, :class:`~taskcenter.errors.PermanentFailure` fails the task now). ``retry`` and ``priority``
-        are the defaults of tasks of this type.
+        are the defaults of tasks of this type. Both are checked here, not at each create of a task of this type
+        (where a policy given as a dict used to fail with an AttributeError, far from the mistake).
         """
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            retry = RetryPolicy.from_dict(retry)  # its JSON form, as create_task takes it
+        lo, hi = PRIORITY_RANGE
+        if isinstance(priority, bool) or not isinstance(priority, int) or not lo <= priority <= hi:
+            raise ValidationError(f"priority must be an integer from {lo} to {hi}", field="priority")
 
         def register(func: F) -> F:
+            if not callable(func):
+                raise ValidationError(f"processor {name!r} is not callable", field="type")
             self.processors.register(name, func, retry=retry, priority=priority)
             return func
 
