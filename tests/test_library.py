@@ -224,6 +224,54 @@ def test_close_from_another_thread_stops_a_run_worker_running_in_a_thread(tc: Ta
     assert tc.get_task(tc.get_by_business_id("later").id).status == "pending"  # reusable afterwards
 
 
+def test_close_lets_a_call_in_flight_on_another_thread_return(tc: TaskCenter) -> None:
+    """A call still running when close() stopped the loop used to wait for ever (a web app's request thread)."""
+    in_handler = threading.Event()
+
+    async def slow_listener(_event: str, _data: dict[str, Any]) -> None:
+        in_handler.set()
+        await asyncio.sleep(0.5)  # keeps the create in flight on the private loop
+
+    tc.on("created", slow_listener)
+    created: list[Task] = []
+    thread = threading.Thread(
+        target=lambda: created.append(tc.create_task("POST", URL, business_id="in-flight")),
+        name="app-request",
+        daemon=True,
+    )
+    thread.start()
+    assert in_handler.wait(10)
+    tc.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the call in flight during close() never returned"
+    assert [t.business_id for t in created] == ["in-flight"]
+
+
+def test_a_call_the_stopped_loop_never_ran_raises_instead_of_waiting_for_ever(tc: TaskCenter) -> None:
+    """A call submitted as close() stops the loop (a busy web app's next request) is never run."""
+    task = tc.create_task("POST", URL, business_id="late")
+    loop, loop_thread = tc._loop, tc._thread
+    assert loop is not None and loop_thread is not None
+    loop.call_soon_threadsafe(loop.stop)  # close() stopping the loop ...
+    loop_thread.join(timeout=5)
+    errors: list[Exception] = []
+
+    def late_call() -> None:
+        try:
+            tc.get_task(task.id)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=late_call, daemon=True)
+    caller.start()  # ... as another thread submits a call
+    time.sleep(0.2)
+    loop.close()
+    tc._loop = tc._thread = None
+    caller.join(timeout=10)
+    assert not caller.is_alive(), "the call waited for ever on a closed loop"
+    assert len(errors) == 1 and "closed" in str(errors[0])
+
+
 def test_settings_together_with_a_database_url_or_overrides_is_refused(tmp_path: Path) -> None:
     """Both given: the URL and the overrides used to be dropped without a word, tasks went elsewhere."""
     settings = make_settings(f"sqlite:///{tmp_path / 'a.db'}")

@@ -178,7 +178,17 @@ class TaskCenter:
         except RuntimeError:
             coro.close()
             raise
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if future.done():  # the call itself raised TimeoutError
+                    raise
+                if loop.is_closed():  # submitted as close() stopped the loop: it will never run
+                    future.cancel()
+                    coro.close()
+                    raise RuntimeError("TaskCenter was closed while this call waited to run") from None
 
     def _check_not_on_own_loop(self) -> None:
         if threading.current_thread() is self._thread:
@@ -415,7 +425,9 @@ class TaskCenter:
     def close(self) -> None:
         """Close the database connections and stop the private loop (a later sync call starts a new one).
 
-        A :meth:`run_worker` running in another thread is stopped first (gracefully) and waited for.
+        A :meth:`run_worker` running in another thread is stopped first (gracefully) and waited for, and so
+        are the calls other threads have in flight (cancelled after a few seconds), which would otherwise wait
+        for ever on the stopped loop.
         """
         self._check_not_on_own_loop()
         worker = self._worker
@@ -426,7 +438,7 @@ class TaskCenter:
         if self._loop is not None:
             loop, thread = self._loop, self._thread
             try:
-                self._sync(self.aclose())
+                self._sync(self._aclose_after_calls())
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 if thread is not None:
@@ -434,6 +446,16 @@ class TaskCenter:
                 if not loop.is_running():
                     loop.close()
                 self._loop = self._thread = None
+
+    async def _aclose_after_calls(self) -> None:
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        if others:
+            _done, late = await asyncio.wait(others, timeout=5)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self.aclose()
 
     def __enter__(self) -> TaskCenter:
         # Start now (schema check, business registered), before the caller opens its own transactions: on
