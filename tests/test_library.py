@@ -331,6 +331,16 @@ async def test_cancelling_arun_worker_stops_it_gracefully(
     assert (await atc.aget_task(again.id)).status == "pending"  # nothing is delivering any more
 
 
+@pytest.mark.parametrize("concurrency", [0, -1, 10_001])
+async def test_arun_worker_refuses_a_concurrency_outside_the_settings_bounds(
+    atc: TaskCenter, concurrency: int
+) -> None:
+    """concurrency=0 used to run a worker that never sent anything, without a word."""
+    with pytest.raises(ValidationError) as info:
+        await asyncio.wait_for(atc.arun_worker(concurrency=concurrency, stop=asyncio.Event()), timeout=5)
+    assert info.value.field == "concurrency"
+
+
 async def test_aretry_of_failed_task_renews_the_budget_and_delivers_again(
     atc: TaskCenter, receiver: Receiver
 ) -> None:

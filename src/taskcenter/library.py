@@ -296,6 +296,13 @@ class TaskCenter:
 
     async def arun_worker(self, *, concurrency: int | None = None, stop: asyncio.Event | None = None) -> None:
         """Deliver tasks until ``stop`` is set (or the task is cancelled)."""
+        # The bounds of the concurrency setting, which this bypasses: 0 ran a worker that never sent anything.
+        if concurrency is not None and (
+            isinstance(concurrency, bool)
+            or not isinstance(concurrency, int)
+            or not 1 <= concurrency <= 10_000
+        ):
+            raise ValidationError("concurrency must be an integer from 1 to 10000", field="concurrency")
         await self._biz()
         dispatcher = self.runtime.dispatcher(concurrency=concurrency)
         self._dispatcher = dispatcher
