@@ -152,6 +152,14 @@ async def test_unknown_event_name_is_refused(atc: TaskCenter) -> None:
     assert info.value.field == "event"
 
 
+async def test_a_handler_that_is_not_callable_is_refused_when_registered(atc: TaskCenter) -> None:
+    """It used to register, then fail (logged only) at every event."""
+    with pytest.raises(ValidationError) as info:
+        atc.on("failed", "notify_ops")  # type: ignore[arg-type]
+    assert info.value.field == "handler"
+    assert not atc.events.wants("failed")
+
+
 def test_sync_surface_emits_created_and_cancelled(db_url: str) -> None:
     seen: Seen = []
     with TaskCenter(settings=make_settings(db_url), business="shop") as tc:

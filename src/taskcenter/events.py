@@ -29,6 +29,8 @@ class EventBus:
             raise ValidationError(
                 f"unknown event {event!r}; one of {', '.join(sorted(EVENTS))}", field="event"
             )
+        if not callable(handler):  # else it would fail, logged only, at every event
+            raise ValidationError(f"the handler for {event!r} is not callable", field="handler")
         self._handlers[event].append(handler)
 
     def __bool__(self) -> bool:
