@@ -183,6 +183,32 @@ async def test_result_that_is_not_json_is_a_retryable_error_not_a_stuck_task(atc
     assert done.last_error is not None and "not JSON" in done.last_error
 
 
+async def test_an_object_with_an_async_call_is_awaited_like_an_async_def(atc: TaskCenter) -> None:
+    """ProcessorFunc admits any callable returning an awaitable: a processor class used to be run in a thread,
+    its coroutine never awaited, the task failed as "not JSON"."""
+
+    class Resizer:
+        async def __call__(self, payload: dict[str, int]) -> dict[str, int]:
+            return {"resized": payload["w"]}
+
+    atc.processor("resize", retry=RetryPolicy.none())(Resizer())
+    task = await atc.acreate_task(type="resize", payload={"w": 3}, business_id="r-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "succeeded", "failed")
+    assert done.status == "succeeded" and done.result == {"resized": 3}
+
+
+async def test_a_sync_processor_returning_an_awaitable_fails_saying_so(atc: TaskCenter) -> None:
+    async def resize(payload: Any) -> int:
+        return 1
+
+    atc.processor("resize", retry=RetryPolicy.none())(lambda payload: resize(payload))
+    task = await atc.acreate_task(type="resize", payload={}, business_id="r-1")
+    async with working(atc):
+        done = await wait_status(atc, task.id, "failed", "succeeded")
+    assert done.last_error is not None and "async def" in done.last_error
+
+
 async def test_unknown_type_at_create_is_a_validation_error_naming_type(atc: TaskCenter) -> None:
     with pytest.raises(ValidationError) as info:
         await atc.acreate_task(type="nobody_handles_this", payload={}, business_id="s-1")

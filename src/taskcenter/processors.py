@@ -37,9 +37,14 @@ def _json_result(name: str, value: Any) -> Any:
     return value
 
 
+def _is_async(func: ProcessorFunc) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one (a processor class)."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
+
+
 def _checked(name: str, func: ProcessorFunc) -> ProcessorFunc:
     """Wrap ``func`` so its result is checked as JSON, keeping it a coroutine function if it was one."""
-    if inspect.iscoroutinefunction(func):
+    if _is_async(func):
 
         @functools.wraps(func)
         async def run_async(payload: Any) -> Any:
@@ -49,7 +54,12 @@ def _checked(name: str, func: ProcessorFunc) -> ProcessorFunc:
 
     @functools.wraps(func)
     def run(payload: Any) -> Any:
-        return _json_result(name, func(payload))
+        value = func(payload)
+        if inspect.isawaitable(value):  # run in a thread, where nothing would await it
+            if inspect.iscoroutine(value):
+                value.close()
+            raise ProcessorError(f"processor {name!r} returned an awaitable: make it an async def")
+        return _json_result(name, value)
 
     return run
 
