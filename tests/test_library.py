@@ -420,6 +420,33 @@ async def test_sync_script_creates_then_run_worker_delivers_and_stops_on_sigterm
     assert lines[0].startswith("created ") and lines[-1] == "stopped succeeded", out.decode() + err.decode()
 
 
+LEFT_OPEN = textwrap.dedent(
+    """
+    import sys
+    from taskcenter import TaskCenter
+    from tests.conftest import make_settings
+
+    tc = TaskCenter(settings=make_settings(sys.argv[1]), business="shop")
+    tc.create_task("POST", "http://127.0.0.1:9/", business_id="left-open", delay=3600)
+    print("exiting without close()", flush=True)
+    """
+)
+
+
+async def test_a_script_that_never_closes_exits_cleanly(db_url: str) -> None:
+    """Its connections used to be torn down under the running loop at exit: ResourceWarnings (SQLite), a
+    traceback from another loop's transport (PostgreSQL), in development mode."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "dev", "-W", "always", "-c", LEFT_OPEN, db_url,
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0 and out.decode().strip() == "exiting without close()", err.decode()
+    noise = [line for line in err.decode().splitlines() if "Warning" in line or "Error" in line]
+    assert noise == [], err.decode()
+
+
 def test_the_design_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DESIGN "Library": a database URL, a RetryPolicy and a timedelta delay, through the sync surface."""
     monkeypatch.chdir(tmp_path)  # no stray ./taskcenter.toml

@@ -7,9 +7,12 @@ scripts get exactly the behaviour of the async API rather than a second implemen
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -95,6 +98,15 @@ def _check_connection(connection: object, expected: type, twin: str) -> None:
         )
 
 
+def _close_at_exit(ref: weakref.ref[TaskCenter]) -> None:
+    """Close a TaskCenter whose sync surface the application left open (a script, a web app), so that the
+    interpreter's exit does not tear its database connections down under its running loop."""
+    center = ref()
+    if center is not None:
+        with contextlib.suppress(Exception):
+            center.close()
+
+
 class TaskCenter:
     """taskcenter as a library.
 
@@ -148,6 +160,7 @@ class TaskCenter:
         self._thread: threading.Thread | None = None
         self._dispatcher: Any = None
         self._worker: tuple[threading.Thread, asyncio.Event, threading.Event] | None = None
+        self._at_exit: Callable[[], None] | None = None
         """The thread in :meth:`run_worker`, its stop event and its done flag, while it runs."""
 
     # -- plumbing -------------------------------------------------------------------------------------
@@ -169,6 +182,8 @@ class TaskCenter:
                 target=self._loop.run_forever, name="taskcenter-loop", daemon=True
             )
             self._thread.start()
+            self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+            atexit.register(self._at_exit)
         return self._loop
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -453,6 +468,9 @@ class TaskCenter:
                 if not loop.is_running():
                     loop.close()
                 self._loop = self._thread = None
+                if self._at_exit is not None:
+                    atexit.unregister(self._at_exit)
+                    self._at_exit = None
 
     async def _aclose_after_calls(self) -> None:
         current = asyncio.current_task()
