@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 from taskcenter import DuplicateTask, LimitExceeded, TaskCenter, ValidationError
+from taskcenter.errors import StorageError
 from taskcenter.storage.database import async_url
 from taskcenter.storage.schema import businesses
 from tests.conftest import make_settings
@@ -216,3 +217,24 @@ def test_sync_a_session_or_engine_for_connection_is_a_validation_error_naming_it
         with Session(sync_engine) as session, session.begin():
             tc.create_task("POST", "http://127.0.0.1:9/", business_id="ok", connection=session.connection())
         assert [t.business_id for t in tc.list_tasks()[0]] == ["ok"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sync_first_use_inside_a_writing_transaction_says_to_start_first(
+    db_url: str, sync_engine: sa.Engine
+) -> None:
+    """The documented SQLite limit used to surface as a bare "cannot read the schema version: database is
+    locked", which says nothing of the cause."""
+    tc = TaskCenter(settings=make_settings(db_url), business="shop")
+    try:
+        with pytest.raises(StorageError) as info, sync_engine.begin() as conn:
+            conn.execute(sa.insert(orders).values(id=1, note="writes first"))
+            tc.create_task("POST", "http://127.0.0.1:9/", business_id="o-1", connection=conn)
+        assert "start the TaskCenter" in str(info.value)
+        with sync_engine.begin() as conn:  # started now: the same transaction works
+            tc.list_tasks()
+            conn.execute(sa.insert(orders).values(id=1, note="writes first"))
+            tc.create_task("POST", "http://127.0.0.1:9/", business_id="o-1", connection=conn)
+        assert len(tc.list_tasks()[0]) == 1
+    finally:
+        tc.close()

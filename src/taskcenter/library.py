@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.task import Attempt, Task
-from taskcenter.errors import ValidationError
+from taskcenter.errors import StorageError, ValidationError
 from taskcenter.events import EventBus, Handler
 from taskcenter.intake import PRIORITY_RANGE
 from taskcenter.processors import ProcessorFunc, ProcessorRegistry
@@ -373,7 +373,17 @@ class TaskCenter:
             "notify": None, "metadata": None, **kwargs,
         }  # fmt: skip
         data = _task_data(method, url, **given)
-        business, row = self._sync(self._prepare(data))
+        started = self._business is not None
+        try:
+            business, row = self._sync(self._prepare(data))
+        except StorageError as exc:
+            if started or self.runtime.db.dialect != "sqlite":
+                raise
+            # Its first use (schema check, business registered) waited on the caller's own write lock.
+            raise StorageError(
+                f"{exc.message}; on SQLite, start the TaskCenter (`with tc:`, or any call) before your "
+                "transaction writes: its first use needs the database too"
+            ) from exc
         service = self.runtime.service
         # The insert runs here, on the caller's thread and connection; only the I/O-free parts share the loop.
         channel = NOTIFY_CHANNEL if service.needs_wakeup(row) else None
