@@ -168,6 +168,9 @@ async def test_unknown_task_ids_are_404_on_every_task_endpoint(api: Api, ref: st
     [
         ({"cursor": "garbage"}, "cursor"),
         ({"cursor": "dDE6YWJj"}, "cursor"),
+        ({"cursor": "dDE6OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk"}, "cursor"),  # t1:99999999999999999999999
+        ({"cursor": "dDE6OTIyMzM3MjAzNjg1NDc3NTgwOA"}, "cursor"),  # t1:9223372036854775808, past BIGINT
+        ({"cursor": "dDE62aHZog"}, "cursor"),  # t1: and two Arabic-Indic digits
         ({"status": "pending,lost"}, "status"),
         ({"limit": 0}, "limit"),
         ({"limit": 501}, "limit"),

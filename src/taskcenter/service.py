@@ -819,7 +819,8 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "t1" or not value.isdigit():
+        # At most 18 ASCII digits: a row id fits in BIGINT (a longer one overflowed the driver: a 500).
+        if prefix != "t1" or not value.isascii() or not value.isdigit() or len(value) > 18:
             raise ValueError(raw)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
