@@ -245,6 +245,18 @@ def test_numeric_unknown_task_id_is_one_line_and_exit_1(cli: Cli) -> None:
     one_line_error(cli("task", "show", "987654"), 1)
 
 
+@pytest.mark.parametrize("ref", ["99999999999999999999999", "9223372036854775808", "\u00b2", "1" * 5000])
+def test_task_id_of_digits_no_row_can_have_is_one_line_and_exit_1(cli: Cli, ref: str) -> None:
+    # Past BIGINT, a superscript digit, more digits than int() converts: no task, not a traceback.
+    for command in ("show", "cancel", "retry"):
+        one_line_error(cli("task", command, ref), 1)
+
+
+def test_task_id_in_non_ascii_digits_is_not_a_row_id(cli: Cli) -> None:
+    create(cli, "d-1")  # row 1
+    one_line_error(cli("task", "show", "\u0661"), 1)  # ARABIC-INDIC DIGIT ONE
+
+
 def test_task_id_that_looks_like_markup_is_printed_as_given(cli: Cli) -> None:
     line = one_line_error(cli("task", "show", "[/bold]"), 1)
     assert "[/bold]" in line

@@ -550,7 +550,10 @@ class TaskService:
         row = None
         text = str(ref).strip()
         if text.isdigit():
-            row = await task_sql.get(conn, row_id=int(text), business_pk=pk)
+            # A row id is at most 18 ASCII digits (BIGINT); other digits (², ١) name no task, and more of them
+            # overflowed the driver (or int() itself) with a traceback.
+            if text.isascii() and len(text) <= 18:
+                row = await task_sql.get(conn, row_id=int(text), business_pk=pk)
         elif len(text) <= 40:
             try:
                 row = await task_sql.get(conn, uuid=_canonical_uuid(text), business_pk=pk)
