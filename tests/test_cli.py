@@ -285,6 +285,12 @@ def test_bad_json_body_exits_2(cli: Cli) -> None:
                                           "--json", "{nope"), 2)  # fmt: skip
 
 
+@pytest.mark.parametrize("body", ["9" * 5000, "[" * 100_000], ids=["5000-digit-number", "nested-too-deep"])
+def test_json_body_python_cannot_parse_exits_2(cli: Cli, body: str) -> None:
+    assert "--json" in one_line_error(cli("task", "create", "http://127.0.0.1:9/", "-b", "shop", "-k", "x",
+                                          "--json", body), 2)  # fmt: skip
+
+
 def test_bad_header_exits_2(cli: Cli) -> None:
     one_line_error(cli("task", "create", "http://127.0.0.1:9/", "-b", "shop", "-k", "x", "-H", "NoColon"), 2)
 

@@ -322,7 +322,8 @@ def task_create(
     if json_body is not None:
         try:
             data["json"] = json.loads(json_body)
-        except json.JSONDecodeError as exc:
+        # JSONDecodeError is a ValueError, as are numbers of too many digits; deep nesting is a RecursionError.
+        except (ValueError, RecursionError) as exc:
             raise _fail(f"--json is not valid JSON: {exc}", 2) from None
     if header:
         headers = {}
