@@ -78,6 +78,13 @@ async def test_a_lone_surrogate_is_malformed_json(api: Api) -> None:
         ({"business_id": "a", "url": "https://a.example.com", "scheduled_at": "9999-12-31T23:59:59-14:00"},
          "scheduled_at"),
         ({"business_id": "a", "url": "https://a.example.com", "headers": {"X-Task-Id": "forged"}}, "headers.X-Task-Id"),
+        # NUL characters: PostgreSQL stores none in text or jsonb (it answered 503 "database unavailable").
+        ({"business_id": "a", "url": "https://a.example.com", "body": "a\x00b"}, "body"),
+        ({"business_id": "a", "url": "https://a.example.com", "body": "x", "content_type": "text/\x00plain"},
+         "content_type"),
+        ({"business_id": "a", "url": "https://a.example.com", "metadata": {"k": ["x\x00"]}}, "metadata"),
+        ({"business_id": "a", "url": "https://a.example.com", "metadata": {"\x00": 1}}, "metadata"),
+        ({"business_id": "a", "url": "https://a.example.com", "notify": {"email": "a@b\x00"}}, "notify.email"),
     ],
 )  # fmt: skip
 async def test_invalid_create_requests_are_422_naming_the_field(
@@ -86,6 +93,32 @@ async def test_invalid_create_requests_are_422_naming_the_field(
     key = await api.business_key("shop")
     _problem(await api.client.post("/tasks", json=body, headers=key), 422, "validation", field)
     assert await _stored(api) == 0
+
+
+async def test_nul_characters_are_refused_by_a_change_and_in_a_batch(api: Api) -> None:
+    key = await api.business_key("shop")
+    task = await api.create(key, "a", delay=600)
+    for change, field in (({"body": "\x00"}, "body"), ({"metadata": {"k": "\x00"}}, "metadata")):
+        _problem(
+            await api.client.patch(f"/tasks/{task['id']}", json=change, headers=key), 422, "validation", field
+        )
+    assert (await api.client.get(f"/tasks/{task['id']}", headers=key)).json() == task
+    batch = await api.client.post("/tasks/batch", headers=key, json={"tasks": [
+        task_body("b", metadata={"k": "\x00"}), task_body("c")]})  # fmt: skip
+    assert batch.status_code == 200, batch.text
+    assert [(r["status"], r.get("field")) for r in batch.json()["results"]] == [
+        (422, "metadata"),
+        (201, None),
+    ]
+    assert await _stored(api) == 2
+
+
+def test_a_json_escape_that_only_looks_like_nul_is_kept() -> None:
+    """A literal backslash before ``u0000`` is no NUL character: the check must not refuse it."""
+    from taskcenter.intake import MAX_METADATA_BYTES, _json_object
+
+    value = {"path": "C:\\u0000", "\\u0000": "\\\\u0000"}
+    assert _json_object(value, "metadata", MAX_METADATA_BYTES) == value
 
 
 async def test_a_body_that_is_not_an_object_is_422(api: Api) -> None:

@@ -31,6 +31,9 @@ PRIORITY_RANGE = (-1000, 1000)
 NOTIFY_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+#: A NUL character in orjson's output: ``\u0000`` after an even number of backslashes (``\\u0000`` is a
+#: backslash and the text ``u0000``). PostgreSQL's text and jsonb cannot hold one.
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 CREATE_FIELDS = frozenset(
     {
         "business_id", "type", "payload", "method", "url", "headers", "json", "form", "body", "content_type",
@@ -70,11 +73,15 @@ def _json_object(value: Any, field: str, limit: int) -> Any:
     if value is None:
         return None
     try:
-        size = len(orjson.dumps(value))
+        dumped = orjson.dumps(value)
     except TypeError as exc:
         raise ValidationError(f"{field} is not JSON-serialisable: {exc}", field=field) from exc
-    if size > limit:
+    if len(dumped) > limit:
         raise ValidationError(f"{field} is larger than {limit} bytes", field=field)
+    if _JSON_NUL.search(dumped):
+        raise ValidationError(
+            f"{field} contains a NUL character (\\u0000), which cannot be stored", field=field
+        )
     return value
 
 
@@ -125,7 +132,7 @@ def _notify(value: Any) -> dict[str, Any] | None:
         out["url"] = validate_url(value["url"], field="notify.url")
     if value.get("email") is not None:
         email = value["email"]
-        if not isinstance(email, str) or "@" not in email or len(email) > 320:
+        if not isinstance(email, str) or "@" not in email or len(email) > 320 or _CONTROL.search(email):
             raise ValidationError("notify.email must be an e-mail address", field="notify.email")
         out["email"] = email
     if not out:

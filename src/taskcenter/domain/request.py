@@ -145,7 +145,9 @@ def encode_body(
     if len(given) > 1:
         raise ValidationError(f"give only one of json, form, body (got {', '.join(given)})", field=given[1])
     if content_type is not None and (
-        not isinstance(content_type, str) or len(content_type) > 255 or any(c in content_type for c in "\r\n")
+        not isinstance(content_type, str)
+        or len(content_type) > 255
+        or any(c in content_type for c in "\r\n\x00")
     ):
         raise ValidationError("content_type must be a string of at most 255 characters", field="content_type")
     if has_json or json_body is not None:
@@ -163,6 +165,8 @@ def encode_body(
     if body is not None:
         if not isinstance(body, str):
             raise ValidationError("body must be a string (use json for structured data)", field="body")
+        if "\x00" in body:  # PostgreSQL's text cannot hold it; binary data goes base64-encoded
+            raise ValidationError("body contains a NUL character, which cannot be stored", field="body")
         return body, content_type or "text/plain; charset=utf-8"
     return None, content_type
 
