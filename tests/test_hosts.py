@@ -230,7 +230,8 @@ async def test_list_pages_through_configured_hosts_by_name(api: Api) -> None:
 
 
 @pytest.mark.parametrize(("params", "field"), [({"cursor": "nope"}, "cursor"), ({"limit": 0}, "limit"),
-                                               ({"breaker": "broken"}, "breaker")])  # fmt: skip
+                                               ({"breaker": "broken"}, "breaker"),
+                                               ({"cursor": "aDE6YQBi"}, "cursor")])  # fmt: skip  # h1:a\x00b
 async def test_bad_list_queries_are_422(api: Api, params: dict[str, Any], field: str) -> None:
     response = await api.client.get("/hosts", params=params, headers=OPERATOR)
     assert response.status_code == 422 and response.json()["field"] == field

@@ -268,7 +268,8 @@ def decode_cursor(cursor: str) -> str:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raw = ""
     prefix, _, host = raw.partition(":")
-    if prefix != "h1" or not host:
+    # No host holds a control character (task URLs refuse them), and PostgreSQL cannot compare with a NUL.
+    if prefix != "h1" or not host or any(ord(c) < 32 for c in host):
         raise ValidationError("cursor is not one this API returned", field="cursor")
     return host
 
