@@ -367,6 +367,24 @@ async def test_tasks_held_for_one_host_leave_the_dispatcher_free_for_others(
     assert min(r["next_attempt_at"] for r in rows) > utcnow() + timedelta(minutes=9)
 
 
+async def test_a_host_rate_too_low_for_any_token_this_side_of_year_9999_holds_only_that_host(
+    runtime: Runtime, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    """A rate above 0 is valid however small; its next token (1e300 s away) used to overflow the deferral's
+    datetime, which killed the claim loop: nothing was sent to any host and stopping the dispatcher hung."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=1e-300)
+    held = await make_tasks(runtime, biz, receiver.url("/held"), 3, "h")
+    await asyncio.sleep(0.05)
+    free = await make_tasks(runtime, biz, other_receiver.url("/free"), 3, "f")
+    async with running(runtime):
+        await all_finished(runtime, free, timeout=10)
+    assert receiver.requests == []
+    rows = await task_rows(runtime, held)
+    assert {(r["status"], r["attempts"], r["lease_owner"]) for r in rows} == {("pending", 0, None)}
+    assert min(r["next_attempt_at"] for r in rows) > utcnow() + timedelta(days=300)
+
+
 async def test_host_rate_holds_at_the_receiver_after_the_dispatcher_slots_were_busy(
     runtime: Runtime, receiver: Receiver, other_receiver: Receiver
 ) -> None:

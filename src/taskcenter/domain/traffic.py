@@ -23,6 +23,9 @@ _SLOT_SLACK_S = 1e-4
 #: What counts as a whole token. Epoch seconds carry ~2e-7 s of rounding, i.e. 2e-4 of a token at 1,000/s;
 #: the shortfall stays in the bucket as a debt, so the long-run rate is unchanged.
 _WHOLE_TOKEN = 1 - 1e-3
+#: The longest a task waits for a token before it is looked at again: as far ahead as a task may be scheduled.
+#: A rate above 0 may still be tiny (1e-300/s): its next token is further off than any time can be written.
+MAX_TOKEN_WAIT_S = 366 * 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,7 @@ def next_token_at(state: State, limits: Limits, now: float, position: int) -> fl
     """When the ``position``-th (1-based) request waiting behind the current tokens may go."""
     rate = limits.rate_per_second or math.inf
     missing = position - state.tokens
-    return now + max(0.0, missing) / rate
+    return now + min(max(0.0, missing) / rate, MAX_TOKEN_WAIT_S)
 
 
 def book(state: State, limits: Limits, now: float) -> State:
@@ -126,7 +129,7 @@ def book(state: State, limits: Limits, now: float) -> State:
     if rate is None:
         return state
     slot = max(next_token_at(state, limits, now, 1), state.booked_until + 1.0 / rate)
-    return replace(state, booked_until=slot)
+    return replace(state, booked_until=min(slot, now + MAX_TOKEN_WAIT_S))
 
 
 def pace(state: State | None, limits: Limits, now: float) -> tuple[State, float]:
@@ -143,7 +146,7 @@ def pace(state: State | None, limits: Limits, now: float) -> tuple[State, float]
     if rate is None:
         return State(tokens=0.0, refilled_at=now), 0.0
     state = State(tokens=limits.capacity, refilled_at=now) if state is None else refill(state, limits, now)
-    wait = max(0.0, (_WHOLE_TOKEN - state.tokens) / rate)
+    wait = min(max(0.0, (_WHOLE_TOKEN - state.tokens) / rate), MAX_TOKEN_WAIT_S)
     return replace(state, tokens=state.tokens - 1), wait
 
 
