@@ -189,3 +189,18 @@ async def test_cancelling_notifies_when_asked(runtime: Runtime, receiver: Receiv
         [note] = await receiver.wait_for(1, "/notify", timeout=10)
     assert note.json()["type"] == "task.cancelled"
     assert receiver.requests_for("/hook") == []
+
+
+async def test_a_response_body_with_a_nul_byte_is_recorded_once(runtime: Runtime, receiver: Receiver) -> None:
+    """PostgreSQL's jsonb holds no U+0000: the result of a 200 whose body had one could not be written, the
+    lease ran out and the task was sent again, and again. The NUL is kept as U+FFFD, like undecodable bytes."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
+    receiver.set_default(Reply(status=200, body=b"ok\x00bad\xff"), "/nul")
+    task = await runtime.service.create_task(biz, {"business_id": "n1", "url": receiver.url("/nul")})
+    async with running(runtime):
+        await wait_status(runtime, biz, task.id, "succeeded")
+    done = await runtime.service.get_task(biz, task.id)
+    assert done.last_response is not None and done.last_response["body"] == "ok\ufffdbad\ufffd"
+    [attempt] = await runtime.service.attempts(biz, task.id)
+    assert attempt.response is not None and attempt.response["body"] == "ok\ufffdbad\ufffd"
+    assert len(receiver.requests_for("/nul")) == 1

@@ -317,9 +317,12 @@ def _decode(resp: ClientResponse, raw: bytes) -> str:
     if not raw:
         return ""
     try:
-        return raw.decode(resp.charset or "utf-8", "replace")
+        text = raw.decode(resp.charset or "utf-8", "replace")
     except LookupError:  # unknown charset named by the server
-        return raw.decode("utf-8", "replace")
+        text = raw.decode("utf-8", "replace")
+    # PostgreSQL's jsonb holds no U+0000 (the result could not be written, and the task was sent again): a NUL
+    # is shown as U+FFFD, like the bytes that do not decode.
+    return text.replace("\x00", "\ufffd")
 
 
 def _response_headers(resp: ClientResponse) -> dict[str, str]:
