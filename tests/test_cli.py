@@ -318,6 +318,11 @@ def test_unreachable_database_is_one_line(cli: Cli) -> None:
     one_line_error(result, 1)
 
 
+def test_database_url_that_does_not_parse_names_the_setting(cli: Cli) -> None:
+    result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@[::1/none")
+    assert "database_url" in one_line_error(result, 2)
+
+
 def test_limit_out_of_range_is_a_usage_error(cli: Cli) -> None:
     assert cli("task", "list", "--limit", "0").exit_code == 2
 

@@ -14,6 +14,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.traffic import Limits
@@ -120,6 +122,10 @@ class Settings(BaseSettings):
     def _url_is_known(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql", "postgres")):
             raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        try:
+            make_url(value)
+        except (ValueError, ArgumentError) as exc:  # e.g. an unclosed IPv6 bracket, a port that is no number
+            raise ValueError(f"database_url is not a valid URL: {exc}") from None
         return value
 
     def dispatch(self) -> DispatchConfig:
