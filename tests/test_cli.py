@@ -323,6 +323,14 @@ def test_database_url_that_does_not_parse_names_the_setting(cli: Cli) -> None:
     assert "database_url" in one_line_error(result, 2)
 
 
+def test_libpq_sslmode_in_the_database_url_is_understood(cli: Cli) -> None:
+    # asyncpg calls it ssl: passed on as sslmode it was an unexpected keyword (a TypeError traceback).
+    result = cli(
+        "task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none?sslmode=disable"
+    )
+    assert "Connection refused" in one_line_error(result, 1)
+
+
 def test_limit_out_of_range_is_a_usage_error(cli: Cli) -> None:
     assert cli("task", "list", "--limit", "0").exit_code == 2
 

@@ -154,6 +154,11 @@ def async_url(url: str) -> sa.URL:
     if backend == "sqlite":
         return parsed.set(drivername="sqlite+aiosqlite")
     if backend in ("postgresql", "postgres"):
+        if "sslmode" in parsed.query and "ssl" not in parsed.query:
+            # libpq's name, which URLs copied from elsewhere carry; asyncpg takes the same modes as ``ssl`` (passed
+            # on as sslmode it was an unexpected keyword argument: a TypeError at the first connection).
+            query = {k: v for k, v in parsed.query.items() if k != "sslmode"}
+            parsed = parsed.set(query={**query, "ssl": parsed.query["sslmode"]})
         return parsed.set(drivername="postgresql+asyncpg")
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
 
