@@ -121,6 +121,25 @@ def test_a_json_escape_that_only_looks_like_nul_is_kept() -> None:
     assert _json_object(value, "metadata", MAX_METADATA_BYTES) == value
 
 
+async def test_a_json_body_nested_deeper_than_it_can_be_encoded_is_422(api: Api) -> None:
+    """1000 levels parse (orjson allows 1024) but Python's encoder recursed out: a 500 from the create."""
+    key = await api.business_key("shop")
+    deep = "[" * 1000 + "]" * 1000
+    raw = f'{{"business_id": "a", "url": "https://a.example.com", "json": {deep}}}'.encode()
+    response = await api.client.post(
+        "/tasks", content=raw, headers={**key, "content-type": "application/json"}
+    )
+    _problem(response, 422, "validation", "json")
+    batch = await api.client.post(
+        "/tasks/batch",
+        content=b'{"tasks": [' + raw + b"]}",
+        headers={**key, "content-type": "application/json"},
+    )
+    assert batch.status_code == 200, batch.text
+    assert [(r["status"], r["field"]) for r in batch.json()["results"]] == [(422, "json")]
+    assert await _stored(api) == 0
+
+
 async def test_a_body_that_is_not_an_object_is_422(api: Api) -> None:
     key = await api.business_key("shop")
     _problem(await api.client.post("/tasks", json=[1, 2], headers=key), 422, "validation", "body")

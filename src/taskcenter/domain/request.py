@@ -155,6 +155,8 @@ def encode_body(
             text = _JSON.encode(json_body)
         except (TypeError, ValueError) as exc:
             raise ValidationError(f"json cannot be encoded: {exc}", field="json") from exc
+        except RecursionError as exc:  # the API parses up to 1024 levels; the encoder recurses per level
+            raise ValidationError("json is nested too deeply", field="json") from exc
         return text, content_type or "application/json"
     if form is not None:
         if not isinstance(form, Mapping) or not all(
