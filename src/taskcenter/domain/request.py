@@ -62,6 +62,8 @@ def target_host(url: str) -> str:
 
 #: Whitespace, any C0 control or DEL (one regex search: 0.7 us, where a per-character scan took 9 us per URL).
 _BAD_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
+#: What a header value may not hold: any C0 control but TAB, and DEL (CR, LF and NUL are refused as line breaks).
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: Built once: json.dumps with options builds a new encoder per call (4.2 instead of 5.7 us per body).
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -116,6 +118,8 @@ def validate_headers(headers: Any, field: str = "headers") -> dict[str, str]:
             raise ValidationError(f"{where} must be a string", field=where)
         if any(c in value for c in "\r\n\x00"):
             raise ValidationError(f"{where} contains a line break", field=where)
+        if _HEADER_CONTROL.search(value):  # the HTTP client would refuse to send it, on every attempt
+            raise ValidationError(f"{where} contains a control character", field=where)
         if name.lower() in RESERVED_HEADERS:
             raise ValidationError(f"{where} is set by taskcenter and cannot be given", field=where)
         out[name] = value
@@ -145,11 +149,12 @@ def encode_body(
     if len(given) > 1:
         raise ValidationError(f"give only one of json, form, body (got {', '.join(given)})", field=given[1])
     if content_type is not None and (
-        not isinstance(content_type, str)
-        or len(content_type) > 255
-        or any(c in content_type for c in "\r\n\x00")
+        not isinstance(content_type, str) or len(content_type) > 255 or _HEADER_CONTROL.search(content_type)
     ):
-        raise ValidationError("content_type must be a string of at most 255 characters", field="content_type")
+        raise ValidationError(
+            "content_type must be a string of at most 255 characters, without control characters",
+            field="content_type",
+        )
     if has_json or json_body is not None:
         try:
             text = _JSON.encode(json_body)
