@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
@@ -69,3 +70,17 @@ def test_purge_rejects_a_duration_it_cannot_read(tmp_path: Path) -> None:
     result = runner.invoke(app, ["purge", "--older-than", "3x"], env=_env(tmp_path / "t.db"))
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("age", ["nand", "infd", "1e400d", "9" * 5000 + "d", "99999999999d", "-5d"])
+def test_purge_and_bulk_retry_refuse_durations_no_time_can_be_cut_at(tmp_path: Path, age: str) -> None:
+    """NaN, infinite, past year 1 (tracebacks from int() or timedelta) or negative: one line, exit 2."""
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    for args in (["purge", "--older-than", age, "--yes"], ["retry", "--status", "cancelled", "--since", age]):
+        result = runner.invoke(app, args, env=_env(db))
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    with sa.create_engine(f"sqlite:///{db}").connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar_one() == 13

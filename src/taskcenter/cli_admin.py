@@ -46,17 +46,21 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_DURATION_S = 100 * 365.25 * 86400
 
 
 def duration_s(text: str) -> float:
     """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds; anything else exits 2 with one line."""
     text = text.strip().lower()
     try:
-        if text and text[-1] in _UNITS:
-            return float(text[:-1]) * _UNITS[text[-1]]
-        return float(text)
+        unit = _UNITS.get(text[-1:], 0)
+        seconds = float(text[:-1]) * unit if unit else float(text)
     except ValueError:
         raise _fail(escape(f"{text!r} is not a duration like 90d, 12h, 30m or 45s"), 2) from None
+    # float() also reads nan, inf and 1e400; a time that far back has no datetime (a traceback further on).
+    if not 0 <= seconds <= _MAX_DURATION_S:
+        raise _fail(escape(f"{text[:40]!r} is not a duration from 0 to 100 years"), 2)
+    return seconds
 
 
 def _actor() -> str:
