@@ -458,6 +458,7 @@ def test_cli_list_shows_breaker_and_pause_in_a_table(cli: HostCli) -> None:
         (("pause", HOST, "--for", "soon"), 2, "not a duration"),
         (("pause", HOST), 1, "give until (a time) or seconds"),
         (("pause", HOST, "--until", "yesterday"), 2, "not a time"),
+        (("show", "api.example.com:" + "9" * 5000), 1, "host must be host:port"),  # past int()'s 4300 digits
     ],
 )
 def test_cli_errors_are_one_line(cli: HostCli, args: tuple[str, ...], code: int, message: str) -> None:

@@ -76,7 +76,8 @@ def parse_host(text: str) -> str:
         ValidationError: naming ``host`` when it is not one.
     """
     name, colon, port = text.rpartition(":")
-    if not colon or not port.isascii() or not port.isdigit() or port != str(int(port)):
+    # At most 5 digits before int(): a port of thousands of them is past int()'s limit (a ValueError).
+    if not colon or not port.isascii() or not port.isdigit() or len(port) > 5 or port != str(int(port)):
         raise ValidationError(_HOST_HELP, field="host")
     if not 1 <= int(port) <= 65535:
         raise ValidationError(_HOST_HELP, field="host")
