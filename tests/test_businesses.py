@@ -287,6 +287,15 @@ def test_cli_actions_are_audited_as_the_cli_user(db_url: str) -> None:
     assert "business.create" in cli.ok("audit", "list")
 
 
+@pytest.mark.parametrize("since", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_cli_audit_since_without_a_utc_form_is_a_usage_error(db_url: str, since: str) -> None:
+    # Such a time has no UTC form: it reached the query and came back as "database error: ... out of range".
+    result = Cli(db_url)("audit", "list", "--since", since)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "--since" in line and "database" not in line, line
+
+
 def test_cli_errors_are_one_line_with_exit_code_1(db_url: str) -> None:
     result = Cli(db_url)("business", "show", "nobody")
     assert result.exit_code == 1

@@ -257,6 +257,10 @@ def audit_list(
 ) -> None:
     """Show the audit log, newest first."""
     when = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+    try:
+        when = when.astimezone(UTC) if when is not None else None
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00, which has no UTC form
+        raise _fail("--since is out of range", 2) from None
 
     async def work(rt: Runtime, svc: BusinessService) -> list[dict[str, Any]]:
         pk = (await svc.business(business)).pk if business else None
