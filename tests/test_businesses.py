@@ -265,6 +265,15 @@ def test_cli_creates_lists_shows_rotates_and_disables_a_business(db_url: str) ->
     assert '"status": "disabled"' in cli.ok("business", "show", "payments", "--json")
 
 
+@pytest.mark.parametrize("name", ["n" * 201, "ops\x1b[2J"])
+def test_cli_operator_key_name_too_long_or_with_controls_is_refused(db_url: str, name: str) -> None:
+    # PostgreSQL's varchar(200) refused a long one as "database error: value too long"; SQLite stored it.
+    result = Cli(db_url)("operator", "create-key", "--name", name)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: name must be") and "database" not in line, line
+
+
 def test_cli_operator_key_is_accepted_by_the_api(db_url: str) -> None:
     out = Cli(db_url).ok("operator", "create-key", "--name", "ops")
     key = out.split()[-1]

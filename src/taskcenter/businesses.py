@@ -312,6 +312,9 @@ class BusinessService:
 
     async def create_operator_key(self, *, actor: str, name: str | None = None) -> IssuedKey:
         """A new operator API key (shown this once)."""
+        if name is not None and (not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name)):
+            # As a business's name; the column holds 200 (PostgreSQL refused more as a database error).
+            raise ValidationError("name must be 1-200 printable characters", field="name")
         key, prefix, digest = new_key()
         async with self.db.write() as conn:
             key_id = await self._insert_key(conn, None, "operator", prefix, digest, name, self.clock())
