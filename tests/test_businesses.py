@@ -274,6 +274,12 @@ def test_cli_operator_key_name_too_long_or_with_controls_is_refused(db_url: str,
     assert line.startswith("error: name must be") and "database" not in line, line
 
 
+def test_cli_business_create_retry_nested_too_deep_is_one_line(db_url: str) -> None:
+    result = Cli(db_url)("business", "create", "payments", "--retry", "[" * 100_000)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == ["error: --retry is not JSON"]
+
+
 def test_cli_operator_key_is_accepted_by_the_api(db_url: str) -> None:
     out = Cli(db_url).ok("operator", "create-key", "--name", "ops")
     key = out.split()[-1]

@@ -149,7 +149,7 @@ def business_create(
     if retry is not None:
         try:
             data["retry"] = json.loads(retry)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
             raise _fail(ValidationError("--retry is not JSON", field="retry").message) from None
     reg = _run(config, lambda rt, svc: svc.register(data, actor=_actor()))
     secrets = {"api_key": reg.api_key.key, "signing_secret": reg.signing_secret, "jwt_secret": reg.jwt_secret}
