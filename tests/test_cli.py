@@ -318,6 +318,19 @@ def test_unreachable_database_is_one_line(cli: Cli) -> None:
     one_line_error(result, 1)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TASKCENTER_BREAKER_COOLDOWN_S", "1e308"),  # an opened circuit overflowed the claim
+        ("TASKCENTER_HOST_RATE_PER_SECOND", "inf"),
+        ("TASKCENTER_KEY_GRACE_HOURS", "1e300"),  # every rotation answered 422 "grace_hours must be …"
+        ("TASKCENTER_RETENTION_DAYS", "999999999"),  # the purge's cutoff overflowed timedelta
+    ],
+)
+def test_settings_past_what_the_api_allows_are_refused_at_load(cli: Cli, name: str, value: str) -> None:
+    assert name.removeprefix("TASKCENTER_").lower() in one_line_error(cli("task", "list", **{name: value}), 2)
+
+
 def test_database_url_that_does_not_parse_names_the_setting(cli: Cli) -> None:
     result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@[::1/none")
     assert "database_url" in one_line_error(result, 2)

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     """Comma-separated host names the SSRF guard lets through whatever they resolve to."""
     deny_hosts: str = ""
     """Comma-separated host names (``*.example.com`` allowed) that are always refused."""
-    host_rate_per_second: float = Field(default=0.0, ge=0)
+    host_rate_per_second: float = Field(default=0.0, ge=0, le=1_000_000)
     """Default request rate for hosts without a policy (0 = unlimited)."""
     host_burst: int = Field(default=0, ge=0)
     """Default burst for hosts without a policy (0 = one second's worth of the rate)."""
@@ -85,11 +85,11 @@ class Settings(BaseSettings):
     """...or when this share of the last ``breaker_window`` attempts failed (0 = off)."""
     breaker_window: int = Field(default=20, ge=1, le=100)
     """Attempts the failure ratio looks at."""
-    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0, le=86_400)
     """How long an open circuit defers its host's tasks before a probe is let through."""
-    retention_days: int = Field(default=90, ge=1)
+    retention_days: int = Field(default=90, ge=1, le=36_500)
     """Finished tasks and their attempts older than this are purged."""
-    key_grace_hours: float = Field(default=24.0, ge=0)
+    key_grace_hours: float = Field(default=24.0, ge=0, le=2160)
     """After a key rotation the old API key stays valid this long."""
     default_retry: dict[str, Any] = Field(
         default_factory=lambda: {"strategy": "exponential", "initial_delay": 1, "max_attempts": 5}
