@@ -331,6 +331,11 @@ def test_settings_past_what_the_api_allows_are_refused_at_load(cli: Cli, name: s
     assert name.removeprefix("TASKCENTER_").lower() in one_line_error(cli("task", "list", **{name: value}), 2)
 
 
+def test_a_structured_setting_that_is_not_json_names_the_setting(cli: Cli) -> None:
+    # pydantic-settings decodes TASKCENTER_DEFAULT_RETRY as JSON itself and raised SettingsError: a traceback.
+    assert "default_retry" in one_line_error(cli("task", "list", TASKCENTER_DEFAULT_RETRY="{"), 2)
+
+
 def test_database_url_that_does_not_parse_names_the_setting(cli: Cli) -> None:
     result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@[::1/none")
     assert "database_url" in one_line_error(result, 2)

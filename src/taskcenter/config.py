@@ -12,6 +12,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
@@ -236,6 +237,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except tomllib.TOMLDecodeError as exc:
         name = config_file or "taskcenter.toml"
         raise ValidationError(f"config file {name} is not valid TOML: {exc}", field="config") from exc
+    except SettingsError as exc:  # e.g. TASKCENTER_DEFAULT_RETRY that is not JSON
+        cause = exc.__cause__
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "settings"
+        raise ValidationError(f"setting {field}: {cause or exc}", field=field) from exc
     except PydanticValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"
