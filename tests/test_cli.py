@@ -20,6 +20,8 @@ from typer.testing import CliRunner, Result
 
 from taskcenter import RetryPolicy, Task, TaskCenter
 from taskcenter.cli import app
+from taskcenter.config import load_settings
+from taskcenter.errors import ValidationError
 from tests.conftest import make_settings
 from tests.receiver import Receiver, Reply
 from tests.test_library import wait_status, working
@@ -329,6 +331,14 @@ def test_unreachable_database_is_one_line(cli: Cli) -> None:
 )
 def test_settings_past_what_the_api_allows_are_refused_at_load(cli: Cli, name: str, value: str) -> None:
     assert name.removeprefix("TASKCENTER_").lower() in one_line_error(cli("task", "list", **{name: value}), 2)
+
+
+def test_an_unknown_log_level_or_format_names_the_setting() -> None:
+    # Accepted at load, LOUD then failed in setup_logging: 'taskcenter serve' ended with a ValueError traceback.
+    for name, value in (("log_level", "LOUD"), ("log_format", "xml")):
+        with pytest.raises(ValidationError, match=name):
+            load_settings(None, **{name: value})
+    assert load_settings(None, log_level="debug", log_format="JSON").log_level == "DEBUG"
 
 
 def test_a_structured_setting_that_is_not_json_names_the_setting(cli: Cli) -> None:

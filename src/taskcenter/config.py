@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -96,10 +96,17 @@ class Settings(BaseSettings):
         default_factory=lambda: {"strategy": "exponential", "initial_delay": 1, "max_attempts": 5}
     )
     """Retry policy for tasks whose business and request give none."""
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Logging level."""
-    log_format: str = "auto"
+    log_format: Literal["json", "console", "auto"] = "auto"
     """``json``, ``console`` or ``auto`` (JSON when not on a terminal)."""
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @classmethod
     def settings_customise_sources(
