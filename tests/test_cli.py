@@ -359,6 +359,12 @@ def test_libpq_sslmode_in_the_database_url_is_understood(cli: Cli) -> None:
     assert "Connection refused" in one_line_error(result, 1)
 
 
+def test_an_unknown_parameter_in_a_postgresql_url_is_named(cli: Cli) -> None:
+    # Passed on to asyncpg.connect as a keyword: 'TypeError: connect() got an unexpected keyword argument'.
+    result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none?colour=blue")
+    assert "colour" in one_line_error(result, 1)
+
+
 def test_limit_out_of_range_is_a_usage_error(cli: Cli) -> None:
     assert cli("task", "list", "--limit", "0").exit_code == 2
 

@@ -147,6 +147,16 @@ def _begun(work: Callable[[sqlite3.Connection], T], connection: sqlite3.Connecti
         raise
 
 
+#: Query parameters a PostgreSQL URL may carry: asyncpg.connect's keywords and those SQLAlchemy's dialect takes.
+_ASYNCPG_PARAMETERS = frozenset(
+    {
+        "command_timeout", "direct_tls", "gsslib", "krbsrvname", "max_cacheable_statement_size",
+        "max_cached_statement_lifetime", "passfile", "server_settings", "service", "servicefile", "ssl",
+        "statement_cache_size", "target_session_attrs", "timeout", "prepared_statement_cache_size",
+    }
+)  # fmt: skip
+
+
 def async_url(url: str) -> sa.URL:
     """Turn a user-facing URL (``sqlite:///x.db``, ``postgresql://…``) into its async-driver form."""
     parsed = make_url(url)
@@ -159,6 +169,9 @@ def async_url(url: str) -> sa.URL:
             # on as sslmode it was an unexpected keyword argument: a TypeError at the first connection).
             query = {k: v for k, v in parsed.query.items() if k != "sslmode"}
             parsed = parsed.set(query={**query, "ssl": parsed.query["sslmode"]})
+        unknown = sorted(set(parsed.query) - _ASYNCPG_PARAMETERS)
+        if unknown:  # passed on to asyncpg.connect, which raised TypeError at the first connection
+            raise ConfigError(f"database_url has a parameter asyncpg does not know: {unknown[0]!r}")
         return parsed.set(drivername="postgresql+asyncpg")
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
 
