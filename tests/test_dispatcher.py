@@ -66,3 +66,18 @@ async def test_metrics_count_attempts_outcomes_and_slots_in_use(runtime: Runtime
     assert sample(runtime, "taskcenter_tasks_finished_total", status="succeeded") == 3.0
     assert sample(runtime, "taskcenter_tasks_finished_total", status="failed") == 1.0
     assert sample(runtime, "taskcenter_attempt_duration_seconds_count") == 5.0
+
+
+async def test_a_claim_loop_that_crashes_ends_the_dispatcher_instead_of_leaving_it_hung(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error out of the claim (a tiny host rate once raised OverflowError there) used to leave
+    run() waiting on the result writer forever: no delivery, health still 'running', and stop() hung too."""
+    dispatcher = runtime.dispatcher()
+
+    async def broken(_limit: int) -> Any:
+        raise OverflowError("timestamp out of range for platform time_t")
+
+    monkeypatch.setattr(dispatcher, "_claim", broken)
+    with pytest.raises(OverflowError):
+        await asyncio.wait_for(runtime.run_dispatcher(dispatcher), timeout=10)

@@ -144,7 +144,13 @@ class Dispatcher:
         try:
             await self._claim_loop()
             await self._drain()
+        except Exception:
+            # A bug, not a database outage (those are retried inside): say so and end, rather than leave a
+            # dispatcher that claims nothing while the writer below waits for a stop that never comes.
+            log.exception("dispatcher %s crashed", self.name)
+            raise
         finally:
+            self._stopping.set()  # the writer ends once what it holds is written
             for helper in helpers[1:]:
                 helper.cancel()
             self._results_ready.set()
