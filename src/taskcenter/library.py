@@ -160,8 +160,9 @@ class TaskCenter:
         self._thread: threading.Thread | None = None
         self._dispatcher: Any = None
         self._worker: tuple[threading.Thread, asyncio.Event, threading.Event] | None = None
-        self._at_exit: Callable[[], None] | None = None
         """The thread in :meth:`run_worker`, its stop event and its done flag, while it runs."""
+        self._at_exit: Callable[[], None] | None = None
+        """Registered with atexit while the private loop runs (see :func:`_close_at_exit`)."""
 
     # -- plumbing -------------------------------------------------------------------------------------
 
