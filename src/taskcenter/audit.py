@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskcenter.domain.task import rfc3339
+from taskcenter.domain.task import parse_row_id, rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import audit_log, businesses
@@ -79,9 +79,10 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "a1" or not value.isdigit() or len(value) > 18:
+        entry_id = parse_row_id(value)
+        if prefix != "a1" or entry_id is None:
             raise ValueError(raw)
-        return int(value)
+        return entry_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationError("cursor is not one this API returned", field="cursor") from exc
 

@@ -62,6 +62,12 @@ class Rotation:
     jwt_secret: str | None = None
 
 
+def _check_name(name: Any) -> None:
+    """A display name (a business's, an operator key's): 1-200 characters, none of them a control character."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name):
+        raise ValidationError("name must be 1-200 printable characters", field="name")
+
+
 def validate_settings(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
     """Check a business's settings; returns the column values. Raises :class:`ValidationError` naming the field."""
     allowed = SETTINGS_FIELDS | ({"code"} if creating else {"status"})
@@ -78,8 +84,7 @@ def validate_settings(data: Mapping[str, Any], *, creating: bool) -> dict[str, A
         out["code"] = code
     if "name" in data or creating:
         name = data.get("name", out.get("code"))
-        if not isinstance(name, str) or not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name):
-            raise ValidationError("name must be 1-200 printable characters", field="name")
+        _check_name(name)
         out["name"] = name
     for key, (lo, hi) in _LIMITS.items():
         if key in data:
@@ -312,9 +317,10 @@ class BusinessService:
 
     async def create_operator_key(self, *, actor: str, name: str | None = None) -> IssuedKey:
         """A new operator API key (shown this once)."""
-        if name is not None and (not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name)):
-            # As a business's name; the column holds 200 (PostgreSQL refused more as a database error).
-            raise ValidationError("name must be 1-200 printable characters", field="name")
+        if name is not None:
+            _check_name(
+                name
+            )  # as a business's: the column holds 200 (PostgreSQL refused more as a database error)
         key, prefix, digest = new_key()
         async with self.db.write() as conn:
             key_id = await self._insert_key(conn, None, "operator", prefix, digest, name, self.clock())

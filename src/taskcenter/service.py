@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taskcenter.crypto import SecretBox, mask_headers
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.states import CANCELLABLE, EDITABLE, RETRYABLE_BY_HAND, TaskStatus
-from taskcenter.domain.task import Attempt, Task
+from taskcenter.domain.task import Attempt, Task, parse_row_id
 from taskcenter.errors import (
     BusinessNotFound,
     Conflict,
@@ -549,11 +549,10 @@ class TaskService:
         pk = business.pk if business else None
         row = None
         text = str(ref).strip()
-        if text.isdigit():
-            # A row id is at most 18 ASCII digits (BIGINT); other digits (², ١) name no task, and more of them
-            # overflowed the driver (or int() itself) with a traceback.
-            if text.isascii() and len(text) <= 18:
-                row = await task_sql.get(conn, row_id=int(text), business_pk=pk)
+        if text.isdigit():  # any digits: those that are no row id (², ١, too many) name no task
+            row_id = parse_row_id(text)
+            if row_id is not None:
+                row = await task_sql.get(conn, row_id=row_id, business_pk=pk)
         elif len(text) <= 40:
             try:
                 row = await task_sql.get(conn, uuid=_canonical_uuid(text), business_pk=pk)
@@ -822,9 +821,9 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        # At most 18 ASCII digits: a row id fits in BIGINT (a longer one overflowed the driver: a 500).
-        if prefix != "t1" or not value.isascii() or not value.isdigit() or len(value) > 18:
+        row_id = parse_row_id(value)
+        if prefix != "t1" or row_id is None:
             raise ValueError(raw)
-        return int(value)
+        return row_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise ValidationError("cursor is not one this API returned", field="cursor") from exc

@@ -7,6 +7,18 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+#: Row ids are BIGINT: 18 decimal digits always fit (19 may not), and every id this service hands out has fewer.
+_ROW_ID_DIGITS = 18
+
+
+def parse_row_id(text: str) -> int | None:
+    """``text`` as a row id (a task's, an audit entry's), or None when it is not one: only ASCII digits count
+    (``int()`` also reads other scripts' digits, so ``١`` was row 1), and at most 18 of them, so a longer number
+    never reaches the database driver (an overflow there was a 500) or ``int()``'s own digit limit."""
+    if not text.isascii() or not text.isdigit() or len(text) > _ROW_ID_DIGITS:
+        return None
+    return int(text)
+
 
 def rfc3339(value: datetime | None) -> str | None:
     """``2026-11-26T06:13:58.123456Z`` for an aware UTC datetime."""
