@@ -272,6 +272,16 @@ def test_the_due_time_index_is_partial_on_due_tasks(built: Built) -> None:
     assert "'processing'" not in where
 
 
+def test_the_due_indexes_hold_http_tasks_and_processor_tasks_apart(built: Built) -> None:
+    """A worker claims only the task types it can run: HTTP tasks' due indexes and processor tasks' (by type)."""
+    for name in ("ix_tasks_due", "ix_tasks_due_business", "ix_tasks_due_time"):
+        assert re.search(r"type\)?(::text)?\s*=\s*'http'", _where(built.migrated_indexes[name])), name
+    for name in ("ix_tasks_due_type", "ix_tasks_due_type_time"):
+        definition = built.migrated_indexes[name]
+        assert re.search(r"\(\s*type\s*,", definition), definition
+        assert re.search(r"type\)?(::text)?\s*<>\s*'http'", _where(definition)), definition
+
+
 def test_live_business_id_index_is_unique_among_live_tasks_only(built: Built) -> None:
     definition = built.migrated_indexes["uq_tasks_live_business_id"]
     assert definition.upper().startswith("CREATE UNIQUE INDEX")

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from taskcenter import PermanentFailure, RetryPolicy, TaskCenter, ValidationError
+from taskcenter.storage import queue
 from tests.conftest import make_settings
 from tests.receiver import Receiver
 from tests.test_library import wait_status, working
@@ -301,3 +302,48 @@ def test_sync_surface_creates_processor_tasks(db_url: str) -> None:
         tc.processor("create_server", retry=FAST)(lambda payload: payload)
         task = tc.create_task(type="create_server", payload={"a": 1}, business_id="s-1")
         assert tc.get_task(task.id).payload == {"a": 1} and task.max_attempts == 3
+
+
+async def test_a_worker_without_the_processor_leaves_its_tasks_for_a_worker_with_it(
+    atc: TaskCenter, db_url: str, receiver: Receiver
+) -> None:
+    """A plain worker (no processors) next to an application's worker: each claims only the tasks it can run."""
+
+    @atc.processor("create_server", retry=FAST)
+    async def create_server(payload: dict[str, Any]) -> dict[str, Any]:
+        return {"server_id": payload["n"]}
+
+    job = await atc.acreate_task(type="create_server", payload={"n": 7}, business_id="s-1")
+    hook = await atc.acreate_task("POST", receiver.url("/hook"), business_id="h-1")
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as plain, working(plain):
+        # The plain worker delivers the HTTP task, claimed in the same look at the queue as the processor's...
+        assert (await wait_status(plain, hook.id, "succeeded")).attempts == 1
+        await asyncio.sleep(0.5)
+        # ... and leaves the processor's task due, untouched, for a worker that can run it.
+        waiting = await atc.aget_task(job.id)
+        assert (waiting.status, waiting.attempts) == ("pending", 0), waiting
+        async with working(atc):
+            done = await wait_status(atc, job.id, "succeeded", "failed")
+    assert done.status == "succeeded" and done.attempts == 1 and done.result == {"server_id": 7}
+
+
+async def test_a_worker_without_the_processor_sleeps_past_an_overdue_task_of_its_type(
+    atc: TaskCenter, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overdue task it won't claim must not be the next due task of a worker: it would wake at once, claim
+    nothing, and ask again without end."""
+    atc.processor("create_server")(lambda payload: payload)
+    job = await atc.acreate_task(type="create_server", payload={}, business_id="s-1")
+    looks = 0
+    real = queue.next_due
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "next_due", counted)
+    async with TaskCenter(settings=make_settings(db_url), business="shop") as plain, working(plain):
+        await asyncio.sleep(1.5)  # the poll interval is 1 s: a worker at rest looks two or three times
+    assert 1 <= looks <= 4, looks
+    assert (await atc.aget_task(job.id)).status == "pending"

@@ -167,6 +167,61 @@ async def test_claim_returns_a_batch_in_its_fair_order_across_businesses(
     assert [r["id"] for r in rows] == [backlog[0], later[0], backlog[1], later[1], backlog[2], backlog[3]]
 
 
+async def processor_task(db: Database, business_pk: int, name: str, **overrides: Any) -> int:
+    """A task of processor ``name`` (as intake stores one: no request, its host named after the type)."""
+    return await insert(
+        db, business_pk, type=name, host=f"processor:{name}", method=None, url=None, payload={}, **overrides
+    )
+
+
+@pytest.mark.parametrize("fair", [False, True])
+async def test_claim_takes_http_tasks_and_only_the_processor_types_it_is_given(
+    db: Database, service: TaskService, fair: bool
+) -> None:
+    """A worker claims what it can run: HTTP tasks and the types of its processors; the rest stays due."""
+    acme = await service.ensure_business("acme")
+    other = await service.ensure_business("other")
+    http = await insert(db, acme.pk, next_attempt_at=T0 - timedelta(minutes=1))
+    resize = await processor_task(db, acme.pk, "resize", next_attempt_at=T0 - timedelta(minutes=3))
+    render = await processor_task(db, other.pk, "render", next_attempt_at=T0 - timedelta(minutes=2))
+    keys = [acme.pk, other.pk] if fair else []
+
+    async def take(*types: str) -> list[int]:
+        rows = await queue.claim(
+            db, worker="w1", now=T0, limit=100, lease_s=LEASE_S, businesses=keys, types=types
+        )
+        return [r["id"] for r in rows]
+
+    assert await take() == [http]
+    assert await take("zoom") == []
+    assert await take("resize") == [resize]
+    assert (await row_of(db, render))["status"] == "pending"
+    assert await take("render", "resize") == [render]
+
+
+async def test_claim_of_http_and_processor_tasks_is_fair_across_businesses_in_one_order(
+    db: Database, service: TaskService
+) -> None:
+    """With processor types the batch is still round-robin across businesses, each business's HTTP and
+    processor tasks together in its own priority and due-time order."""
+    bulk = await service.ensure_business("bulk")
+    urgent = await service.ensure_business("urgent")
+    backlog = [
+        await insert(db, bulk.pk, next_attempt_at=T0 - timedelta(minutes=10)),
+        await processor_task(db, bulk.pk, "resize", next_attempt_at=T0 - timedelta(minutes=9)),
+        await processor_task(db, bulk.pk, "resize", priority=1, next_attempt_at=T0 - timedelta(minutes=1)),
+        await insert(db, bulk.pk, next_attempt_at=T0 - timedelta(minutes=8)),
+    ]
+    later = [
+        await processor_task(db, urgent.pk, "resize", next_attempt_at=T0 - timedelta(seconds=30)),
+        await insert(db, urgent.pk, next_attempt_at=T0 - timedelta(seconds=20)),
+    ]
+    rows = await queue.claim(
+        db, worker="w1", now=T0, limit=100, lease_s=LEASE_S, businesses=[bulk.pk, urgent.pk], types=["resize"]
+    )
+    assert [r["id"] for r in rows] == [backlog[2], later[0], backlog[0], later[1], backlog[1], backlog[3]]
+
+
 async def test_claim_with_a_limit_takes_the_most_urgent(db: Database, business: Business) -> None:
     await insert(db, business.pk, priority=0)
     urgent = await insert(db, business.pk, priority=9)
@@ -314,8 +369,11 @@ async def test_a_claimed_row_holds_what_sqlalchemys_column_types_read(
     ]
 
 
+@pytest.mark.parametrize("types", [(), ("render", "resize")])
 @pytest.mark.parametrize("businesses", [(), (1, 2)])
-def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: tuple[int, ...]) -> None:
+def test_the_sqlite_claim_reads_only_the_due_indexes(
+    tmp_path: Any, businesses: tuple[int, ...], types: tuple[str, ...]
+) -> None:
     # Without statistics SQLite planned the claim over ix_tasks_status (every pending task, sorted, per claim).
     import asyncio
     import sqlite3
@@ -326,12 +384,16 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: 
     database = Database(url)
     asyncio.run(database.migrate())
     asyncio.run(database.close())
-    sql, names, fixed = queue._sqlite_due_sql(aiosqlite.dialect(), businesses)
+    sql, names, fixed = queue._sqlite_due_sql(aiosqlite.dialect(), businesses, types)
     values = {**fixed, "b_now": "2030-01-01 00:00:00.000000", "b_limit": 100}
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [values[n] for n in names])]
-        next_due = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queue.SQLITE_NEXT_DUE)]
+        next_due = [
+            row[3]
+            for row in conn.execute("EXPLAIN QUERY PLAN " + queue.next_due_sql(types, sqlite=True), types)
+            if row[3].startswith(("SEARCH tasks", "SCAN tasks"))
+        ]
         # The lease, the read-back and the finish find their tasks by primary key, whatever the table holds (the
         # finish once walked ix_tasks_status through every task in 'processing', once per result).
         by_id = [
@@ -350,10 +412,19 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(tmp_path: Any, businesses: 
         assert any("tasks USING INTEGER PRIMARY KEY (rowid=?)" in step for step in steps), steps
         assert not any(step.startswith("SCAN tasks") or " INDEX ix_" in step for step in steps), steps
     reads = [step for step in plan if "INDEX" in step and "PRIMARY KEY" not in step]
-    expected = "ix_tasks_due_business" if businesses else "ix_tasks_due"
-    assert len(reads) == (len(businesses) + 1 if businesses else 1), plan
-    assert all(f"USING INDEX {expected} " in f"{step} " for step in reads), plan
-    assert next_due == ["SEARCH tasks USING INDEX ix_tasks_due_time"], next_due
+    expected = "ix_tasks_due_business" if businesses or types else "ix_tasks_due"
+    per_kind = len(businesses) + 1 if businesses or types else 1
+    http = [step for step in reads if f"USING INDEX {expected} " in f"{step} "]
+    # Each processor type reads its own part of its own index: never the HTTP tasks', never another type's.
+    typed = [step for step in reads if "USING INDEX ix_tasks_due_type (type=? AND business_pk" in step]
+    assert (len(http), len(typed), len(reads)) == (
+        per_kind,
+        per_kind * len(types),
+        per_kind * (1 + len(types)),
+    ), plan
+    assert next_due == ["SEARCH tasks USING INDEX ix_tasks_due_time"] + [
+        "SEARCH tasks USING INDEX ix_tasks_due_type_time (type=?)"
+    ] * len(types), next_due
 
 
 _DUE_COPIES = """INSERT INTO tasks (uuid, business_pk, business_id, type, status, method, url, host, headers, body,
@@ -432,6 +503,44 @@ async def test_the_postgres_claim_reads_one_batch_even_with_statistics_from_befo
     assert "ix_tasks_due_time" not in {index for _, index, _ in scans}
     next_plan = json.dumps(json.loads(next_due) if isinstance(next_due, str) else next_due)
     assert "ix_tasks_due_time" in next_plan
+
+
+def _removed(plan: dict[str, Any]) -> int:
+    """Rows a plan's scans read and threw away (``Rows Removed by Filter``), all nodes together."""
+    removed = int(plan.get("Rows Removed by Filter", 0)) * int(plan.get("Actual Loops", 1))
+    return removed + sum(_removed(child) for child in plan.get("Plans", ()))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])  # PostgreSQL's planner (SQLite's claim names its indexes)
+@pytest.mark.parametrize("types", [(), ("resize",)])
+async def test_the_postgres_claim_never_reads_the_due_tasks_of_types_it_does_not_claim(
+    db: Database, business: Business, types: tuple[str, ...]
+) -> None:
+    """3,000 due tasks of processor ``render`` wait for a worker that has it: a claim by a worker without it (HTTP
+    only, or another processor) reads none of them, neither returned nor read and filtered out."""
+    template = await processor_task(db, business.pk, "render", next_attempt_at=T0 - timedelta(hours=1))
+    async with db.write() as conn:
+        await conn.exec_driver_sql(_DUE_COPIES, (template,))
+    mine = [await insert(db, business.pk, next_attempt_at=T0 - timedelta(minutes=1)) for _ in range(3)]
+    mine += [await processor_task(db, business.pk, name, next_attempt_at=T0) for name in types]
+    async with db.write() as conn:
+        await conn.exec_driver_sql("ANALYZE tasks")
+    sql, names, fixed = queue._claim_sql(db.write_engine.dialect, (business.pk,), types)
+    values = {**fixed, "b_now": T0, "b_limit": 100, "b_worker": "w", "b_until": T0 + timedelta(seconds=60)}
+    async with db.write() as conn:
+        raw = (
+            await conn.exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, tuple(values[n] for n in names)
+            )
+        ).scalar()
+    import json
+
+    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    assert _node(plan, "ModifyTable")["Actual Rows"] == len(mine)
+    due_reads = [s for s in _scans(plan) if s[1] != "pk_tasks"]
+    assert sum(rows for _, _, rows in due_reads) == len(mine), due_reads
+    assert _removed(plan) == 0, plan
+    assert (await row_of(db, template))["status"] == "pending"
 
 
 @pytest.mark.parametrize("backend", ["postgres"])  # PostgreSQL's planner (SQLite's finish names its index)
@@ -970,6 +1079,23 @@ async def test_next_due_ignores_claimed_tasks(db: Database, business: Business) 
     later = await insert(db, business.pk, next_attempt_at=T0 + timedelta(minutes=1))
     await claim(db)
     assert await queue.next_due(db) == (await row_of(db, later))["next_attempt_at"]
+
+
+async def test_next_due_counts_only_the_tasks_the_worker_would_claim(
+    db: Database, business: Business
+) -> None:
+    """A task of a type the worker has no processor for neither wakes it nor keeps it awake: it would not claim
+    it, and an overdue one would otherwise make every sleep until the next due task zero seconds long."""
+    overdue = T0 - timedelta(hours=1)
+    await processor_task(db, business.pk, "resize", next_attempt_at=overdue)
+    assert await queue.next_due(db) is None
+    assert await queue.next_due(db, ["render"]) is None
+    assert await queue.next_due(db, ["render", "resize"]) == overdue
+    await insert(db, business.pk, next_attempt_at=T0 + timedelta(minutes=1))
+    await processor_task(db, business.pk, "render", next_attempt_at=T0 + timedelta(minutes=2))
+    assert await queue.next_due(db) == T0 + timedelta(minutes=1)
+    assert await queue.next_due(db, ["render"]) == T0 + timedelta(minutes=1)
+    assert await queue.next_due(db, ["resize"]) == overdue
 
 
 async def _count(db: Database, table: sa.Table) -> int:

@@ -140,7 +140,13 @@ class Dispatcher:
         ]
         if self.db.is_postgres:
             helpers.append(asyncio.create_task(self._listen_loop(), name="tc-listen"))
-        log.info("dispatcher %s started (concurrency %d)", self.name, self.config.concurrency)
+        # The task types it claims: HTTP and its processors' (tasks of other types wait for a worker that has one).
+        log.info(
+            "dispatcher %s started (concurrency %d; claims task types %s)",
+            self.name,
+            self.config.concurrency,
+            ", ".join(("http", *self.processors.types())),
+        )
         try:
             await self._claim_loop()
             await self._drain()
@@ -239,6 +245,7 @@ class Dispatcher:
                     limit=limit,
                     lease_s=self.config.lease_s,
                     businesses=self.businesses(),
+                    types=self.processors.types(),
                     admission=admission,
                     breakers=self.traffic,
                 )
@@ -254,6 +261,7 @@ class Dispatcher:
             limit=limit,
             lease_s=self.config.lease_s,
             businesses=self.businesses(),
+            types=self.processors.types(),
             admission=admission,
         )
 
@@ -317,7 +325,7 @@ class Dispatcher:
 
     async def _until_next_due(self) -> float:
         try:
-            due = await queue.next_due(self.db)
+            due = await queue.next_due(self.db, self.processors.types())
         except StorageError:
             return 1.0
         if due is None:

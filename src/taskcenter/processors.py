@@ -115,6 +115,7 @@ class ProcessorRegistry:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Processor] = {}
+        self._types: tuple[str, ...] = ()
 
     def register(
         self, name: str, func: ProcessorFunc, *, retry: RetryPolicy | None = None, priority: int = 0
@@ -123,6 +124,7 @@ class ProcessorRegistry:
             raise ValidationError(f"processor name {name!r} is not allowed", field="type")
         processor = Processor(name, _checked(name, func), retry, priority)
         self._by_name[name] = processor
+        self._types = tuple(sorted(self._by_name))
         return processor
 
     def get(self, name: str) -> Processor | None:
@@ -130,6 +132,10 @@ class ProcessorRegistry:
 
     def names(self) -> frozenset[str]:
         return frozenset(self._by_name)
+
+    def types(self) -> tuple[str, ...]:
+        """The registered names, sorted: the task types (besides ``http``) a worker with these processors claims."""
+        return self._types
 
     def __call__(self) -> frozenset[str]:
         return self.names()

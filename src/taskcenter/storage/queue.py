@@ -21,13 +21,21 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.storage.database import Database, json_text, sqlite_batch, sqlite_driver, sqlite_time
-from taskcenter.storage.schema import DUE_SQL, NEXT_DUE_SQL, attempts, tasks
+from taskcenter.storage.schema import (
+    HTTP_DUE_SQL,
+    NEXT_DUE_SQL,
+    PROCESSOR_DUE_SQL,
+    PROCESSOR_NEXT_DUE_SQL,
+    attempts,
+    tasks,
+)
 
 if TYPE_CHECKING:
     from taskcenter.storage.traffic import TrafficControl
 
 # Literal predicates (not bound parameters) so PostgreSQL's generic plans can still use the partial indexes.
-_DUE = sa.text(DUE_SQL)
+_DUE = sa.text(HTTP_DUE_SQL)
+_PROCESSOR_DUE = sa.text(PROCESSOR_DUE_SQL)
 _LEASED = sa.text("lease_owner IS NOT NULL")
 #: The attempt being rescued was the last one the task's budget allows.
 _EXHAUSTED = tasks.c.attempts + 1 >= tasks.c.max_attempts
@@ -96,20 +104,25 @@ _NOW = sa.bindparam("b_now", type_=tasks.c.next_attempt_at.type)
 _LIMIT = sa.bindparam("b_limit", type_=sa.Integer)
 
 
-def _due_ids(businesses: Sequence[int]) -> sa.Select[Any]:
+def _due_ids(businesses: Sequence[int], types: Sequence[str] = ()) -> sa.Select[Any]:
     """The ids to claim (a SELECT of one column, ``id``): with known businesses, round-robin across them
     (fairness), else one global order.
 
     The time and the batch size are bound parameters (``b_now``, ``b_limit``), so the statement is built once
-    per list of businesses (see :func:`_claim_statement`), not once per claim.
+    per list of businesses and of processor types (see :func:`_claim_statement`), not once per claim.
 
     Each business contributes its own first ``limit`` due tasks (its own priority, then due-time order), and the
     batch takes the first of every business, then the second of every business, and so on — so a business's
     backlog can delay another business's due tasks by at most one batch. Businesses registered after the caller's
     list was read are picked up by the last branch (``business_pk`` above the highest known one), lowest first.
+
+    Every worker claims HTTP tasks; tasks of a processor only a worker that has it registered claims (``types``),
+    so the others stay due for such a worker. Each type of processor reads its own part of ``ix_tasks_due_type``
+    in the same branches as the HTTP tasks, per business. A worker without processors reads only the HTTP tasks'
+    indexes, never stepping over processor tasks it would not claim.
     """
     order = (tasks.c.priority.desc(), tasks.c.next_attempt_at)
-    if not businesses:
+    if not businesses and not types:
         return (
             sa.select(tasks.c.id)
             .where(_DUE, tasks.c.next_attempt_at <= _NOW)
@@ -118,25 +131,33 @@ def _due_ids(businesses: Sequence[int]) -> sa.Select[Any]:
             .with_for_update(skip_locked=True)
         )
     cols = (tasks.c.id, tasks.c.business_pk, tasks.c.priority, tasks.c.next_attempt_at)
-    branches = [
-        sa.select(*cols)
-        .where(_DUE, tasks.c.business_pk == pk, tasks.c.next_attempt_at <= _NOW)
-        .order_by(*order)
-        .limit(_LIMIT)
-        .with_for_update(skip_locked=True)
-        .subquery(f"b{n}")
-        for n, pk in enumerate(businesses)
+    kinds: list[tuple[Any, ...]] = [(_DUE,)]
+    kinds += [
+        (_PROCESSOR_DUE, tasks.c.type == sa.bindparam(f"b_type{k}", name, type_=tasks.c.type.type))
+        for k, name in enumerate(types)
     ]
-    # Ordered by business first, as ix_tasks_due_business is: in any other order PostgreSQL's planner may read this
-    # branch (which mostly finds nothing) through ix_tasks_due, filtering out every known business's due task.
-    branches.append(
-        sa.select(*cols)
-        .where(_DUE, tasks.c.business_pk > max(businesses), tasks.c.next_attempt_at <= _NOW)
-        .order_by(tasks.c.business_pk, *order)
-        .limit(_LIMIT)
-        .with_for_update(skip_locked=True)
-        .subquery("bnew")
-    )
+    branches = []
+    for k, kind in enumerate(kinds):
+        branches += [
+            sa.select(*cols)
+            .where(*kind, tasks.c.business_pk == pk, tasks.c.next_attempt_at <= _NOW)
+            .order_by(*order)
+            .limit(_LIMIT)
+            .with_for_update(skip_locked=True)
+            .subquery(f"b{k}_{n}")
+            for n, pk in enumerate(businesses)
+        ]
+        # Ordered by business first, as ix_tasks_due_business is: in any other order PostgreSQL's planner may read
+        # this branch (which mostly finds nothing) through ix_tasks_due, filtering out every known business's due
+        # task.
+        branches.append(
+            sa.select(*cols)
+            .where(*kind, tasks.c.business_pk > max(businesses, default=0), tasks.c.next_attempt_at <= _NOW)
+            .order_by(tasks.c.business_pk, *order)
+            .limit(_LIMIT)
+            .with_for_update(skip_locked=True)
+            .subquery(f"bnew{k}")
+        )
     union = sa.union_all(*(sa.select(b) for b in branches)).subquery("due")
     rank = sa.func.row_number().over(
         partition_by=union.c.business_pk, order_by=(union.c.priority.desc(), union.c.next_attempt_at)
@@ -158,11 +179,12 @@ Admission = Callable[
 
 
 @functools.lru_cache(maxsize=16)
-def _claim_statement(businesses: tuple[int, ...]) -> Any:
-    """The claim for this list of businesses, built (and compiled by SQLAlchemy's cache) once, not per claim."""
+def _claim_statement(businesses: tuple[int, ...], types: tuple[str, ...]) -> Any:
+    """The claim for these businesses and processor types, built (and compiled by SQLAlchemy's cache) once, not
+    per claim."""
     return (
         sa.update(tasks)
-        .where(tasks.c.id.in_(_due_ids(businesses).scalar_subquery()))
+        .where(tasks.c.id.in_(_due_ids(businesses, types).scalar_subquery()))
         .values(
             status="processing",
             lease_owner=sa.bindparam("b_worker"),
@@ -176,14 +198,18 @@ def _claim_statement(businesses: tuple[int, ...]) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def _sqlite_due_sql(
-    dialect: Dialect, businesses: tuple[int, ...]
+    dialect: Dialect, businesses: tuple[int, ...], types: tuple[str, ...] = ()
 ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """SQLite: the ids to claim as one JSON array (one row, one statement step), the order of its parameters and
-    the values of those it fixes itself (the businesses)."""
-    due = _due_ids(businesses).subquery("due")
+    the values of those it fixes itself (the businesses, the processor types)."""
+    due = _due_ids(businesses, types).subquery("due")
     compiled = sa.select(sa.func.json_group_array(due.c.id)).compile(dialect=dialect)
+    per_business = bool(businesses or types)
     sql = _sqlite_due_index(
-        str(compiled), branches=len(businesses) + 1 if businesses else 1, per_business=bool(businesses)
+        str(compiled),
+        branches=len(businesses) + 1 if per_business else 1,
+        per_business=per_business,
+        types=len(types),
     )
     return sql, tuple(compiled.positiontup or ()), dict(compiled.params)
 
@@ -198,7 +224,9 @@ WHERE id IN (SELECT value FROM json_each(?1))"""
 
 
 @functools.lru_cache(maxsize=32)
-def _claim_sql(dialect: Dialect, businesses: tuple[int, ...]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+def _claim_sql(
+    dialect: Dialect, businesses: tuple[int, ...], types: tuple[str, ...] = ()
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """PostgreSQL: the claim's SQL text for the driver, the order of its parameters and the values of those it fixes
     itself (the new status, ...), compiled once per list of businesses (SQLite's claim: ``_sqlite_due_sql``).
 
@@ -207,17 +235,19 @@ def _claim_sql(dialect: Dialect, businesses: tuple[int, ...]) -> tuple[str, tupl
     23 columns a row, six of them through the JSON codec one by one, cost the worker 4.7-6.7 us a row, one
     ``orjson.loads`` of the batch 1.6 (400-row batches, raw asyncpg; PostgreSQL's own time +0.3 ms a batch).
     """
-    compiled = _claim_statement(businesses).compile(dialect=dialect)
+    compiled = _claim_statement(businesses, types).compile(dialect=dialect)
     return _PG_CLAIMED.format(compiled), tuple(compiled.positiontup or ()), dict(compiled.params)
 
 
-#: Where each branch of the claim reads the due tasks, as SQLAlchemy compiles it for SQLite.
-_SQLITE_DUE_FROM = f"FROM tasks \nWHERE {DUE_SQL}"
+#: Where each branch of the claim reads the due tasks, as SQLAlchemy compiles it for SQLite: HTTP tasks, and
+#: tasks of one processor type.
+_SQLITE_DUE_FROM = f"FROM tasks \nWHERE {HTTP_DUE_SQL}"
+_SQLITE_TYPE_DUE_FROM = f"FROM tasks \nWHERE {PROCESSOR_DUE_SQL}"
 
 
-def _sqlite_due_index(sql: str, *, branches: int, per_business: bool) -> str:
+def _sqlite_due_index(sql: str, *, branches: int, per_business: bool, types: int = 0) -> str:
     """Name the partial due index each branch of the claim must read (``INDEXED BY``; SQLAlchemy has no SQLite
-    table hints).
+    table hints). ``branches`` per kind of task read: HTTP, then each of ``types`` processor types.
 
     Without statistics (nothing here runs ANALYZE) SQLite's planner read these branches through ix_tasks_status
     instead: every pending task, sorted, in every claim — even the branch for businesses registered since, which
@@ -225,9 +255,14 @@ def _sqlite_due_index(sql: str, *, branches: int, per_business: bool) -> str:
     due (raw SQL, A/B). PostgreSQL's planner picks these indexes by itself.
     """
     index = "ix_tasks_due_business" if per_business else "ix_tasks_due"
-    if sql.count(_SQLITE_DUE_FROM) != branches:
-        raise AssertionError(f"the claim's SQL changed shape: expected {branches} reads of due tasks")
-    return sql.replace(_SQLITE_DUE_FROM, f"FROM tasks INDEXED BY {index} \nWHERE {DUE_SQL}")
+    if sql.count(_SQLITE_DUE_FROM) != branches or sql.count(_SQLITE_TYPE_DUE_FROM) != branches * types:
+        raise AssertionError(
+            f"the claim's SQL changed shape: expected {branches} reads of due tasks per kind"
+        )
+    sql = sql.replace(_SQLITE_DUE_FROM, f"FROM tasks INDEXED BY {index} \nWHERE {HTTP_DUE_SQL}")
+    return sql.replace(
+        _SQLITE_TYPE_DUE_FROM, f"FROM tasks INDEXED BY ix_tasks_due_type \nWHERE {PROCESSOR_DUE_SQL}"
+    )
 
 
 _CLAIM_KEYS = tuple(c.name for c in CLAIM_COLUMNS)
@@ -287,11 +322,12 @@ def _sqlite_claim_work(
     limit: int,
     lease_s: float,
     businesses: Sequence[int],
+    types: tuple[str, ...],
     *,
     commit: bool,
     commit_if_none: bool = True,
 ) -> Callable[[sqlite3.Connection], str | None]:
-    due_sql, names, fixed = _sqlite_due_sql(conn.dialect, tuple(sorted(businesses)))
+    due_sql, names, fixed = _sqlite_due_sql(conn.dialect, tuple(sorted(businesses)), types)
     bound = {**fixed, "b_now": sqlite_time(now), "b_limit": limit}
     lease = (worker, sqlite_time(now + timedelta(seconds=lease_s)), sqlite_time(now))
     return _claim_sqlite(due_sql, [bound[n] for n in names], lease, commit, commit_if_none)
@@ -320,9 +356,13 @@ async def claim(
     limit: int,
     lease_s: float,
     businesses: Sequence[int] = (),
+    types: Sequence[str] = (),
     admission: Admission | None = None,
 ) -> list[Mapping[Any, Any]]:
     """Claim up to ``limit`` due tasks, then let ``admission`` hold some back, in one transaction.
+
+    The tasks are HTTP tasks and tasks of the processor ``types`` (the processors registered in the worker);
+    tasks of other types stay due for a worker that has their processor.
 
     PostgreSQL claims in one statement and skips rows other workers are claiming (``FOR UPDATE SKIP LOCKED``).
     SQLite has one writer: its claim chooses the ids, leases them and reads them back, in one hop to its thread.
@@ -333,14 +373,16 @@ async def claim(
         rows: list[Mapping[Any, Any]]
         if db.is_postgres:
             until = now + timedelta(seconds=lease_s)
-            sql, names, fixed = _claim_sql(conn.dialect, tuple(sorted(businesses)))
+            sql, names, fixed = _claim_sql(conn.dialect, tuple(sorted(businesses)), tuple(sorted(types)))
             params = {**fixed, "b_now": now, "b_limit": limit, "b_worker": worker, "b_until": until}
             # Through the connection (not the bare driver) so that SQLAlchemy's transaction has begun on it.
             result = await conn.exec_driver_sql(sql, tuple(params[n] for n in names))
             rows = _postgres_rows(result.scalar_one())
         else:
             # One hop: BEGIN IMMEDIATE and the claim's three statements (and the COMMIT, unless admission follows).
-            work = _sqlite_claim_work(conn, worker, now, limit, lease_s, businesses, commit=admission is None)
+            work = _sqlite_claim_work(
+                conn, worker, now, limit, lease_s, businesses, tuple(sorted(types)), commit=admission is None
+            )
             rows = _sqlite_rows(await sqlite_batch(conn, work, begin=True))
         rows = await _admit(conn, worker, now, rows, admission)
     return _in_claim_order(rows)
@@ -381,19 +423,43 @@ def _in_claim_order(rows: Sequence[Mapping[Any, Any]]) -> list[Mapping[Any, Any]
 #: SQLite, as for the claim (see _sqlite_due_index): without the hint the planner counted every pending task through
 #: ix_tasks_status (15 ms with 20,000 due), with it min() is one step into the due-time index (0.015 ms).
 SQLITE_NEXT_DUE = f"SELECT min(next_attempt_at) FROM tasks INDEXED BY ix_tasks_due_time WHERE {NEXT_DUE_SQL}"
+_NEXT_DUE_ARM = "SELECT min(next_attempt_at) AS due FROM tasks{} WHERE {}"
 
 
-async def next_due(db: Database) -> datetime | None:
-    """When the earliest waiting task falls due (``None`` if none waits)."""
+@functools.lru_cache(maxsize=16)
+def next_due_sql(types: tuple[str, ...], *, sqlite: bool) -> str:
+    """When the next HTTP task or task of one of ``types`` falls due: one index step per kind of task (on SQLite
+    through the index named, as for the claim).
+
+    The types' names are parameters (``?`` on SQLite, ``:t0``, ``:t1``… for SQLAlchemy's ``text``).
+    """
+    if not types:
+        return SQLITE_NEXT_DUE if sqlite else f"SELECT min(next_attempt_at) FROM tasks WHERE {NEXT_DUE_SQL}"
+    arms = [_NEXT_DUE_ARM.format(" INDEXED BY ix_tasks_due_time" if sqlite else "", NEXT_DUE_SQL)]
+    arms += [
+        _NEXT_DUE_ARM.format(
+            " INDEXED BY ix_tasks_due_type_time" if sqlite else "",
+            f"{PROCESSOR_NEXT_DUE_SQL} AND type = {'?' if sqlite else f':t{k}'}",
+        )
+        for k in range(len(types))
+    ]
+    return "SELECT min(due) FROM (" + " UNION ALL ".join(arms) + ") AS d"
+
+
+async def next_due(db: Database, types: Sequence[str] = ()) -> datetime | None:
+    """When the earliest waiting task this worker would claim falls due (``None`` if none waits): an HTTP task or
+    a task of one of the processor ``types``. Tasks of other types never wake it (it would not claim them)."""
+    names = tuple(sorted(types))
     async with db.read() as conn:
         if not db.is_postgres:
             # To the driver: one hop, no transaction (through SQLAlchemy: BEGIN, four hops for the statement and
             # a ROLLBACK; the claim loop asks this after every claim that came back short).
-            rows = await (await sqlite_driver(conn)).execute_fetchall(SQLITE_NEXT_DUE)
+            rows = await (await sqlite_driver(conn)).execute_fetchall(next_due_sql(names, sqlite=True), names)
             text: str | None = rows[0][0] if rows else None
             return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+        params = {f"t{k}": name for k, name in enumerate(names)}
         value: datetime | None = (
-            await conn.execute(sa.select(sa.func.min(tasks.c.next_attempt_at)).where(sa.text(NEXT_DUE_SQL)))
+            await conn.execute(sa.text(next_due_sql(names, sqlite=False)), params)
         ).scalar()
     if value is None:
         return None
@@ -696,6 +762,7 @@ async def finish_and_claim(
     limit: int,
     lease_s: float,
     businesses: Sequence[int] = (),
+    types: Sequence[str] = (),
     admission: Admission | None = None,
     breakers: TrafficControl | None = None,
 ) -> tuple[Written, list[Mapping[Any, Any]]]:
@@ -717,6 +784,7 @@ async def finish_and_claim(
             limit=limit,
             lease_s=lease_s,
             businesses=businesses,
+            types=types,
             admission=admission,
         )
         return written, taken
@@ -724,7 +792,7 @@ async def finish_and_claim(
     async with db.write(begin=False) as conn:
         write = _write_sqlite(batch, worker, sqlite_time(now), commit=False)
         take = _sqlite_claim_work(
-            conn, worker, now, limit, lease_s, businesses,
+            conn, worker, now, limit, lease_s, businesses, tuple(sorted(types)),
             commit=admission is None and not record, commit_if_none=not record,
         )  # fmt: skip
 

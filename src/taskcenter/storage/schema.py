@@ -46,12 +46,18 @@ BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LIVE_SQL = "status IN ('pending', 'processing', 'retrying')"
 DUE_SQL = "status IN ('pending', 'retrying')"
 HELD_SQL = "held_by IS NOT NULL AND status IN ('pending', 'retrying')"
+#: Due HTTP tasks, which every worker claims, and due tasks of processors, which only a worker with the type's
+#: processor registered claims: indexed apart, so that neither kind's backlog is read by a claim of the other (a
+#: worker without processors would otherwise step over every waiting processor task in each claim).
+HTTP_DUE_SQL = f"{DUE_SQL} AND type = 'http'"
+PROCESSOR_DUE_SQL = f"{DUE_SQL} AND type <> 'http'"
 #: The next-due look-up's index predicate: the due tasks, and a term that always holds (``priority`` is NOT NULL)
 #: but that no claim states. A partial index serves only queries whose WHERE implies its predicate, so this keeps
 #: PostgreSQL's planner from reading a claim through ``ix_tasks_due_time``: with statistics from before a backlog
 #: arrived (ANALYZE saw no due tasks) it did, and then sorted every due task to take a batch — a claim of 100 read
 #: all 20,000 due tasks (50 ms) instead of 100 in ``ix_tasks_due_business`` (1 ms).
-NEXT_DUE_SQL = f"{DUE_SQL} AND priority IS NOT NULL"
+NEXT_DUE_SQL = f"{HTTP_DUE_SQL} AND priority IS NOT NULL"
+PROCESSOR_NEXT_DUE_SQL = f"{PROCESSOR_DUE_SQL} AND priority IS NOT NULL"
 
 
 def _partial(where: str) -> dict[str, Any]:
@@ -137,9 +143,9 @@ tasks = sa.Table(
     sa.Column("held_by", sa.String(300), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
-    # The claim walks this: due tasks, highest priority first, then oldest due.
-    sa.Index("ix_tasks_due", sa.text("priority DESC"), "next_attempt_at", **_partial(DUE_SQL)),
-    # The dispatcher's "when is the next task due" look-up.
+    # The claim walks this: due HTTP tasks, highest priority first, then oldest due.
+    sa.Index("ix_tasks_due", sa.text("priority DESC"), "next_attempt_at", **_partial(HTTP_DUE_SQL)),
+    # The dispatcher's "when is the next HTTP task due" look-up.
     sa.Index("ix_tasks_due_time", "next_attempt_at", **_partial(NEXT_DUE_SQL)),
     sa.Index("ix_tasks_lease", "lease_expires_at", **_partial("lease_owner IS NOT NULL")),
     sa.Index("uq_tasks_live_business_id", "business_pk", "business_id", unique=True, **_partial(LIVE_SQL)),
@@ -149,14 +155,24 @@ tasks = sa.Table(
     sa.Index("ix_tasks_status", "status", "id"),
     sa.Index("ix_tasks_host", "host", "id"),
     sa.Index("ix_tasks_created_at", "created_at"),
-    # Fair claim: each business's due tasks in its own order, so one backlog cannot starve another business.
+    # Fair claim: each business's due HTTP tasks in its own order, so one backlog cannot starve another business.
     sa.Index(
         "ix_tasks_due_business",
         "business_pk",
         sa.text("priority DESC"),
         "next_attempt_at",
-        **_partial(DUE_SQL),
+        **_partial(HTTP_DUE_SQL),
     ),
+    # The same for processor tasks, per type: a worker claims only the types it has a processor for.
+    sa.Index(
+        "ix_tasks_due_type",
+        "type",
+        "business_pk",
+        sa.text("priority DESC"),
+        "next_attempt_at",
+        **_partial(PROCESSOR_DUE_SQL),
+    ),
+    sa.Index("ix_tasks_due_type_time", "type", "next_attempt_at", **_partial(PROCESSOR_NEXT_DUE_SQL)),
     # In-flight counts for the per-host and per-business caps.
     sa.Index("ix_tasks_processing_host", "host", **_partial("status = 'processing'")),
     sa.Index("ix_tasks_processing_business", "business_pk", **_partial("status = 'processing'")),
