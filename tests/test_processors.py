@@ -12,6 +12,8 @@ import pytest
 import pytest_asyncio
 
 from taskcenter import PermanentFailure, RetryPolicy, TaskCenter, ValidationError
+from taskcenter.domain.task import rfc3339
+from taskcenter.stats import StatsService
 from taskcenter.storage import queue
 from tests.conftest import make_settings
 from tests.receiver import Receiver
@@ -322,6 +324,11 @@ async def test_a_worker_without_the_processor_leaves_its_tasks_for_a_worker_with
         # ... and leaves the processor's task due, untouched, for a worker that can run it.
         waiting = await atc.aget_task(job.id)
         assert (waiting.status, waiting.attempts) == ("pending", 0), waiting
+        # The figures say what waits for a worker with the processor, and since when.
+        figures = await StatsService(atc.runtime.db).figures(None)
+        [due] = figures["processors_due"]
+        assert due["type"] == "create_server" and due["due"] == 1
+        assert due["oldest_due_at"] == rfc3339(waiting.next_attempt_at)
         async with working(atc):
             done = await wait_status(atc, job.id, "succeeded", "failed")
     assert done.status == "succeeded" and done.attempts == 1 and done.result == {"server_id": 7}

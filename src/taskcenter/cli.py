@@ -544,6 +544,15 @@ def stats(
         )
         + f"  ({latency.get('samples', 0)} attempts)",
     ]
+    if figures["processors_due"]:
+        # Tasks only a worker with their processor claims: an old due time means none is running (or too few).
+        lines.append(
+            f"{'due':>10}  "
+            + "  ".join(
+                f"{d['type']} {d['due']} (oldest due {d['oldest_due_at']})" for d in figures["processors_due"]
+            )
+            + "  (processor tasks not claimed yet)"
+        )
     for line in lines:
         out.print(escape(line), highlight=False)
     if figures["hosts"]:

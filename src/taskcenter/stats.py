@@ -1,4 +1,5 @@
-"""Figures for a business or the whole system: counts by status, success rate, attempt latency, busiest hosts.
+"""Figures for a business or the whole system: counts by status, success rate, attempt latency, busiest hosts,
+and the processor task types with tasks due and not yet claimed.
 
 Latency percentiles come from ``attempts.duration_ms`` over a window: computed by PostgreSQL
 (``percentile_cont``), or in Python on SQLite over at most the newest :data:`SQLITE_SAMPLE` attempts.
@@ -20,7 +21,7 @@ from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.service import Business, utcnow
 from taskcenter.storage.database import Database
-from taskcenter.storage.schema import attempts, businesses, tasks
+from taskcenter.storage.schema import PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
 
 PERCENTILES = (50, 90, 95, 99)
 SQLITE_SAMPLE = 100_000
@@ -59,6 +60,7 @@ class StatsService:
             recent = await self._counts(conn, pk, since)
             latency = await self._latency(conn, pk, since)
             hosts = await self._hosts(conn, pk, since)
+            processors_due = await self._processors_due(conn, pk, until)
             total_businesses = None
             if business is None:
                 total_businesses = (
@@ -78,6 +80,7 @@ class StatsService:
             "success_rate": round(recent["succeeded"] / ended, 6) if ended else None,
             "latency_ms": latency,
             "hosts": hosts,
+            "processors_due": processors_due,
         }
         if business is None:
             out["businesses"] = int(total_businesses or 0)
@@ -118,6 +121,29 @@ class StatsService:
         out: dict[str, Any] = {f"p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
         out["samples"] = samples
         return out
+
+    async def _processors_due(
+        self, conn: AsyncConnection, pk: int | None, now: datetime
+    ) -> list[dict[str, Any]]:
+        """Processor task types with tasks due by ``now``: how many, and since when the oldest has been due.
+
+        Only a worker with a type's processor registered claims its tasks (``taskcenter worker`` has none); tasks
+        of a type no running worker serves wait here, their oldest due time receding into the past. Read from
+        ``ix_tasks_due_type_time``, which holds only processor tasks waiting for a worker.
+        """
+        oldest = sa.func.min(tasks.c.next_attempt_at)
+        stmt = (
+            sa.select(tasks.c.type, sa.func.count(), oldest)
+            .where(sa.text(PROCESSOR_NEXT_DUE_SQL), tasks.c.next_attempt_at <= now)
+            .group_by(tasks.c.type)
+            .order_by(tasks.c.type)
+        )
+        if pk is not None:
+            stmt = stmt.where(tasks.c.business_pk == pk)
+        return [
+            {"type": name, "due": int(count), "oldest_due_at": rfc3339(since)}
+            for name, count, since in (await conn.execute(stmt)).all()
+        ]
 
     async def _hosts(self, conn: AsyncConnection, pk: int | None, since: datetime) -> list[dict[str, Any]]:
         n = sa.func.count().label("n")

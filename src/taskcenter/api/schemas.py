@@ -322,8 +322,16 @@ class HostFigures(BaseModel):
     failed: int
 
 
+class ProcessorDue(BaseModel):
+    """A processor task type with tasks due and not claimed yet (only a worker with its processor claims them)."""
+
+    type: str
+    due: int
+    oldest_due_at: datetime
+
+
 class StatsOut(BaseModel):
-    """Counts by status (all time); success rate, latency and hosts over the window."""
+    """Counts by status (all time); success rate, latency and hosts over the window; processor tasks due now."""
 
     business_code: str | None
     window_hours: float
@@ -337,6 +345,7 @@ class StatsOut(BaseModel):
     success_rate: float | None
     latency_ms: Latency
     hosts: list[HostFigures]
+    processors_due: list[ProcessorDue]
     businesses: int | None = None
 
 
