@@ -192,11 +192,12 @@ def test_sync_context_manager_starts_and_closes(db_url: str) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_sync_call_from_an_event_handler_raises_instead_of_hanging(tc: TaskCenter) -> None:
-    """Handlers run on the private loop: a sync call there would wait on that loop for ever."""
+def test_sync_call_from_an_async_event_handler_raises_instead_of_hanging(tc: TaskCenter) -> None:
+    """Async handlers run on the private loop: a sync call there would wait on that loop for ever.
+    (Sync handlers run in a thread of their own, where the sync methods work: see test_events.)"""
     errors: list[Exception] = []
 
-    def handler(_event: str, data: dict[str, Any]) -> None:
+    async def handler(_event: str, data: dict[str, Any]) -> None:
         try:
             tc.get_task(data["id"])
         except RuntimeError as exc:
@@ -204,6 +205,9 @@ def test_sync_call_from_an_event_handler_raises_instead_of_hanging(tc: TaskCente
 
     tc.on("created", handler)
     task = tc.create_task("POST", URL, business_id="reentrant")
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(errors) == 1 and "aget_task" in str(errors[0])
     assert tc.get_task(task.id).status == "pending"  # the instance is still usable
 
@@ -224,27 +228,31 @@ def test_close_from_another_thread_stops_a_run_worker_running_in_a_thread(tc: Ta
     assert tc.get_task(tc.get_by_business_id("later").id).status == "pending"  # reusable afterwards
 
 
-def test_close_lets_a_call_in_flight_on_another_thread_return(tc: TaskCenter) -> None:
+def test_close_lets_a_call_in_flight_on_another_thread_return(
+    tc: TaskCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A call still running when close() stopped the loop used to wait for ever (a web app's request thread)."""
-    in_handler = threading.Event()
+    task = tc.create_task("POST", URL, business_id="in-flight")
+    in_call = threading.Event()
+    service = tc.runtime.service
+    get_task = service.get_task
 
-    async def slow_listener(_event: str, _data: dict[str, Any]) -> None:
-        in_handler.set()
-        await asyncio.sleep(0.5)  # keeps the create in flight on the private loop
+    async def slow_get_task(*args: Any, **kwargs: Any) -> Task:
+        in_call.set()
+        await asyncio.sleep(0.5)  # keeps the call in flight on the private loop
+        return await get_task(*args, **kwargs)
 
-    tc.on("created", slow_listener)
-    created: list[Task] = []
+    monkeypatch.setattr(service, "get_task", slow_get_task)
+    read: list[Task] = []
     thread = threading.Thread(
-        target=lambda: created.append(tc.create_task("POST", URL, business_id="in-flight")),
-        name="app-request",
-        daemon=True,
+        target=lambda: read.append(tc.get_task(task.id)), name="app-request", daemon=True
     )
     thread.start()
-    assert in_handler.wait(10)
+    assert in_call.wait(10)
     tc.close()
     thread.join(timeout=10)
     assert not thread.is_alive(), "the call in flight during close() never returned"
-    assert [t.business_id for t in created] == ["in-flight"]
+    assert [t.business_id for t in read] == ["in-flight"]
 
 
 def test_a_call_the_stopped_loop_never_ran_raises_instead_of_waiting_for_ever(tc: TaskCenter) -> None:

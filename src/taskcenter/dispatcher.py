@@ -161,6 +161,8 @@ class Dispatcher:
                 helper.cancel()
             self._results_ready.set()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if self.events:  # the events of the results just written, delivered within the grace period
+                await self.events.drain(self.config.shutdown_grace_s)
             if self.notifier is not None:
                 self.notifier.unsubscribe(self.wake)
             log.info("dispatcher %s stopped", self.name)
@@ -598,7 +600,7 @@ class Dispatcher:
         if written.lost:
             log.warning("lost the lease of %d tasks before their results were written", len(written.lost))
         if self.events:
-            await self._emit(events, dict(written.landed))
+            self._publish(events, dict(written.landed))
         if self.notify is not None:
             await self._notify(events, dict(written.landed))
 
@@ -694,7 +696,11 @@ class Dispatcher:
             except TaskCenterError as exc:
                 log.warning("queuing %d notifications failed: %s", len(finished), exc)
 
-    async def _emit(self, events: list[_Pending], landed: dict[int, str]) -> None:
+    def _publish(self, events: list[_Pending], landed: dict[int, str]) -> None:
+        """Queue the lifecycle events of a written batch; their handlers run later, never in the write loop."""
+        bus = self.events
+        if not (bus.wants("attempted") or bus.wants("succeeded") or bus.wants("failed")):
+            return  # only created/cancelled handlers: nothing to build per task
         for row, number, _status, outcome, response, duration_ms in events:
             final = landed.get(row["id"])
             if final is None:
@@ -709,9 +715,9 @@ class Dispatcher:
                 "outcome": outcome,
                 "last_response": last_response,
             }
-            await self.events.emit("attempted", data)
+            bus.publish("attempted", data)
             if final in ("succeeded", "failed"):
-                await self.events.emit(final, data)
+                bus.publish(final, data)
 
     # -- housekeeping ---------------------------------------------------------------------------------
 
@@ -753,7 +759,7 @@ class Dispatcher:
                     "outcome": row["outcome"],
                     "last_response": None,
                 }
-                await self.events.emit("failed", data)
+                self.events.publish("failed", data)
 
     async def _purge_loop(self) -> None:
         while self.purge is not None:

@@ -242,7 +242,17 @@ class TaskCenter:
         return register
 
     def on(self, event: str, handler: Handler) -> None:
-        """Call ``handler(event, data)`` on an event: created, attempted, succeeded, failed, cancelled."""
+        """Call ``handler(event, data)`` on an event: created, attempted, succeeded, failed, cancelled.
+
+        Handlers run after the fact, never inside the call or the result write that raised the event: the event
+        is queued and a delivery task calls the handlers in the order the events were raised (so a task's
+        ``attempted`` comes before its ``succeeded`` or ``failed``). An async handler runs on the event loop, a
+        sync one in a thread, so it may block (and may call the sync methods of this instance). A handler that raises is logged. A slow handler delays only the events
+        after it: up to 10,000 events wait, and while the queue is full new events are dropped (logged as a
+        warning, counted in ``taskcenter_events_dropped``) rather than slow down delivery. On shutdown
+        (:meth:`run_worker` ending, :meth:`close`) the queued events get up to ``shutdown_grace_s`` to be
+        delivered; what is left then is dropped and logged.
+        """
         self.events.on(event, handler)
 
     # -- async API ------------------------------------------------------------------------------------
@@ -392,7 +402,7 @@ class TaskCenter:
         # The dispatcher of this process learns of it when the caller commits; it also polls.
         task = service._task_from_new_row(business, row)
         if self.events.wants("created"):
-            self._sync(self.events.emit("created", task.to_dict()))
+            self._running_loop().call_soon_threadsafe(self.events.publish, "created", task.to_dict())
         return task
 
     async def _prepare(self, data: dict[str, Any]) -> tuple[Business, dict[str, Any]]:
@@ -485,7 +495,8 @@ class TaskCenter:
 
     async def _aclose_after_calls(self) -> None:
         current = asyncio.current_task()
-        others = [t for t in asyncio.all_tasks() if t is not current]
+        # Not the delivery of lifecycle events: the calls waited for here may queue more, and aclose() drains them.
+        others = [t for t in asyncio.all_tasks() if t is not current and not self.events.delivers(t)]
         if others:
             _done, late = await asyncio.wait(others, timeout=5)
             for task in late:

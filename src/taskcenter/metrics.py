@@ -37,6 +37,12 @@ class Metrics:
         self.in_flight = Gauge(
             "taskcenter_in_flight", "Attempts in flight in this process.", registry=self.registry
         )
+        self.events_dropped = Counter(
+            "taskcenter_events_dropped",
+            "Lifecycle events dropped because their handlers could not keep up, by event.",
+            ["event"],
+            registry=self.registry,
+        )
         self.queue = Gauge(
             "taskcenter_tasks",
             "Tasks in the database by status (read at scrape time).",

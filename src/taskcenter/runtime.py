@@ -212,6 +212,7 @@ class Runtime:
         self.events = events if events is not None else EventBus()
         self.notifier = Notifier()
         self.metrics = Metrics()
+        self.events.on_drop = lambda event: self.metrics.events_dropped.labels(event).inc()
         self.clock = clock
         self.service = TaskService(
             db=self.db,
@@ -294,4 +295,6 @@ class Runtime:
             await asyncio.gather(*helpers, return_exceptions=True)
 
     async def close(self) -> None:
+        """Deliver the lifecycle events still queued (within the shutdown grace period), then close the database."""
+        await self.events.drain(self.settings.shutdown_grace_s)
         await self.db.close()

@@ -262,7 +262,7 @@ class TaskService:
             await self._group_commit(row)
         task = self._task_from_new_row(business, row)
         if self.events.wants("created"):
-            await self.events.emit("created", task.to_dict())
+            self.events.publish("created", task.to_dict())
         return task
 
     async def insert_prepared(self, conn: AsyncConnection, row: dict[str, Any]) -> None:
@@ -671,7 +671,7 @@ class TaskService:
         if row["notify"]:
             await self.enqueue_notifications([(row, "cancelled")])
         if self.events.wants("cancelled"):
-            await self.events.emit("cancelled", task.to_dict())
+            self.events.publish("cancelled", task.to_dict())
         return task
 
     async def retry(self, business: Business | None, ref: str | int) -> Task:
