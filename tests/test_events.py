@@ -349,6 +349,29 @@ async def test_events_still_queued_after_the_grace_period_are_dropped_and_logged
     assert "did not finish within 0.3 s" in caplog.text
 
 
+async def test_each_handler_gets_its_own_copy_of_the_data(atc: TaskCenter, receiver: Receiver) -> None:
+    """Two handlers of one event used to share one dict: what the first changed, the second saw."""
+    seen: Seen = []
+
+    def meddler(event: str, data: dict[str, Any]) -> None:
+        data["status"] = "meddled"
+        data["last_response"]["headers"].clear()
+        if "metadata" in data:
+            data["metadata"]["m"] = "meddled"
+
+    for event in ("created", "attempted", "succeeded"):
+        atc.on(event, meddler)
+        atc.on(event, recorder(seen))
+    task = await atc.acreate_task("POST", receiver.url("/ok"), business_id="e-1", metadata={"m": 1})
+    async with working(atc):
+        await wait_status(atc, task.id, "succeeded")
+        await settle(seen, 3)
+    created, attempted, succeeded = (data for _, data in seen)
+    assert created["status"] == "pending" and created["metadata"] == {"m": 1}
+    assert attempted["status"] == succeeded["status"] == "succeeded"
+    assert attempted["last_response"]["headers"] and succeeded["last_response"]["headers"]
+
+
 async def test_without_handlers_no_delivery_task_is_started(atc: TaskCenter, receiver: Receiver) -> None:
     atc.on("cancelled", recorder([]))  # a handler of another event
     task = await atc.acreate_task("POST", receiver.url("/ok"), business_id="e-1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import inspect
 import logging
 import time
@@ -26,6 +27,20 @@ MAX_QUEUED = 10_000
 DELIVERY_BATCH = 256
 """Events taken off the queue per turn of the delivery task (the sync handlers' calls of a turn share one thread)."""
 _DROP_WARNING_EVERY_S = 10.0
+_LEAVES = (str, int, float, bool, type(None))
+
+
+def fresh(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, scalars), several times cheaper than ``copy.deepcopy``;
+    anything else is handed to ``copy.deepcopy``."""
+    kind = type(value)
+    if kind is dict:
+        return {key: fresh(item) for key, item in value.items()}
+    if kind is list:
+        return [fresh(item) for item in value]
+    if kind in _LEAVES:
+        return value
+    return copy.deepcopy(value)
 
 
 def _is_async(handler: Handler) -> bool:
@@ -34,7 +49,7 @@ def _is_async(handler: Handler) -> bool:
 
 
 _Call = tuple[Handler, bool, str, dict[str, Any]]
-"""One handler's call: the handler, whether it is async, the event, the event's data."""
+"""One handler's call: the handler, whether it is async, the event, the event's data (copied per call)."""
 
 
 class EventBus:
@@ -43,7 +58,7 @@ class EventBus:
     :meth:`publish` never waits: it queues the event, and one delivery task per event loop (started when there is
     something to deliver, ended when the queue is empty) calls the handlers in turn. Async handlers run on the loop;
     sync ones in a daemon thread (one per batch of calls, :func:`~taskcenter.processors.run_in_thread`), so that a
-    handler that blocks never blocks the loop.
+    handler that blocks never blocks the loop. Each handler gets its own copy of the event's data.
 
     A handler that raises is logged and the next one is called. A handler that is slow delays the handlers after it
     (so that the events of one task keep their order: ``attempted`` before ``succeeded``/``failed``) but nothing
@@ -89,7 +104,7 @@ class EventBus:
     def publish(self, event: str, data: dict[str, Any]) -> None:
         """Queue ``event`` for its handlers and return at once; call it on the event loop.
 
-        ``data`` is the bus's from then on: the caller must not change it.
+        ``data`` is the bus's from then on: the caller must not change it (each handler gets a copy).
         """
         handlers = self._handlers.get(event)
         if handlers is None:
@@ -166,7 +181,7 @@ def _call_sync(calls: list[_Call]) -> list[tuple[Awaitable[Any], str]]:
     returned: list[tuple[Awaitable[Any], str]] = []
     for handler, _is_async, event, data in calls:
         try:
-            result = handler(event, data)
+            result = handler(event, fresh(data))
         except Exception:
             log.exception("event handler for %s failed", event)
             continue
@@ -178,7 +193,7 @@ def _call_sync(calls: list[_Call]) -> list[tuple[Awaitable[Any], str]]:
 async def _call_async(call: _Call) -> None:
     handler, _is_async, event, data = call
     try:
-        result = handler(event, data)
+        result = handler(event, fresh(data))
     except Exception:
         log.exception("event handler for %s failed", event)
         return

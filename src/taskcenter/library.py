@@ -247,7 +247,8 @@ class TaskCenter:
         Handlers run after the fact, never inside the call or the result write that raised the event: the event
         is queued and a delivery task calls the handlers in the order the events were raised (so a task's
         ``attempted`` comes before its ``succeeded`` or ``failed``). An async handler runs on the event loop, a
-        sync one in a thread, so it may block (and may call the sync methods of this instance). A handler that raises is logged. A slow handler delays only the events
+        sync one in a thread, so it may block (and may call the sync methods of this instance). Each handler
+        gets its own copy of ``data``. A handler that raises is logged. A slow handler delays only the events
         after it: up to 10,000 events wait, and while the queue is full new events are dropped (logged as a
         warning, counted in ``taskcenter_events_dropped``) rather than slow down delivery. On shutdown
         (:meth:`run_worker` ending, :meth:`close`) the queued events get up to ``shutdown_grace_s`` to be
