@@ -4,6 +4,7 @@ and never leaves half a task behind."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -93,6 +94,48 @@ async def test_invalid_create_requests_are_422_naming_the_field(
     key = await api.business_key("shop")
     _problem(await api.client.post("/tasks", json=body, headers=key), 422, "validation", field)
     assert await _stored(api) == 0
+
+
+@pytest.mark.parametrize(
+    "value", [1700000000, 1700000000.5, "1700000000", 0, "2030-01-31", "20300131T120000Z", True, [], {}]
+)
+async def test_scheduled_at_that_is_not_an_rfc_3339_date_time_is_422_naming_it(api: Api, value: Any) -> None:
+    """A bare number used to be taken as a Unix time; DESIGN gives a schedule in seconds as ``delay``."""
+    key = await api.business_key("shop")
+    body = _problem(
+        await api.client.post("/tasks", json=task_body("a", scheduled_at=value), headers=key),
+        422, "validation", "scheduled_at",
+    )  # fmt: skip
+    assert "RFC 3339" in body["detail"] and "delay" in body["detail"]
+    batch = await api.client.post(
+        "/tasks/batch", headers=key, json={"tasks": [task_body("b", scheduled_at=value)]}
+    )
+    assert batch.status_code == 200, batch.text
+    assert [(r["status"], r.get("field")) for r in batch.json()["results"]] == [(422, "scheduled_at")]
+    assert await _stored(api) == 0
+    task = await api.create(key, "c", delay=600)
+    _problem(
+        await api.client.patch(f"/tasks/{task['id']}", json={"scheduled_at": value}, headers=key),
+        422, "validation", "scheduled_at",
+    )  # fmt: skip
+    assert (await api.client.get(f"/tasks/{task['id']}", headers=key)).json() == task
+
+
+async def test_scheduled_at_without_a_time_zone_is_refused_not_taken_as_utc(api: Api) -> None:
+    key = await api.business_key("shop")
+    body = _problem(
+        await api.client.post("/tasks", json=task_body("a", scheduled_at="2030-01-31T12:00:00"), headers=key),
+        422, "validation", "scheduled_at",
+    )  # fmt: skip
+    assert "time zone" in body["detail"]
+
+
+async def test_scheduled_at_forms_with_a_zone_are_accepted(api: Api) -> None:
+    key = await api.business_key("shop")
+    day = (datetime.now(UTC) + timedelta(days=30)).date().isoformat()
+    for n, value in enumerate([f"{day}T12:00:00Z", f"{day}T13:00:00.5+01:00", f"{day} 12:00z"]):
+        task = await api.create(key, f"t{n}", scheduled_at=value)
+        assert task["scheduled_at"].startswith(f"{day}T12:00:00"), task
 
 
 async def test_nul_characters_are_refused_by_a_change_and_in_a_batch(api: Api) -> None:

@@ -223,6 +223,12 @@ def test_scheduled_at_in_the_past_is_due_now() -> None:
         datetime(2030, 1, 2, 12, 0),
         "tomorrow",
         1893456000,
+        1893456000.5,
+        "1893456000",  # a Unix time as text
+        "20300102T120000Z",  # ISO 8601 basic format: not RFC 3339, and the API refused it already
+        "2030-W01-1T12:00:00Z",  # an ISO week date
+        "2030-01-02",  # a date alone
+        "2030-13-02T12:00:00Z",
         "2032-01-01T00:00:00Z",  # more than a year ahead
         "0001-01-01T00:00:00+01:00",  # has no UTC form
     ],

@@ -30,6 +30,14 @@ MAX_PAYLOAD_BYTES = 1 << 20
 PRIORITY_RANGE = (-1000, 1000)
 NOTIFY_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:\d{2})?")
+"""The shape of ``scheduled_at`` as text: an RFC 3339 date-time (seconds optional); the zone is checked apart,
+to say that it is missing. A bare number (a Unix time?) and ISO 8601's other forms (20300102T120000Z, week
+dates) are refused: ``delay`` is the schedule in seconds."""
+SCHEDULED_AT_FORMAT = (
+    "scheduled_at must be an RFC 3339 date-time with a time zone, e.g. 2030-01-31T12:00:00Z "
+    "(for a number of seconds from now, use delay)"
+)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 #: A NUL character in orjson's output: ``\u0000`` after an even number of backslashes (``\\u0000`` is a
 #: backslash and the text ``u0000``). PostgreSQL's text and jsonb cannot hold one.
@@ -99,16 +107,18 @@ def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | 
         return when, when if delay else None
     if at is not None:
         if isinstance(at, str):
+            if DATE_TIME.fullmatch(at) is None:
+                raise ValidationError(SCHEDULED_AT_FORMAT, field="scheduled_at")
             try:
-                at = datetime.fromisoformat(at.replace("Z", "+00:00"))
-            except ValueError as exc:
-                raise ValidationError(
-                    "scheduled_at must be an RFC 3339 date-time", field="scheduled_at"
-                ) from exc
+                at = datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError as exc:  # e.g. month 13
+                raise ValidationError(SCHEDULED_AT_FORMAT, field="scheduled_at") from exc
         if not isinstance(at, datetime):
-            raise ValidationError("scheduled_at must be an RFC 3339 date-time", field="scheduled_at")
-        if at.tzinfo is None:
-            raise ValidationError("scheduled_at needs a time zone (e.g. Z)", field="scheduled_at")
+            raise ValidationError(SCHEDULED_AT_FORMAT, field="scheduled_at")
+        if at.tzinfo is None:  # not taken as UTC: a local time sent without its zone would be off by hours
+            raise ValidationError(
+                "scheduled_at needs a time zone (e.g. 2030-01-31T12:00:00Z or +01:00)", field="scheduled_at"
+            )
         try:
             at = at.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC form

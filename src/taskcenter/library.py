@@ -285,6 +285,9 @@ class TaskCenter:
     ) -> Task:
         """Create a task. With ``connection``, it is stored inside that transaction (outbox).
 
+        When it is due: ``delay`` (seconds or a ``timedelta`` from now) or ``scheduled_at`` (an aware ``datetime``,
+        or RFC 3339 text with a zone); a naive datetime is refused rather than taken as UTC or local time.
+
         The ``created`` event fires once the row is written, which with ``connection`` is before the caller
         commits. On SQLite, start the TaskCenter (``async with``, or any call) before the caller's transaction
         takes the write lock: its first use registers the business, which is a write of its own.

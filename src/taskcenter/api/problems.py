@@ -139,6 +139,8 @@ def _validation_problem(errors: list[Any]) -> Response:
     if first.get("type") == "missing" and field is None:
         return problem(422, "validation", "a JSON body is required", field="body")
     message = str(first.get("msg"))
+    if first.get("type") == "value_error":  # our own validators' words, without pydantic's "Value error, "
+        message = message.removeprefix("Value error, ")
     if first.get("type") == "string_pattern_mismatch":  # pydantic would quote the regular expression
         url = field is not None and field.endswith("url")
         message = "must be an absolute http or https URL" if url else "does not have the expected format"

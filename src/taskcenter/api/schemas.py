@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from taskcenter.intake import DATE_TIME, SCHEDULED_AT_FORMAT
+
 Status = Literal["pending", "processing", "retrying", "succeeded", "failed", "cancelled"]
 _METHOD = r"^(GET|POST|PUT|PATCH|DELETE|HEAD|get|post|put|patch|delete|head)$"
 _URL = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+"
@@ -55,7 +57,9 @@ class _TaskFields(_In):
     payload: Any = None
     delay: float | None = Field(None, ge=0, description="Seconds from now until the first attempt.")
     scheduled_at: datetime | None = Field(
-        None, strict=False, description="When to send (RFC 3339 with a zone)."
+        None,
+        strict=False,
+        description="When to send: an RFC 3339 date-time with a zone (e.g. 2030-01-31T12:00:00Z); not a number.",
     )
     retry: RetryIn | None = None
     timeout: float | None = Field(
@@ -67,6 +71,14 @@ class _TaskFields(_In):
     follow_redirects: bool | None = None
     notify: NotifyIn | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("scheduled_at", mode="before")
+    @classmethod
+    def _date_time_text(cls, value: Any) -> Any:
+        # Lax pydantic would take a number (or a string of digits) as a Unix time: a schedule in seconds is delay.
+        if value is None or (isinstance(value, str) and DATE_TIME.fullmatch(value)):
+            return value
+        raise ValueError(SCHEDULED_AT_FORMAT.removeprefix("scheduled_at "))
 
     @field_validator("scheduled_at")
     @classmethod
