@@ -256,6 +256,58 @@ def test_priorities_out_of_bounds_or_not_integers_are_refused(priority: Any) -> 
     assert refused({"priority": priority}).field == "priority"
 
 
+# -- the URL's host ---------------------------------------------------------------------------------------
+
+BAD_HOSTS = [
+    "https://./",
+    "http://..",
+    "http://-/",
+    "http://a..b/",
+    "http://.example.com/",
+    "http://bad-.example.com/",
+    "http://exa!mple.com/",
+    "http://%41.example/",
+    "http://*.example.com/",
+    "http://" + "a" * 64 + ".example/",  # a label longer than 63
+    "http://999.1.1.1/",  # looks like an IPv4 address but is none
+    "http://1.2.3.4.5/",
+    "http://b\u00fccher..example/",
+]
+GOOD_HOSTS = [
+    "http://localhost/",
+    "http://localhost:8080/x",
+    "https://API.Example.COM:8443/hook",
+    "http://example.com./",  # a fully qualified name
+    "http://my_service:8080/",  # Docker-style names carry underscores
+    "http://[::1]:8080/",
+    "http://[2001:db8::1]/",
+    "http://[fe80::1%25eth0]/",
+    "http://[::ffff:192.0.2.1]/",
+    "http://192.0.2.1:81/",
+    "http://127.1/",  # inet_aton's short form: the guard reads it as 127.0.0.1
+    "https://b\u00fccher.example/",  # IDNA, as text
+    "https://xn--bcher-kva.example/",  # IDNA, encoded
+    "https://\u4f8b\u3048.\u30c6\u30b9\u30c8/",
+    "https://a-b.c-d.example/",
+]
+
+
+@pytest.mark.parametrize("url", BAD_HOSTS)
+def test_a_url_whose_host_is_no_host_name_is_refused(url: str) -> None:
+    """Such URLs were stored, and then every attempt failed."""
+    assert refused({"url": url}).field == "url"
+    assert refused({"notify": {"url": url}}).field == "notify.url"
+    with pytest.raises(ValidationError) as caught:
+        change({"url": url})
+    assert caught.value.field == "url"
+
+
+@pytest.mark.parametrize("url", GOOD_HOSTS)
+def test_ip_literals_idna_names_ports_and_localhost_are_accepted(url: str) -> None:
+    assert make({"url": url, "notify": {"url": url}})["url"] == url
+    assert change({"url": url})["url"] == url
+
+
 # -- notify -----------------------------------------------------------------------------------------------
 
 

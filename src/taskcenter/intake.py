@@ -18,11 +18,13 @@ from taskcenter.domain.request import (
     RequestSpec,
     build_request,
     encode_body,
+    target_host,
     validate_timeout,
     validate_url,
 )
 from taskcenter.domain.retry import MAX_ATTEMPTS, RetryPolicy
 from taskcenter.errors import ValidationError
+from taskcenter.ssrf import host_problem
 
 MAX_DELAY_S = 366 * 24 * 3600
 MAX_METADATA_BYTES = 16 * 1024
@@ -140,6 +142,7 @@ def _notify(value: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     if value.get("url") is not None:
         out["url"] = validate_url(value["url"], field="notify.url")
+        _check_host(target_host(out["url"]), "notify.url")
     if value.get("email") is not None:
         email = value["email"]
         if not isinstance(email, str) or "@" not in email or len(email) > 320 or _CONTROL.search(email):
@@ -211,6 +214,7 @@ def _request(data: Mapping[str, Any], memo: RequestMemo | None) -> tuple[Request
     if known is None:
         spec = build_request(method, url, headers, json_body=data.get("json"), has_json=has_json,
                              form=data.get("form"), body=data.get("body"), content_type=content_type)  # fmt: skip
+        _check_host(spec.host, "url")
         if key is not None and memo is not None:
             memo[key] = spec
         return spec, spec.body, spec.content_type
@@ -221,6 +225,15 @@ def _request(data: Mapping[str, Any], memo: RequestMemo | None) -> tuple[Request
     if text is not None and known.method in ("GET", "HEAD"):
         raise ValidationError(f"a {known.method} request cannot carry a body", field="method")
     return known, text, ctype
+
+
+def _check_host(target: str, field: str) -> None:
+    """Refuse a URL whose host no request can reach (``https://./``, ``http://-/``, ``http://999.1.1.1/``);
+    ``target`` is its ``host:port`` (:func:`~taskcenter.domain.request.target_host`)."""
+    host = target.rpartition(":")[0]
+    problem = host_problem(host[1:-1] if host.startswith("[") else host)
+    if problem is not None:
+        raise ValidationError(f"{field}: {problem}", field=field)
 
 
 def _check_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
@@ -369,6 +382,7 @@ def changed_values(
             body=data.get("body") if has_body else current["body"],
             content_type=data.get("content_type", None if has_body else current["content_type"]),
         )
+        _check_host(spec.host, "url")
         values.update(
             method=spec.method,
             url=spec.url,

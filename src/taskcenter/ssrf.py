@@ -6,6 +6,7 @@ Pure classification and policy checks, plus an aiohttp resolver that vets the ad
 from __future__ import annotations
 
 import functools
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "check_address",
     "check_url",
     "forbidden_reason",
+    "host_problem",
     "literal_address",
 ]
 
@@ -97,6 +99,9 @@ _TEREDO_PREFIX = _v6("2001::/32")[0]
 _SIXTOFOUR_PREFIX = _v6("2002::/16")[0]
 # Characters that can spell an IPv4 address in inet_aton's legacy forms (decimal, octal, hex, short).
 _V4_LITERAL_CHARS = frozenset("0123456789abcdefxABCDEFX.")
+# A DNS label as resolvers take it: letters, digits, hyphens (not first or last), and the underscore that
+# names such as Docker service names carry; 1-63 characters.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
 
 def _embedded_v4(value: int) -> int:
@@ -299,6 +304,34 @@ def literal_address(host: str) -> IPAddress | None:
                 f"invalid IPv4 literal {host}", host=host, reason="invalid literal"
             ) from None
         return None  # a name made of hex letters, such as "cafe.de"
+
+
+@functools.lru_cache(maxsize=4096)
+def host_problem(host: str) -> str | None:
+    """Why no request to URL host ``host`` (as ``urlsplit`` gives it: lower case, IPv6 without brackets) can
+    ever connect, or None. Checked when a task is created, so that such a URL is refused at once rather than
+    failing every attempt.
+
+    The guard's own classification decides what the host is: an IP literal (:func:`literal_address`) must be
+    a valid address; anything else is a name, whose labels must be 1-63 letters, digits, hyphens (not at either
+    end) or underscores, at most 253 characters in all, one trailing dot allowed. A name with other letters is
+    judged in its IDNA form (``bücher.example`` as ``xn--bcher-kva.example``), as the sender will send it. Whether
+    the address may be reached is not judged here (the guard's policy, at send time).
+    """
+    try:
+        if literal_address(host) is not None:
+            return None
+    except BlockedAddress:  # looks like an address but is none (999.1.1.1, ::g)
+        return f"host {host!r} is not a valid IP address"
+    name = host[:-1] if host.endswith(".") else host
+    if not name.isascii():
+        try:
+            name = URL.build(scheme="http", host=name).raw_host or ""
+        except (ValueError, UnicodeError):
+            return f"host {host!r} is not a valid internationalised host name"
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return f"host {host!r} is not a valid host name"
+    return None
 
 
 def check_url(url: str | URL, policy: GuardPolicy, *, parsed: URL | None = None) -> URL:
