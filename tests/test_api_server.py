@@ -8,9 +8,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import uvicorn
 
 from taskcenter.api import create_app
+from taskcenter.api.server import uvicorn_config
 from taskcenter.runtime import Runtime
 from tests.conftest import make_settings
 from tests.receiver import Receiver
@@ -24,13 +26,7 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 @contextlib.asynccontextmanager
 async def uvicorn_server(runtime: Runtime) -> AsyncIterator[str]:
     """Serve the app on 127.0.0.1 with a port the OS picks; yields the base URL."""
-    config = uvicorn.Config(
-        create_app(runtime, dispatcher_running=True),
-        host="127.0.0.1",
-        port=0,
-        lifespan="off",
-        log_config=None,
-    )
+    config = uvicorn_config(create_app(runtime, dispatcher_running=True), host="127.0.0.1", port=0)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     try:
@@ -73,5 +69,48 @@ async def test_a_task_created_over_http_is_delivered_with_the_callers_trace(
         assert request.json() == {"order": 1}
         assert request.headers["Idempotency-Key"] == task_id
         assert request.headers["traceparent"].split("-")[1] == TRACE_ID
+    finally:
+        await runtime.close()
+
+
+async def _raw_exchange(base: str, request: bytes) -> bytes:
+    """Send ``request`` as is over a socket to the server and read the answer until it closes."""
+    url = httpx.URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+async def test_a_request_uvicorn_cannot_parse_is_answered_with_problem_json(db_url: str) -> None:
+    """uvicorn answered it in plain text ("Invalid HTTP request received."), unlike every other error."""
+    runtime = Runtime(make_settings(db_url))
+    await runtime.start()
+    try:
+        async with uvicorn_server(runtime) as base:
+            for request in (
+                b"GET /api/v1/health HTTP/1.1 extra\r\nHost: x\r\n\r\n",  # a bad request line
+                b"NOT A REQUEST\r\n\r\n",
+                b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            ):
+                answer = await _raw_exchange(base, request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                lines = head.decode().lower().split("\r\n")
+                assert lines[0] == "http/1.1 400 bad request", (request, answer)
+                assert "content-type: application/problem+json" in lines
+                assert "connection: close" in lines and f"content-length: {len(body)}" in lines
+                problem = orjson.loads(body)
+                assert (
+                    problem["type"] == "https://taskcenter.dev/problems/bad-request"
+                    and problem["status"] == 400
+                )
+            async with httpx.AsyncClient(
+                base_url=base
+            ) as client:  # and ordinary requests are served as before
+                assert (await client.get("/health")).status_code == 200
     finally:
         await runtime.close()

@@ -155,21 +155,14 @@ class _Server:
     def __init__(self, app_: Any, settings: Settings) -> None:
         import uvicorn
 
+        from taskcenter.api.server import uvicorn_config
+
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Any:
                 yield
 
-        self.server = Server(
-            uvicorn.Config(
-                app_,
-                host=settings.host,
-                port=settings.port,
-                log_config=None,
-                access_log=False,
-                lifespan="off",
-            )
-        )
+        self.server = Server(uvicorn_config(app_, host=settings.host, port=settings.port))
 
     async def serve(self) -> None:
         await self.server.serve()
