@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -436,6 +438,39 @@ async def test_worker_process_delivers_and_exits_0_on_sigterm_within_the_grace_p
         assert (await tc.aget_task(first.id)).status == "succeeded"
         finished = await tc.aget_task(slow.id)
     assert finished.status == "succeeded" and finished.attempts == 1
+
+
+def test_serve_logs_json_lines_without_alembic_chatter_or_terminal_colour_codes(tmp_path: Path) -> None:
+    """Before, every start logged nine Alembic INFO lines (plugins set up, dialect) even on a current schema,
+    and uvicorn's lines carried a ``color_message`` field full of ANSI escapes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
+    env.update(
+        TASKCENTER_DATABASE_URL=f"sqlite:///{tmp_path / 'serve.db'}",
+        TASKCENTER_PORT=str(port),
+        TASKCENTER_LOG_FORMAT="json",
+    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([TASKCENTER, "serve"], cwd=tmp_path, env=env, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + 30
+        while "Uvicorn running" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [line["logger"] for line in lines if line["logger"].startswith("alembic")] == []
+    assert [line for line in lines if "color_message" in line] == []
+    assert any(line["message"].startswith("schema migrated from nothing to ") for line in lines)
+    assert any(line["message"].startswith("Uvicorn running on") for line in lines)
 
 
 def test_typer_app_is_the_console_script_entry() -> None:

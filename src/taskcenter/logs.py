@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 import orjson
 
-_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+#: Record attributes that are not fields of the line: the standard ones, and uvicorn's ``color_message`` (its
+#: message again, with terminal colour codes).
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,3 +45,6 @@ def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Alembic says at INFO which plugins it set up and which dialect it uses on every start, even when the
+    # schema is current; taskcenter logs the migration itself ("schema migrated from … to …").
+    logging.getLogger("alembic").setLevel(logging.WARNING)

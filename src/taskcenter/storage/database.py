@@ -413,7 +413,8 @@ class Database:
         if current == head:
             return
         if auto_migrate:
-            await self.migrate()
+            before, after = await self.migrate()
+            log.info("schema migrated from %s to %s", before or "nothing", after)
             return
         raise SchemaOutOfDate(
             f"database schema is at {current or 'nothing'}, this taskcenter needs {head}: "
