@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -131,6 +132,18 @@ def test_migrate_builds_a_new_database_then_reports_it_is_current(tmp_path: Path
     assert first.startswith("schema migrated from nothing to ")
     head = first.split()[-1]
     assert runner.ok("migrate").strip() == f"schema already at {head}"
+
+
+def test_migrate_and_worker_on_a_schema_from_a_newer_release_fail_in_one_line(tmp_path: Path) -> None:
+    """Before, both printed Alembic's traceback (``Can't locate revision identified by '9999'``)."""
+    path = tmp_path / "newer.db"
+    runner = Cli(f"sqlite:///{path}")
+    runner.ok("migrate")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    for command in ("migrate", "worker"):
+        line = one_line_error(runner(command), 1)
+        assert "schema is at 9999, newer than this taskcenter" in line
 
 
 # -- task create / show / list / cancel / retry -------------------------------------------------------------

@@ -25,6 +25,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from taskcenter.errors import SchemaOutOfDate
 from taskcenter.storage.database import MIGRATIONS, Database, async_url
 from taskcenter.storage.schema import metadata
 from tests.conftest import BACKENDS, PG_URL, REQUIRE_PG
@@ -346,3 +347,37 @@ async def _migrate(url: str) -> tuple[str | None, str | None]:
         return after, db.head_revision()
     finally:
         await db.close()
+
+
+# -- a schema newer than the code -------------------------------------------------------------------------
+
+
+def _stamp(revision: str) -> Callable[[sa.Connection], None]:
+    def stamp(conn: sa.Connection) -> None:
+        conn.execute(sa.text(f"UPDATE {ALEMBIC_TABLE} SET version_num = :v"), {"v": revision})
+
+    return stamp
+
+
+async def _check(url: str, *, auto_migrate: bool) -> None:
+    db = Database(url)
+    try:
+        await db.check_schema(auto_migrate=auto_migrate)
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("auto_migrate", [False, True], ids=["cluster", "embedded"])
+def test_a_schema_from_a_newer_release_is_refused_in_one_line_without_advising_migrate(
+    fresh: str, auto_migrate: bool
+) -> None:
+    """An older release started on a database a newer one migrated (a rolled-back upgrade) says so: before,
+    a cluster process advised `taskcenter migrate` and migrating (or embedded mode) raised Alembic's error."""
+    asyncio.run(_migrate(fresh))
+    on(fresh, _stamp("9999"))
+    with pytest.raises(SchemaOutOfDate) as refused:
+        asyncio.run(_check(fresh, auto_migrate=auto_migrate))
+    assert "9999, newer than this taskcenter" in refused.value.message
+    assert "taskcenter migrate" not in refused.value.message
+    with pytest.raises(SchemaOutOfDate, match="newer than this taskcenter"):
+        asyncio.run(_migrate(fresh))

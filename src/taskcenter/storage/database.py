@@ -377,6 +377,20 @@ class Database:
 
         return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
 
+    def _refuse_unknown(self, current: str | None) -> None:
+        """Refuse a schema migrated by a newer taskcenter (an older release started on it after an upgrade):
+        nothing this release can run brings it to a revision it does not know."""
+        from alembic.script import ScriptDirectory
+
+        known = {
+            script.revision for script in ScriptDirectory.from_config(self._alembic_config()).walk_revisions()
+        }
+        if current is not None and current not in known:
+            raise SchemaOutOfDate(
+                f"database schema is at {current}, newer than this taskcenter knows (its newest is "
+                f"{self.head_revision()}): run the taskcenter release that migrated it, or a later one"
+            )
+
     async def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
@@ -394,6 +408,7 @@ class Database:
         from alembic import command
 
         before = await self.current_revision()
+        self._refuse_unknown(before)
         cfg = self._alembic_config()
 
         def _upgrade(sync_conn: sa.Connection) -> None:
@@ -412,6 +427,7 @@ class Database:
         current, head = await self.current_revision(), self.head_revision()
         if current == head:
             return
+        self._refuse_unknown(current)
         if auto_migrate:
             before, after = await self.migrate()
             log.info("schema migrated from %s to %s", before or "nothing", after)
