@@ -61,6 +61,28 @@ async def test_metrics_are_in_prometheus_text_format(api: Api) -> None:
     assert "# TYPE taskcenter_attempts_total counter" in response.text
 
 
+async def test_the_queue_gauge_drops_to_zero_when_a_status_empties(api: Api) -> None:
+    """Before, a status no task had any more kept its last count: a drained queue looked full forever."""
+
+    def gauge(text: str) -> dict[str, float]:
+        lines = [line for line in text.splitlines() if line.startswith("taskcenter_tasks{")]
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+    key = await api.business_key("shop")
+    task = await api.create(key, "gauge-1", delay=600)
+    assert gauge((await api.client.get("/metrics")).text)["pending"] == 1
+    assert (await api.client.delete(f"/tasks/{task['id']}", headers=key)).status_code == 200
+    after = gauge((await api.client.get("/metrics")).text)
+    assert after == {
+        "pending": 0,
+        "processing": 0,
+        "retrying": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 1,
+    }
+
+
 def test_percentiles_interpolate_like_percentile_cont() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.5

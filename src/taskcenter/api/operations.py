@@ -13,6 +13,7 @@ from taskcenter.api.auth import Ctx, Operator
 from taskcenter.api.problems import JSONResponse, OrjsonRoute
 from taskcenter.api.schemas import AuditPage, Health, StatsOut
 from taskcenter.api.tasks import query_text, utc
+from taskcenter.domain.states import TaskStatus
 from taskcenter.errors import BusinessNotFound, StorageError, ValidationError
 from taskcenter.metrics import CONTENT_TYPE_LATEST
 from taskcenter.storage.schema import tasks
@@ -52,8 +53,10 @@ async def metrics(ctx: Ctx) -> Response:
             rows = (
                 await conn.execute(sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status))
             ).all()
-        for status, count in rows:
-            metrics.queue.labels(status=status).set(count)
+        # Every status, 0 when none: a status the query no longer returns would keep its last count.
+        counts: dict[str, int] = {status: count for status, count in rows}
+        for status in TaskStatus:
+            metrics.queue.labels(status=status.value).set(counts.get(status.value, 0))
     except (StorageError, OSError):
         pass  # the rest of the metrics are still worth scraping
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
