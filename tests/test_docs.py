@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from taskcenter.config import Settings
+from taskcenter.metrics import Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -27,3 +28,14 @@ def _documented_settings() -> set[str]:
 
 def test_the_operations_guide_lists_every_setting_and_no_other() -> None:
     assert _documented_settings() == {f"TASKCENTER_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_the_operations_guide_lists_every_metric_and_no_other() -> None:
+    text = (DOCS / "operations.md").read_text()
+    bullet = text.split("- `GET /metrics`", 1)[1].split("\n- ", 1)[0]
+    documented = set(re.findall(r"`(taskcenter_[a-z_]+)(?:\{[a-z]+\})?`", bullet))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in Metrics().registry.collect()
+    }
+    assert documented == exported
