@@ -325,6 +325,18 @@ def test_config_file_with_a_bad_value_names_the_setting(cli: Cli, tmp_path: Path
     assert "concurrency" in one_line_error(cli("task", "list", "-c", str(bad)), 2)
 
 
+@pytest.mark.parametrize("text", ["retention = 30\n", "[taskcenter]\nport = 9000\n"], ids=["typo", "table"])
+def test_a_config_file_key_that_is_no_setting_is_refused_not_ignored(
+    cli: Cli, tmp_path: Path, text: str
+) -> None:
+    """Before, taskcenter.toml's unknown keys were dropped in silence: the setting meant kept its default."""
+    (tmp_path / "taskcenter.toml").write_text(text)
+    line = one_line_error(cli("config", "show"), 2)
+    assert "taskcenter.toml" in line and text.strip("[").split()[0].rstrip("]") in line
+    (tmp_path / "taskcenter.toml").write_text("retention_days = 30\n")
+    assert json.loads(cli.ok("config", "show"))["retention_days"] == 30
+
+
 def test_missing_config_file_is_one_line(cli: Cli, tmp_path: Path) -> None:
     one_line_error(cli("task", "list", "-c", str(tmp_path / "nowhere.toml")), 2)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from taskcenter.config import Settings
+from taskcenter.config import Settings, load_settings
 from taskcenter.metrics import Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -39,3 +39,11 @@ def test_the_operations_guide_lists_every_metric_and_no_other() -> None:
         for family in Metrics().registry.collect()
     }
     assert documented == exported
+
+
+def test_the_operations_guide_example_config_file_loads(tmp_path: Path) -> None:
+    text = (DOCS / "operations.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "taskcenter.toml").write_text(example)
+    settings = load_settings(tmp_path / "taskcenter.toml")
+    assert settings.concurrency == 200 and settings.default_retry["max_attempts"] == 8

@@ -234,6 +234,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     from pydantic import ValidationError as PydanticValidationError
 
     try:
+        _refuse_unknown_keys(config_file)
         if config_file is not None:
 
             class _FileSettings(Settings):
@@ -252,3 +253,20 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"
         raise ValidationError(f"setting {name}: {err['msg']}", field=name) from exc
+
+
+def _refuse_unknown_keys(config_file: Path | None) -> None:
+    """A key of the config file that names no setting (a typo, a ``[table]``) is refused, not ignored: the
+    environment may carry other ``TASKCENTER_*`` variables, but every key of the file is meant for us."""
+    path = config_file or Path("taskcenter.toml")
+    if not path.is_file():
+        return
+    with path.open("rb") as f:
+        keys = tomllib.load(f).keys()
+    for key in keys:
+        if key not in Settings.model_fields:
+            raise ValidationError(
+                f"config file {path}: {key!r} is not a setting (the names are those of the TASKCENTER_* "
+                "variables in lower case without the prefix, e.g. database_url)",
+                field=key,
+            )
