@@ -309,6 +309,22 @@ async def test_unknown_routes_are_404_and_wrong_methods_405(api: Api) -> None:
     assert response.headers["allow"] == "GET"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/tasks", "GET, POST"),
+        ("DELETE", "/businesses", "GET, POST"),
+        ("PATCH", "/hosts/api.example.com:443", "GET, PUT"),
+        ("POST", "/tasks/business/order-1", "DELETE, GET"),
+    ],
+)
+async def test_allow_names_every_method_of_the_path(api: Api, method: str, path: str, allow: str) -> None:
+    """Before, it named only the first route matching the path: DELETE /tasks answered Allow: POST."""
+    response = await api.client.request(method, path, headers=OPERATOR)
+    _problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == allow
+
+
 async def test_problem_responses_are_declared_in_the_openapi_document(api: Api) -> None:
     spec = (await api.client.get("/openapi.json")).json()
     create = spec["paths"]["/api/v1/tasks"]["post"]

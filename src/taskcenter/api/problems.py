@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskcenter.errors import (
@@ -148,6 +149,21 @@ def _validation_problem(errors: list[Any]) -> Response:
     return problem(422, "validation", detail, field=field or "body")
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route serves on this path. Starlette's own ``Allow`` names only the methods of the
+    first route that matched the path, and GET and POST of one path (``/tasks``) are two routes."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed) or None
+
+
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error, expected or not, into problem+json."""
 
@@ -157,12 +173,12 @@ def install(app: FastAPI) -> None:
     async def on_request_validation(_: Request, exc: Exception) -> Response:
         return _validation_problem(list(exc.errors()) if isinstance(exc, RequestValidationError) else [])
 
-    async def on_http(_: Request, exc: Exception) -> Response:
+    async def on_http(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         if status == 404:
             return problem(404, "not-found", "no such resource")
         if status == 405:
-            allow = (exc.headers or {}).get("Allow") if isinstance(exc, HTTPException) else None
+            allow = _allowed_methods(request)
             return problem(
                 405,
                 "method-not-allowed",
