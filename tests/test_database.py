@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from taskcenter.errors import ConfigError
 from taskcenter.storage import database
 from taskcenter.storage.database import (
     CHECKPOINT_SQL,
@@ -107,6 +108,40 @@ async def test_the_checkpointer_has_nothing_to_do_on_postgres(db_url: str) -> No
         await asyncio.wait_for(db.checkpoints(interval_s=0.01), timeout=5)
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_asyncpgs_numeric_url_parameters_reach_it_as_numbers(db_url: str) -> None:
+    """Before, the query's strings went to asyncpg as they were: ``?statement_cache_size=0`` (or ``timeout``,
+    ``max_cached_statement_lifetime``, ``max_cacheable_statement_size``) was a TypeError at the first connection."""
+    query = "statement_cache_size=0&timeout=7.5&command_timeout=30&max_cacheable_statement_size=2048"
+    db = Database(f"{db_url}?{query}")
+    try:
+        async with db.read() as conn:
+            assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            assert driver._stmt_cache.get_max_size() == 0
+            assert driver._config.command_timeout == 30.0
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "command_timeout=abc",
+        "timeout=0",
+        "timeout=nan",
+        "statement_cache_size=1.5",
+        "statement_cache_size=-1",
+    ],
+)
+def test_a_bad_numeric_url_parameter_is_named_when_the_database_is_set_up(query: str) -> None:
+    """Before, asyncpg raised ValueError or TypeError at the first connection: a traceback from every command."""
+    with pytest.raises(ConfigError, match=f"database_url parameter {query.split('=')[0]} must be"):
+        Database(f"postgresql://nobody@127.0.0.1:1/none?{query}")
 
 
 # -- transactions on SQLite: BEGIN sent to the driver in one hop -----------------------------------------------

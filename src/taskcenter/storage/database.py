@@ -157,6 +157,40 @@ _ASYNCPG_PARAMETERS = frozenset(
 )  # fmt: skip
 
 
+#: asyncpg.connect's numeric keywords, and the least each may be. A URL's query hands them over as strings,
+#: which asyncpg compares with numbers (a TypeError at the first connection) or refuses (a ValueError).
+_ASYNCPG_NUMBERS: dict[str, tuple[type[int] | type[float], float, bool]] = {
+    "timeout": (float, 0, False),
+    "command_timeout": (float, 0, False),
+    "statement_cache_size": (int, 0, True),
+    "max_cached_statement_lifetime": (int, 0, True),
+    "max_cacheable_statement_size": (int, 0, True),
+}
+
+
+def asyncpg_numbers(url: sa.URL) -> dict[str, int | float]:
+    """The numeric asyncpg parameters of a PostgreSQL URL's query, as numbers (``connect_args``).
+
+    Raises:
+        ConfigError: one is not a number of its kind, or is below its least value.
+    """
+    numbers: dict[str, int | float] = {}
+    for name, (kind, least, inclusive) in _ASYNCPG_NUMBERS.items():
+        text = url.query.get(name)
+        if text is None:
+            continue
+        bound = f"{'at least' if inclusive else 'above'} {least}"
+        what = "a whole number" if kind is int else "a number of seconds"
+        try:
+            value = kind(text) if isinstance(text, str) else None
+        except ValueError:
+            value = None
+        if value is None or value != value or (value < least if inclusive else value <= least):
+            raise ConfigError(f"database_url parameter {name} must be {what} {bound}, not {text!r}")
+        numbers[name] = value
+    return numbers
+
+
 def async_url(url: str) -> sa.URL:
     """Turn a user-facing URL (``sqlite:///x.db``, ``postgresql://…``) into its async-driver form."""
     parsed = make_url(url)
@@ -172,6 +206,7 @@ def async_url(url: str) -> sa.URL:
         unknown = sorted(set(parsed.query) - _ASYNCPG_PARAMETERS)
         if unknown:  # passed on to asyncpg.connect, which raised TypeError at the first connection
             raise ConfigError(f"database_url has a parameter asyncpg does not know: {unknown[0]!r}")
+        asyncpg_numbers(parsed)
         return parsed.set(drivername="postgresql+asyncpg")
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:// or postgresql://")
 
@@ -244,7 +279,11 @@ class Database:
             _sqlite_pragmas(self.read_engine, immediate=False)
         else:
             self.write_engine = create_async_engine(
-                target, pool_size=pool_size, max_overflow=pool_size, **common
+                target,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args=asyncpg_numbers(target),
+                **common,
             )
             self.read_engine = self.write_engine
 
