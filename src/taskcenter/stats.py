@@ -118,7 +118,10 @@ class StatsService:
             )
             durations = sorted(float(v) for v in (await conn.execute(stmt)).scalars())
             samples, values = len(durations), [percentile(durations, p) for p in PERCENTILES]
-        out: dict[str, Any] = {f"p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
+        # To the hundredth of a millisecond: interpolation's float noise (9.900000000000002) is not a figure.
+        out: dict[str, Any] = {
+            f"p{p}": None if v is None else round(v, 2) for p, v in zip(PERCENTILES, values, strict=True)
+        }
         out["samples"] = samples
         return out
 
