@@ -43,6 +43,15 @@ async def test_registration_returns_the_first_key_and_secrets_once(api: Api) -> 
         assert secret not in str(shown)
 
 
+async def test_the_registration_lists_the_first_key_as_reading_the_business_does(api: Api) -> None:
+    """Before, the registration's business showed ``"keys": []`` beside the key it had just issued."""
+    reg = await api.register("payments")
+    [key] = reg["business"]["keys"]
+    assert key["id"] == reg["key_id"] and key["prefix"] == reg["api_key"][:12] and key["name"] == "initial"
+    shown = (await api.client.get("/businesses/payments", headers=OPERATOR)).json()
+    assert shown["keys"] == [key]
+
+
 async def test_keys_are_stored_only_as_a_sha256_hash(api: Api) -> None:
     reg = await api.register("payments")
     [row] = await _key_rows(api)

@@ -216,7 +216,9 @@ class BusinessService:
             await self.audit.record(actor, "key.create", "api_key", str(key_id), business_pk=pk,
                                     details={"prefix": prefix}, conn=conn)  # fmt: skip
             row = await self._business_row(conn, values["code"])
-        return Registration(business_dict(row, []), IssuedKey(key, key_id, prefix), signing, jwt_secret)
+            stmt = sa.select(api_keys).where(api_keys.c.id == key_id)
+            first = as_mapping((await conn.execute(stmt)).mappings().one())
+        return Registration(business_dict(row, [first]), IssuedKey(key, key_id, prefix), signing, jwt_secret)
 
     async def list_businesses(self) -> list[dict[str, Any]]:
         """Every business, by code."""
