@@ -498,6 +498,25 @@ def test_serve_logs_json_lines_without_alembic_chatter_or_terminal_colour_codes(
     assert any(line["message"].startswith("Uvicorn running on") for line in lines)
 
 
+def test_serve_on_a_port_in_use_says_so_and_never_that_it_is_serving(tmp_path: Path) -> None:
+    """Before, it printed 'taskcenter … serving on http://127.0.0.1:<port>' and only then failed to bind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env.update(
+            TASKCENTER_DATABASE_URL=f"sqlite:///{tmp_path / 'serve.db'}",
+            TASKCENTER_PORT=str(taken.getsockname()[1]),
+            TASKCENTER_LOG_FORMAT="json",
+        )
+        done = subprocess.run(
+            [TASKCENTER, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode != 0
+    assert "address already in use" in done.stderr
+    assert "serving on" not in done.stderr + done.stdout
+
+
 def test_typer_app_is_the_console_script_entry() -> None:
     from taskcenter import cli as cli_module
 

@@ -152,7 +152,7 @@ def serve(
 class _Server:
     """uvicorn without its own signal handling: this process decides how to shut down (dispatcher first)."""
 
-    def __init__(self, app_: Any, settings: Settings) -> None:
+    def __init__(self, app_: Any, settings: Settings, on_started: Callable[[], None]) -> None:
         import uvicorn
 
         from taskcenter.api.server import uvicorn_config
@@ -161,6 +161,12 @@ class _Server:
             @contextlib.contextmanager
             def capture_signals(self) -> Any:
                 yield
+
+            async def startup(self, sockets: Any = None) -> None:
+                # Only once it listens: a port in use ends startup (uvicorn logs why and exits 3) before this.
+                await super().startup(sockets)
+                if self.started:
+                    on_started()
 
         self.server = Server(uvicorn_config(app_, host=settings.host, port=settings.port))
 
@@ -175,7 +181,14 @@ async def _serve(settings: Settings, *, with_worker: bool) -> None:
     from taskcenter.api import create_app
 
     async def work(rt: Runtime) -> None:
-        server = _Server(create_app(rt, dispatcher_running=with_worker), settings)
+        def announce() -> None:
+            err.print(
+                f"taskcenter {__version__} serving on http://{settings.host}:{settings.port} "
+                f"({'API + dispatcher' if with_worker else 'API only'}, {rt.db.dialect})",
+                highlight=False,
+            )
+
+        server = _Server(create_app(rt, dispatcher_running=with_worker), settings, announce)
         dispatcher = rt.dispatcher() if with_worker else None
         settle_heap()  # start-up objects out of the GC's full collections (they stalled requests ~0.2 s)
 
@@ -188,11 +201,6 @@ async def _serve(settings: Settings, *, with_worker: bool) -> None:
         jobs = [asyncio.create_task(server.serve())]
         if dispatcher is not None:
             jobs.append(asyncio.create_task(rt.run_dispatcher(dispatcher)))
-        err.print(
-            f"taskcenter {__version__} serving on http://{settings.host}:{settings.port} "
-            f"({'API + dispatcher' if with_worker else 'API only'}, {rt.db.dialect})",
-            highlight=False,
-        )
         done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
         stop()
         await asyncio.gather(*jobs)
