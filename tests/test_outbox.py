@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -238,3 +239,33 @@ def test_sync_first_use_inside_a_writing_transaction_says_to_start_first(
         assert len(tc.list_tasks()[0]) == 1
     finally:
         tc.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sync_a_connection_to_another_database_is_a_storage_error_saying_so(
+    db_url: str, tmp_path: Path
+) -> None:
+    """It used to be SQLAlchemy's OperationalError (no such table: tasks) with its SQL, out of the library."""
+    elsewhere = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    try:
+        with TaskCenter(settings=make_settings(db_url), business="shop") as tc:
+            with pytest.raises(StorageError) as info, elsewhere.begin() as conn:
+                tc.create_task("POST", "http://127.0.0.1:9/", business_id="o-1", connection=conn)
+            assert "no such table: tasks" in info.value.message
+            assert "taskcenter's own database" in info.value.message
+            assert isinstance(info.value.__cause__, sa.exc.SQLAlchemyError)
+    finally:
+        elsewhere.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_async_a_connection_to_another_database_is_a_storage_error_saying_so(
+    atc: TaskCenter, tmp_path: Path
+) -> None:
+    elsewhere = create_async_engine(async_url(f"sqlite:///{tmp_path / 'app.db'}"))
+    try:
+        with pytest.raises(StorageError, match="taskcenter's own database"):
+            async with elsewhere.begin() as conn:
+                await atc.acreate_task("POST", "http://127.0.0.1:9/", business_id="o-1", connection=conn)
+    finally:
+        await elsewhere.dispose()

@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.errors import DuplicateTask, StorageError
@@ -290,7 +291,14 @@ def insert_row(conn: sa.Connection, row: dict[str, Any], *, notify_channel: str 
     transaction stays usable because the conflict is skipped, not raised by the database.
     """
     dialect = conn.dialect.name
-    inserted = conn.execute(insert_one_statement(dialect), row).first()
+    try:
+        inserted = conn.execute(insert_one_statement(dialect), row).first()
+    except SQLAlchemyError as exc:  # the caller's own connection: its errors are ours to explain, not to leak
+        text = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        raise StorageError(
+            f"storing the task on the connection given failed: {text} (it must reach taskcenter's own "
+            "database, migrated: `taskcenter migrate`)"
+        ) from exc
     if inserted is None:
         existing = conn.execute(
             sa.select(tasks.c.uuid).where(
