@@ -21,6 +21,7 @@ from taskcenter.runtime import Runtime
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import metadata
 from tests.receiver import Receiver, receiver  # noqa: F401  (fixture)
+from tests.smtp_server import mail_server  # noqa: F401  (fixture)
 
 PG_URL = os.environ.get("TASKCENTER_TEST_PG_URL")
 REQUIRE_PG = os.environ.get("TASKCENTER_REQUIRE_PG") == "1"

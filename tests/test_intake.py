@@ -317,8 +317,44 @@ def test_notify_defaults_to_succeeded_and_failed() -> None:
 
 
 def test_notify_by_email() -> None:
-    row = make({"notify": {"email": "ops@example.com", "on": ["failed", "failed"]}})
+    row = make({"notify": {"email": "ops@example.com", "on": ["failed", "failed"]}}, email=True)
     assert row["notify"] == {"email": "ops@example.com", "on": ["failed"]}
+
+
+def test_notify_by_email_is_refused_without_an_smtp_server() -> None:
+    """Accepted and never sent, as before there was an SMTP setting, would lose the notification silently."""
+    error = refused({"notify": {"email": "ops@example.com"}})
+    assert error.field == "notify.email" and "SMTP" in error.message
+    current = make({})
+    with pytest.raises(ValidationError) as caught:
+        changed_values(
+            {"notify": {"email": "ops@example.com"}},
+            current,
+            defaults=DEFAULTS,
+            box=SecretBox.disabled(),
+            now=NOW,
+        )
+    assert caught.value.field == "notify.email"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a@b.example, c@d.example", "a@b.example;c@d.example", "Ops <ops@example.com>", "ops@example.com\n",
+     "ops@example.com\r\nBcc: x@y.example", "ops @example.com", "x", "@example.com", "ops@", "ops@-x.example",
+     "a" * 65 + "@example.com", "ops@" + "x" * 250 + ".example"],
+)  # fmt: skip
+def test_notify_email_is_one_plain_address(address: str) -> None:
+    assert refused({"notify": {"email": address}}, email=True).field == "notify.email"
+
+
+def test_a_taskcenter_task_type_cannot_be_created_or_changed() -> None:
+    error = refused({"type": "taskcenter.email", "url": None, "payload": {"to": "a@b.example"}},
+                    processors=frozenset({"resize"}))  # fmt: skip
+    assert error.field == "type" and "taskcenter's own" in error.message
+    current = {**make({}), "type": "taskcenter.email"}
+    with pytest.raises(ValidationError) as caught:
+        changed_values({"priority": 5}, current, defaults=DEFAULTS, box=SecretBox.disabled(), now=NOW)
+    assert caught.value.field == "type"
 
 
 @pytest.mark.parametrize(
@@ -331,6 +367,7 @@ def test_notify_by_email() -> None:
         ({"url": "ftp://h.example/"}, "notify.url"),
         ({"url": "https://u:p@h.example/"}, "notify.url"),
         ({"email": "nobody"}, "notify.email"),
+        ({"email": "nobody@example.com"}, "notify.email"),  # no SMTP server configured
         ({"email": 5}, "notify.email"),
         ({"url": "https://h.example/", "on": []}, "notify.on"),
         ({"url": "https://h.example/", "on": "failed"}, "notify.on"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import ssl
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,18 @@ from sqlalchemy.exc import ArgumentError
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.traffic import Limits
 from taskcenter.errors import ValidationError
+
+#: One plain address, ``local@domain``: the local part of RFC 5322's dot-atom characters, an ASCII domain. No
+#: display name, list, quoting, spaces or angle brackets: tenants give ``notify.email``, and anything that could
+#: add a recipient or a header is refused rather than quoted.
+_EMAIL = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*"
+)
+
+
+def is_email_address(value: object) -> bool:
+    """Whether ``value`` is one plain e-mail address (``local@domain``, ASCII domain, at most 254 characters)."""
+    return isinstance(value, str) and len(value) <= 254 and _EMAIL.fullmatch(value) is not None
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -100,13 +114,49 @@ class Settings(BaseSettings):
     """Logging level."""
     log_format: Literal["json", "console", "auto"] = "auto"
     """``json``, ``console`` or ``auto`` (JSON when not on a terminal)."""
+    smtp_host: str = ""
+    """SMTP server that sends ``notify.email`` notifications (empty: e-mail notifications are refused)."""
+    smtp_port: int = Field(default=0, ge=0, le=65535)
+    """Its port; 0 picks the usual one for ``smtp_tls``: 25 (none), 587 (starttls), 465 (tls)."""
+    smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    """``starttls`` (upgrade a plain connection, required), ``tls`` (TLS from the first byte) or ``none``."""
+    smtp_from: str = Field(default="", validate_default=True)
+    """The notifications' From address; required with ``smtp_host``."""
+    smtp_username: str = ""
+    """Login name for SMTP AUTH (empty: no login)."""
+    smtp_password: SecretStr | None = Field(default=None, validate_default=True)
+    """Password for SMTP AUTH (given with ``smtp_username``)."""
+    smtp_timeout_s: float = Field(default=10.0, gt=0, le=30)
+    """Longest wait for the SMTP server to connect or answer one command."""
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "smtp_tls", mode="before")
     @classmethod
     def _any_case(cls, value: Any, info: Any) -> Any:
         if not isinstance(value, str):
             return value
         return value.upper() if info.field_name == "log_level" else value.lower()
+
+    @field_validator("smtp_host", "smtp_from", "smtp_username")
+    @classmethod
+    def _one_line(cls, value: str, info: Any) -> str:
+        value = value.strip()
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError(f"{info.field_name} must be one line")
+        return value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _sender_is_an_address(cls, value: str, info: Any) -> str:
+        if (value or info.data.get("smtp_host")) and not is_email_address(value):
+            raise ValueError("must be an e-mail address (the notifications' sender) when smtp_host is set")
+        return value
+
+    @field_validator("smtp_password")
+    @classmethod
+    def _login_is_whole(cls, value: SecretStr | None, info: Any) -> SecretStr | None:
+        if bool(info.data.get("smtp_username")) != bool(value and value.get_secret_value()):
+            raise ValueError("smtp_username and smtp_password go together")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -169,6 +219,20 @@ class Settings(BaseSettings):
             breaker_cooldown_s=self.breaker_cooldown_s,
         )
 
+    def smtp(self) -> SmtpConfig | None:
+        """The SMTP server e-mail notifications go through, or None when none is configured."""
+        if not self.smtp_host:
+            return None
+        return SmtpConfig(
+            host=self.smtp_host,
+            port=self.smtp_port or _SMTP_PORTS[self.smtp_tls],
+            tls=self.smtp_tls,
+            sender=self.smtp_from,
+            username=self.smtp_username or None,
+            password=self.smtp_password.get_secret_value() if self.smtp_password else None,
+            timeout_s=self.smtp_timeout_s,
+        )
+
     def retry_policy(self) -> RetryPolicy:
         """The global default retry policy."""
         return RetryPolicy.from_dict(self.default_retry, field_="default_retry")
@@ -217,6 +281,28 @@ class DispatchConfig:
     """Response body kept per attempt."""
     write_batch: int = 500
     """Most results written in one transaction."""
+
+
+_SMTP_PORTS = {"none": 25, "starttls": 587, "tls": 465}
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The SMTP server e-mail notifications go through (operator configuration: no SSRF guard applies)."""
+
+    host: str
+    port: int
+    tls: Literal["none", "starttls", "tls"]
+    """``starttls``: upgrade the plain connection and refuse a server that cannot; ``tls``: implicit TLS."""
+    sender: str
+    """The From address."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """Never logged: left out of the repr."""
+    timeout_s: float = 10.0
+    """Longest wait to connect or for one command's answer."""
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    """Certificates to trust (default: the system's); tests hand in one trusting their own CA."""
 
 
 @dataclass(frozen=True, slots=True)

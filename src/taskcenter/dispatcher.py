@@ -602,7 +602,7 @@ class Dispatcher:
         if self.events:
             self._publish(events, dict(written.landed))
         if self.notify is not None:
-            await self._notify(events, dict(written.landed))
+            await self._notify(batch, events, dict(written.landed))
 
     async def _write(self, batch: list[queue.Finished]) -> queue.Written:
         """Write a batch; on repeated failure write one by one, and give up on results that cannot be written.
@@ -684,12 +684,18 @@ class Dispatcher:
                 del self._held[r["id"]]
         self._slot_freed.set()
 
-    async def _notify(self, events: list[_Pending], landed: dict[int, str]) -> None:
+    async def _notify(
+        self, batch: list[queue.Finished], events: list[_Pending], landed: dict[int, str]
+    ) -> None:
         finished = []
-        for row, number, _status, outcome, _response, _duration in events:
+        errors: dict[int, str | None] | None = None
+        for row, number, _status, outcome, response, _duration in events:
             final = landed.get(row["id"])
             if row["notify"] and final in ("succeeded", "failed"):
-                finished.append(({**row, "attempts": number, "outcome": outcome}, final))
+                if errors is None:  # the attempt's error is in its result; looked up only when one notifies
+                    errors = {r.task_id: r.error for r in batch}
+                last = {"last_response": response, "last_error": errors.get(row["id"])}
+                finished.append(({**row, "attempts": number, "outcome": outcome, **last}, final))
         if finished and self.notify is not None:
             try:
                 await self.notify(finished)

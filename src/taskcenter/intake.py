@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from taskcenter.config import is_email_address
 from taskcenter.crypto import SecretBox
 from taskcenter.domain.request import (
     MAX_TIMEOUT_S,
@@ -24,6 +25,7 @@ from taskcenter.domain.request import (
 )
 from taskcenter.domain.retry import MAX_ATTEMPTS, RetryPolicy
 from taskcenter.errors import ValidationError
+from taskcenter.processors import is_builtin
 from taskcenter.ssrf import host_problem
 
 MAX_DELAY_S = 366 * 24 * 3600
@@ -131,7 +133,8 @@ def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | 
     return now, None
 
 
-def _notify(value: Any) -> dict[str, Any] | None:
+def _notify(value: Any, email: bool) -> dict[str, Any] | None:
+    """A validated ``notify``; ``email``: whether an SMTP server is configured to send ``notify.email``."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -144,10 +147,19 @@ def _notify(value: Any) -> dict[str, Any] | None:
         out["url"] = validate_url(value["url"], field="notify.url")
         _check_host(target_host(out["url"]), "notify.url")
     if value.get("email") is not None:
-        email = value["email"]
-        if not isinstance(email, str) or "@" not in email or len(email) > 320 or _CONTROL.search(email):
-            raise ValidationError("notify.email must be an e-mail address", field="notify.email")
-        out["email"] = email
+        address = value["email"]
+        if not is_email_address(address):
+            raise ValidationError(
+                "notify.email must be one e-mail address (local@domain, no name or list)",
+                field="notify.email",
+            )
+        if not email:
+            # Refused now rather than accepted and never sent: the caller can still use notify.url.
+            raise ValidationError(
+                "notify.email needs an SMTP server, and none is configured (smtp_host); use notify.url",
+                field="notify.email",
+            )
+        out["email"] = address
     if not out:
         raise ValidationError("notify needs a url or an email", field="notify")
     on = value.get("on", ["succeeded", "failed"])
@@ -252,6 +264,7 @@ def new_task_row(
     box: SecretBox,
     now: datetime,
     processors: frozenset[str] = frozenset(),
+    email: bool = False,
     traceparent: str | None = None,
     task_uuid: str | None = None,
     requests: RequestMemo | None = None,
@@ -259,7 +272,8 @@ def new_task_row(
     """Validate a create request and build the row to insert. Raises :class:`ValidationError` naming the field.
 
     ``task_uuid`` is the new task's UUID (see :func:`new_uuids`); by default a new one. ``requests``: a memo
-    shared by the items of one batch (see :data:`RequestMemo`).
+    shared by the items of one batch (see :data:`RequestMemo`). ``processors``: the task types that may be
+    created; ``email``: whether ``notify.email`` can be sent (an SMTP server is configured).
     """
     _check_fields(data, CREATE_FIELDS)
     task_type = data.get("type") or "http"
@@ -312,7 +326,7 @@ def new_task_row(
         "success_codes": _int_list(data.get("success_codes"), "success_codes", 100, 599),
         "retry_on": _int_list(data.get("retry_on"), "retry_on", 400, 599),
         "follow_redirects": follow,
-        "notify": _notify(data.get("notify")),
+        "notify": _notify(data.get("notify"), email),
         "metadata": _json_object(metadata, "metadata", MAX_METADATA_BYTES),
         "traceparent": traceparent,
         "scheduled_at": scheduled,
@@ -345,6 +359,10 @@ def new_task_row(
         )
     else:
         if task_type not in processors:
+            if is_builtin(task_type):
+                raise ValidationError(
+                    f"type {task_type!r} is taskcenter's own and cannot be created", field="type"
+                )
             raise ValidationError(f"type {task_type!r} has no registered processor", field="type")
         for name in ("url", "json", "form", "body", "headers"):
             if data.get(name) is not None:
@@ -357,10 +375,19 @@ def new_task_row(
 
 
 def changed_values(
-    data: Mapping[str, Any], current: Mapping[Any, Any], *, defaults: Defaults, box: SecretBox, now: datetime
+    data: Mapping[str, Any],
+    current: Mapping[Any, Any],
+    *,
+    defaults: Defaults,
+    box: SecretBox,
+    now: datetime,
+    email: bool = False,
 ) -> dict[str, Any]:
     """Validate a PATCH and return the column values to change (only for pending or retrying tasks)."""
     _check_fields(data, UPDATE_FIELDS)
+    if is_builtin(current["type"]):
+        # taskcenter wrote it (an e-mail notification): changing its payload would send any text anywhere.
+        raise ValidationError(f"a {current['type']} task cannot be changed; cancel it instead", field="type")
     values: dict[str, Any] = {"updated_at": now}
     if current["type"] == "http" and {
         "method",
@@ -424,7 +451,7 @@ def changed_values(
             raise ValidationError("follow_redirects must be true or false", field="follow_redirects")
         values["follow_redirects"] = data["follow_redirects"]
     if "notify" in data:
-        values["notify"] = _notify(data["notify"])
+        values["notify"] = _notify(data["notify"], email)
     if "metadata" in data:
         if data["metadata"] is not None and not isinstance(data["metadata"], Mapping):
             raise ValidationError("metadata must be an object", field="metadata")

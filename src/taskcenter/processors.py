@@ -21,6 +21,14 @@ from taskcenter.domain.retry import RetryPolicy
 from taskcenter.errors import ProcessorError, ValidationError
 
 ProcessorFunc = Callable[[Any], Awaitable[Any] | Any]
+#: Task types of this prefix are taskcenter's own (e.g. ``taskcenter.email``): registered by the runtime, run by
+#: workers, never created, changed or registered by a caller.
+BUILTIN_PREFIX = "taskcenter."
+
+
+def is_builtin(task_type: str) -> bool:
+    """Whether ``task_type`` names one of taskcenter's own processors."""
+    return task_type.startswith(BUILTIN_PREFIX)
 
 
 def _json_result(name: str, value: Any) -> Any:
@@ -116,26 +124,40 @@ class ProcessorRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, Processor] = {}
         self._types: tuple[str, ...] = ()
+        self._creatable: frozenset[str] = frozenset()  # read per create: built per register, not per call
 
     def register(
-        self, name: str, func: ProcessorFunc, *, retry: RetryPolicy | None = None, priority: int = 0
+        self,
+        name: str,
+        func: ProcessorFunc,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        builtin: bool = False,
     ) -> Processor:
-        if not name or name == "http" or len(name) > 100:
+        """Register ``func`` for task type ``name``; ``builtin`` is for taskcenter's own (``taskcenter.…``)."""
+        if not name or name == "http" or len(name) > 100 or is_builtin(name) != builtin:
             raise ValidationError(f"processor name {name!r} is not allowed", field="type")
         processor = Processor(name, _checked(name, func), retry, priority)
         self._by_name[name] = processor
         self._types = tuple(sorted(self._by_name))
+        self._creatable = frozenset(n for n in self._by_name if not is_builtin(n))
         return processor
 
     def get(self, name: str) -> Processor | None:
         return self._by_name.get(name)
 
     def names(self) -> frozenset[str]:
+        """Every task type this process can run, taskcenter's own included."""
         return frozenset(self._by_name)
 
     def types(self) -> tuple[str, ...]:
         """The registered names, sorted: the task types (besides ``http``) a worker with these processors claims."""
         return self._types
+
+    def creatable(self) -> frozenset[str]:
+        """The task types callers may create: the registered ones that are not taskcenter's own."""
+        return self._creatable
 
     def __call__(self) -> frozenset[str]:
         return self.names()

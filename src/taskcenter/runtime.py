@@ -15,9 +15,11 @@ from taskcenter._version import __version__
 from taskcenter.config import GuardConfig, Settings
 from taskcenter.crypto import SecretBox
 from taskcenter.dispatcher import Dispatcher
+from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.traffic import Limits, relaxed
 from taskcenter.errors import StorageError
 from taskcenter.events import EventBus
+from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, Mailer
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import HttpConfig, Sender
@@ -209,6 +211,13 @@ class Runtime:
             settings.secret_key.get_secret_value() if settings.secret_key else None
         )
         self.processors = processors if processors is not None else ProcessorRegistry()
+        smtp = settings.smtp()
+        if smtp is not None:
+            # Every process with an SMTP server can send e-mail notifications, a plain `taskcenter worker` too.
+            mailer = Mailer(smtp)
+            self.processors.register(
+                EMAIL_TYPE, mailer.send, retry=RetryPolicy.from_dict(EMAIL_RETRY), builtin=True
+            )
         self.events = events if events is not None else EventBus()
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -223,6 +232,7 @@ class Runtime:
             events=self.events,
             processors=self.processors,
             poll_interval_s=settings.poll_interval_s,
+            email=smtp is not None,
         )
         self.policies = BusinessPolicies(
             self.db,

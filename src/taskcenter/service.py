@@ -31,6 +31,7 @@ from taskcenter.errors import (
 )
 from taskcenter.events import EventBus
 from taskcenter.intake import Defaults, RequestMemo, changed_values, new_task_row, new_uuids
+from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, notification_email
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
@@ -130,6 +131,8 @@ class TaskService:
     events: EventBus = field(default_factory=EventBus)
     processors: ProcessorRegistry = field(default_factory=ProcessorRegistry)
     poll_interval_s: float = 5.0
+    email: bool = False
+    """Whether ``notify.email`` is accepted: an SMTP server is configured (``Settings.smtp``)."""
     _businesses: dict[str, Business] = field(default_factory=dict, init=False)
     _active: dict[int, _ActiveCount] = field(default_factory=dict, init=False)
     _pending: list[_PendingCreate] = field(default_factory=list, init=False)
@@ -218,7 +221,8 @@ class TaskService:
             defaults=defaults,
             box=self.box,
             now=self.clock() if now is None else now,
-            processors=self.processors.names(),
+            processors=self.processors.creatable(),
+            email=self.email,
             traceparent=traceparent,
             task_uuid=task_uuid,
             requests=requests,
@@ -493,52 +497,93 @@ class TaskService:
         return results
 
     async def enqueue_notifications(self, finished: Sequence[tuple[Mapping[Any, Any], str]]) -> int:
-        """For tasks that reached a final state and asked for it, queue a webhook to their ``notify.url``.
+        """For tasks that reached a final state and asked for it, queue their notifications: a webhook to
+        ``notify.url`` and an e-mail to ``notify.email``.
 
-        The notification is itself a task of the same business (same signing, retries, traffic control), keyed
-        ``notify:<task uuid>:<status>`` so that it is created once. Returns how many were queued.
+        Each notification is itself a task of the same business (same retries, traffic control; the webhook
+        signed like any delivery, the e-mail a ``taskcenter.email`` task sent by a worker with an SMTP server),
+        keyed ``notify:<task uuid>:<status>`` (the e-mail ``…:email``) so that it is created once. Notification
+        tasks carry no ``notify`` of their own, so a notification never notifies. Returns how many were queued.
+        ``finished`` rows need ``uuid``, ``business_pk``, ``business_id``, ``notify``, ``attempts`` and
+        ``outcome``; an e-mail also tells ``id``, ``type``, ``method``, ``url``, ``max_attempts``,
+        ``last_response`` and ``last_error`` where the row has them.
         """
-        rows = []
         now = self.clock()
-        for task, status in finished:
-            notify = task.get("notify")
-            if not notify or not notify.get("url") or status not in notify.get("on", ()):
-                continue
-            event = {
-                "type": f"task.{status}",
-                "task": {
-                    "id": str(task["uuid"]),
-                    "business_id": task["business_id"],
-                    "status": status,
-                    "attempts": task.get("attempts"),
-                    "outcome": task.get("outcome"),
-                },
-                "timestamp": now.isoformat().replace("+00:00", "Z"),
-            }
-            data = {
-                "business_id": f"notify:{task['uuid']}:{status}",
-                "url": notify["url"],
-                "json": event,
-                "retry": {"strategy": "exponential", "initial_delay": 5, "max_attempts": 6},
-                "metadata": {"notification_for": str(task["uuid"])},
-            }
-            rows.append(
-                new_task_row(
-                    data,
-                    business_pk=task["business_pk"],
-                    defaults=Defaults(self.default_retry),
-                    box=self.box,
-                    now=now,
-                )
-            )
-        if not rows:
+        wanted = [
+            (task, status, notify)
+            for task, status in finished
+            if (notify := task.get("notify")) and status in notify.get("on", ())
+        ]
+        if not wanted:
             return 0
+        codes = await self._business_codes({t["business_pk"] for t, _, n in wanted if n.get("email")})
+        rows = []
+        for task, status, notify in wanted:
+            key = f"notify:{task['uuid']}:{status}"
+            if notify.get("url"):
+                event = {
+                    "type": f"task.{status}",
+                    "task": {
+                        "id": str(task["uuid"]),
+                        "business_id": task["business_id"],
+                        "status": status,
+                        "attempts": task.get("attempts"),
+                        "outcome": task.get("outcome"),
+                    },
+                    "timestamp": now.isoformat().replace("+00:00", "Z"),
+                }
+                data = {
+                    "business_id": key,
+                    "url": notify["url"],
+                    "json": event,
+                    "retry": {"strategy": "exponential", "initial_delay": 5, "max_attempts": 6},
+                    "metadata": {"notification_for": str(task["uuid"])},
+                }
+                rows.append(self._notification_row(task, data, now))
+            if notify.get("email"):
+                code = codes.get(task["business_pk"], str(task["business_pk"]))
+                payload = notification_email(task, status, business_code=code, to=notify["email"], now=now)
+                data = {
+                    "business_id": f"{key}:email",
+                    "type": EMAIL_TYPE,
+                    "payload": payload,
+                    "retry": EMAIL_RETRY,
+                    "metadata": {"notification_for": str(task["uuid"])},
+                }
+                rows.append(self._notification_row(task, data, now, processors=frozenset({EMAIL_TYPE})))
         async with self.db.write() as conn:
             stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, rows))).all()
             if stored and self.db.is_postgres:
                 await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
         self.notifier.wake()
         return len(stored)
+
+    def _notification_row(
+        self,
+        task: Mapping[Any, Any],
+        data: Mapping[str, Any],
+        now: datetime,
+        processors: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
+        return new_task_row(
+            data,
+            business_pk=task["business_pk"],
+            defaults=Defaults(self.default_retry),
+            box=self.box,
+            now=now,
+            processors=processors,
+        )
+
+    async def _business_codes(self, pks: set[int]) -> dict[int, str]:
+        """The codes of these businesses (one read, only when an e-mail needs them)."""
+        if not pks:
+            return {}
+        known = {b.pk: b.code for b in self._businesses.values() if b.pk in pks}
+        if len(known) < len(pks):
+            async with self.db.read() as conn:
+                query = sa.select(businesses.c.id, businesses.c.code).where(businesses.c.id.in_(sorted(pks)))
+                known.update({pk: code for pk, code in (await conn.execute(query)).all()})
+        return known
 
     def _task_from_new_row(self, business: Business, row: Mapping[str, Any]) -> Task:
         return Task.from_row({**row, "business_code": business.code}, mask_headers)
@@ -641,7 +686,7 @@ class TaskService:
                     target="updated",
                 )
             values = changed_values(
-                data, row, defaults=self.defaults(business), box=self.box, now=self.clock()
+                data, row, defaults=self.defaults(business), box=self.box, now=self.clock(), email=self.email
             )
             if not await task_sql.change(conn, row["id"], expected=sorted(EDITABLE), values=values):
                 raise InvalidTransition(

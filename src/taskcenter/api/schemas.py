@@ -42,7 +42,7 @@ class NotifyIn(_In):
     """Where to report the task's final state."""
 
     url: str | None = Field(None, max_length=8192)
-    email: str | None = Field(None, max_length=320)
+    email: str | None = Field(None, max_length=254)
     on: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(None, min_length=1, max_length=3)
 
 

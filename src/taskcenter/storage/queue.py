@@ -874,16 +874,18 @@ async def release(
 
 
 async def failed_by_rescue(db: Database, ids: Sequence[int]) -> list[Mapping[Any, Any]]:
-    """Of the tasks :func:`rescue` returned, those it failed (their budget was spent), with what their ``notify``
-    webhook and a ``failed`` event need: ``id``, ``uuid``, ``business_id``, ``business_pk``, ``notify``,
-    ``attempts``, ``outcome``."""
+    """Of the tasks :func:`rescue` returned, those it failed (their budget was spent), with what their
+    notifications and a ``failed`` event need: ``id``, ``uuid``, ``business_id``, ``business_pk``, ``notify``,
+    ``attempts``, ``outcome``, and for an e-mail ``type``, ``method``, ``url``, ``max_attempts``,
+    ``last_response``, ``last_error``."""
     if not ids:
         return []
     async with db.read() as conn:
         result = await conn.execute(
             sa.select(
                 tasks.c.id, tasks.c.uuid, tasks.c.business_id, tasks.c.business_pk, tasks.c.notify,
-                tasks.c.attempts, tasks.c.outcome,
+                tasks.c.attempts, tasks.c.outcome, tasks.c.type, tasks.c.method, tasks.c.url,
+                tasks.c.max_attempts, tasks.c.last_response, tasks.c.last_error,
             ).where(tasks.c.id.in_(ids), tasks.c.status == "failed", tasks.c.outcome == "interrupted")
         )  # fmt: skip
         return [dict(row) for row in result.mappings()]
