@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -250,3 +251,79 @@ async def test_callers_can_neither_create_nor_change_an_email_task(db_url: str) 
             f"/tasks/{note.json()['id']}", json={"payload": {"to": "anyone@example.net"}}, headers=key
         )
         assert changed.status_code == 422 and changed.json()["field"] == "type", changed.text
+
+
+# -- a process that dies between the final write and queuing the notifications ---------------------------
+
+
+async def _notified_at(rt: Runtime, task_id: str) -> Any:
+    async with rt.db.read() as conn:
+        query = sa.select(tasks.c.notified_at).where(tasks.c.uuid == task_id)
+        return (await conn.execute(query)).scalar_one()
+
+
+async def test_notifications_a_dead_process_never_queued_are_swept_up(
+    db_url: str, receiver: Receiver, mail_server: MailServer
+) -> None:
+    """The final state was written and the process died before it queued the notifications: another worker's
+    sweep queues them (once), so neither the e-mail nor the webhook is lost."""
+    receiver.set_default(Reply(status=404), "/gone")
+    async with mailing_runtime(db_url, mail_server.port) as rt:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        notify = {"email": "ops@example.com", "url": receiver.url("/notify"), "on": ["failed"]}
+        task = await rt.service.create_task(
+            biz, {"business_id": "lost-1", "url": receiver.url("/gone"), "notify": notify}
+        )
+        quiet = await rt.service.create_task(biz, {"business_id": "plain", "url": receiver.url("/gone")})
+        unwanted = await rt.service.create_task(  # succeeds, and asked only for failures
+            biz, {"business_id": "fine", "url": receiver.url("/hook"), "notify": notify}
+        )
+        dying = rt.dispatcher()
+        dying.notify = dying.notify_sweep = None  # writes the final state, queues nothing: as if killed then
+        run = asyncio.create_task(rt.run_dispatcher(dying))
+        await wait_status(rt, biz, task.id, "failed")
+        await wait_status(rt, biz, quiet.id, "failed")
+        await wait_status(rt, biz, unwanted.id, "succeeded")
+        dying.stop()
+        await asyncio.wait_for(run, timeout=15)
+        assert await _task_count(rt) == 3 and await _notified_at(rt, task.id) is None
+
+        survivor = rt.dispatcher()
+        survivor.notify_sweep = functools.partial(rt.service.sweep_notifications, grace_s=0.1)
+        survivor.notify_sweep_interval_s = 0.2
+        run = asyncio.create_task(rt.run_dispatcher(survivor))
+        try:
+            [mail] = await mail_server.wait_for(1, timeout=15)
+            await receiver.wait_for(1, "/notify", timeout=15)
+            await asyncio.sleep(1.0)  # several more sweeps: nothing is queued twice
+        finally:
+            survivor.stop()
+            await asyncio.wait_for(run, timeout=15)
+        assert await _notified_at(rt, task.id) is not None
+        assert await _notified_at(rt, unwanted.id) is not None, "marked, so never looked at again"
+        assert await _notified_at(rt, quiet.id) is None, "no notify: never the sweep's business"
+        assert await _task_count(rt) == 5, "the three tasks, one webhook, one e-mail"
+    assert (
+        mail.message["Subject"] == "[taskcenter] shop lost-1: failed"
+        and "Last response: HTTP 404" in mail.text
+    )
+    assert len(mail_server.received) == 1 and len(receiver.requests_for("/notify")) == 1
+
+
+async def test_a_retried_task_notifies_again_when_it_ends_again(
+    db_url: str, receiver: Receiver, mail_server: MailServer
+) -> None:
+    receiver.script("/flaky", Reply(status=404), Reply(status=200))
+    async with mailing_runtime(db_url, mail_server.port) as rt:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        notify = {"email": "ops@example.com", "on": ["failed", "succeeded"]}
+        task = await rt.service.create_task(
+            biz, {"business_id": "twice", "url": receiver.url("/flaky"), "notify": notify}
+        )
+        async with running(rt):
+            [first] = await mail_server.wait_for(1, timeout=15)
+            await _wait_mail_task(rt, biz, f"notify:{task.id}:failed:email", "succeeded")
+            await rt.service.retry(biz, task.id)
+            assert await _notified_at(rt, task.id) is None, "a manual retry makes the task live again"
+            second = (await mail_server.wait_for(2, timeout=15))[1]
+    assert first.message["Subject"].endswith(": failed") and second.message["Subject"].endswith(": succeeded")

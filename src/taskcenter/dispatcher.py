@@ -81,7 +81,11 @@ class Dispatcher:
     """Deletes finished tasks past retention; run every ``purge_interval_s`` by the housekeeping loop."""
     purge_interval_s: float = 300.0
     notify: Callable[[Sequence[tuple[Mapping[Any, Any], str]]], Awaitable[int]] | None = None
-    """Queues ``notify.url`` webhooks for tasks that reached a final state."""
+    """Queues the notifications (webhook, e-mail) of tasks that reached a final state."""
+    notify_sweep: Callable[[], Awaitable[int]] | None = None
+    """Queues the notifications a crash lost (a task finished, its notifications never queued); run every
+    ``notify_sweep_interval_s`` by the housekeeping."""
+    notify_sweep_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
@@ -137,6 +141,7 @@ class Dispatcher:
             asyncio.create_task(self._rescue_loop(), name="tc-rescue"),
             asyncio.create_task(self._heartbeat_loop(), name="tc-heartbeat"),
             asyncio.create_task(self._purge_loop(), name="tc-purge"),
+            asyncio.create_task(self._sweep_loop(), name="tc-notify-sweep"),
         ]
         if self.db.is_postgres:
             helpers.append(asyncio.create_task(self._listen_loop(), name="tc-listen"))
@@ -777,6 +782,17 @@ class Dispatcher:
                 continue
             if purged:
                 log.info("purged %d finished tasks past retention", purged)
+
+    async def _sweep_loop(self) -> None:
+        while self.notify_sweep is not None:
+            await asyncio.sleep(self.notify_sweep_interval_s)
+            try:
+                queued = await self.notify_sweep()
+            except TaskCenterError as exc:
+                log.warning("sweeping for lost notifications failed: %s", exc)
+                continue
+            if queued:
+                log.warning("queued %d notifications that a stopped process had not queued", queued)
 
     async def _heartbeat_loop(self) -> None:
         while True:

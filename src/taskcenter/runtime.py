@@ -283,6 +283,7 @@ class Runtime:
             ),
             businesses=self.policies.business_pks,
             notify=self.service.enqueue_notifications,
+            notify_sweep=self.service.sweep_notifications,
             purge=self._purge,
         )
 

@@ -497,25 +497,69 @@ class TaskService:
         return results
 
     async def enqueue_notifications(self, finished: Sequence[tuple[Mapping[Any, Any], str]]) -> int:
-        """For tasks that reached a final state and asked for it, queue their notifications: a webhook to
-        ``notify.url`` and an e-mail to ``notify.email``.
+        """For tasks that reached a final state, queue the notifications their ``notify`` asks for: a webhook to
+        ``notify.url`` and an e-mail to ``notify.email``; and mark each task notified in the same transaction.
 
         Each notification is itself a task of the same business (same retries, traffic control; the webhook
         signed like any delivery, the e-mail a ``taskcenter.email`` task sent by a worker with an SMTP server),
         keyed ``notify:<task uuid>:<status>`` (the e-mail ``…:email``) so that it is created once. Notification
-        tasks carry no ``notify`` of their own, so a notification never notifies. Returns how many were queued.
-        ``finished`` rows need ``uuid``, ``business_pk``, ``business_id``, ``notify``, ``attempts`` and
-        ``outcome``; an e-mail also tells ``id``, ``type``, ``method``, ``url``, ``max_attempts``,
-        ``last_response`` and ``last_error`` where the row has them.
+        tasks carry no ``notify`` of their own, so a notification never notifies. A task whose final write
+        landed but whose notifications were never queued (the process died in between) keeps ``notified_at``
+        NULL, and :meth:`sweep_notifications` queues them later. Returns how many notifications were queued.
+        ``finished`` rows need ``id``, ``uuid``, ``business_pk``, ``business_id``, ``notify``, ``attempts`` and
+        ``outcome``; an e-mail also tells ``type``, ``method``, ``url``, ``max_attempts``, ``last_response``
+        and ``last_error`` where the row has them.
         """
         now = self.clock()
+        rows = await self._notification_rows(finished, now)
+        ids = [task["id"] for task, _ in finished if task.get("notify")]
+        if not rows and not ids:
+            return 0
+        async with self.db.write() as conn:
+            queued = await self._queue_notifications(conn, rows, ids, now)
+        if queued:
+            self.notifier.wake()
+        return queued
+
+    async def sweep_notifications(self, *, grace_s: float = 30.0, limit: int = 100) -> int:
+        """Queue the notifications of tasks that finished more than ``grace_s`` ago and were never notified (their
+        process died between the final write and :meth:`enqueue_notifications`). Returns how many were queued."""
+        now = self.clock()
+        before = now - timedelta(seconds=grace_s)
+        # Nearly always nothing: look first without the write lock (SQLite's one writer) or row locks.
+        async with self.db.read() as conn:
+            if not await task_sql.unnotified(conn, finished_before=before, limit=1, lock=False):
+                return 0
+        async with self.db.write() as conn:
+            lost = await task_sql.unnotified(conn, finished_before=before, limit=limit)
+            if not lost:
+                return 0
+            rows = await self._notification_rows([(t, t["status"]) for t in lost], now)
+            queued = await self._queue_notifications(conn, rows, [t["id"] for t in lost], now)
+        if queued:
+            self.notifier.wake()
+        return queued
+
+    async def _queue_notifications(
+        self, conn: AsyncConnection, rows: list[dict[str, Any]], ids: list[int], now: datetime
+    ) -> int:
+        stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, rows))).all() if rows else []
+        await task_sql.mark_notified(conn, ids, now=now)
+        if stored and self.db.is_postgres:
+            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+        return len(stored)
+
+    async def _notification_rows(
+        self, finished: Sequence[tuple[Mapping[Any, Any], str]], now: datetime
+    ) -> list[dict[str, Any]]:
+        """The notification tasks to insert for ``finished`` (see :meth:`enqueue_notifications`)."""
         wanted = [
             (task, status, notify)
             for task, status in finished
             if (notify := task.get("notify")) and status in notify.get("on", ())
         ]
         if not wanted:
-            return 0
+            return []
         codes = await self._business_codes({t["business_pk"] for t, _, n in wanted if n.get("email")})
         rows = []
         for task, status, notify in wanted:
@@ -551,12 +595,7 @@ class TaskService:
                     "metadata": {"notification_for": str(task["uuid"])},
                 }
                 rows.append(self._notification_row(task, data, now, processors=frozenset({EMAIL_TYPE})))
-        async with self.db.write() as conn:
-            stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, rows))).all()
-            if stored and self.db.is_postgres:
-                await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
-        self.notifier.wake()
-        return len(stored)
+        return rows
 
     def _notification_row(
         self,
@@ -745,6 +784,7 @@ class TaskService:
                 "max_attempts": row["attempts"] + policy.max_attempts,
                 "next_attempt_at": now,
                 "finished_at": None,
+                "notified_at": None,  # its next final state notifies again
                 "updated_at": now,
             }
             if not await task_sql.change(conn, row["id"], expected=sorted(RETRYABLE_BY_HAND), values=values):

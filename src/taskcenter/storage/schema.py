@@ -60,6 +60,13 @@ NEXT_DUE_SQL = f"{HTTP_DUE_SQL} AND priority IS NOT NULL"
 PROCESSOR_NEXT_DUE_SQL = f"{PROCESSOR_DUE_SQL} AND priority IS NOT NULL"
 
 
+#: Finished tasks whose notifications are not queued yet (``notified_at`` is set in the transaction that queues
+#: them). Normally a task stays here only between its final write and that transaction; what a crash leaves here
+#: the notification sweep finds. ``notify`` is JSON ``null`` for a task without one (as SQLAlchemy stores None).
+UNNOTIFIED_SQL = "notified_at IS NULL AND status IN ('succeeded', 'failed', 'cancelled') AND notify <> 'null'"
+UNNOTIFIED_PG_SQL = f"{UNNOTIFIED_SQL}::jsonb"
+
+
 def _partial(where: str) -> dict[str, Any]:
     clause = sa.text(where)
     return {"postgresql_where": clause, "sqlite_where": clause}
@@ -141,6 +148,9 @@ tasks = sa.Table(
     # circuit, or its business's limits), cleared when the task is claimed again: relaxing a limit pulls these
     # tasks forward instead of leaving them at the time the old limit gave them.
     sa.Column("held_by", sa.String(300), nullable=True),
+    # When the task's notifications were queued for its final state (NULL while it is live, and for a task without
+    # notify once finished); a manual retry clears it.
+    sa.Column("notified_at", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     # The claim walks this: due HTTP tasks, highest priority first, then oldest due.
@@ -178,6 +188,13 @@ tasks = sa.Table(
     sa.Index("ix_tasks_processing_business", "business_pk", **_partial("status = 'processing'")),
     # Held tasks of one host, to pull forward when its limits are relaxed, its pause lifted or its circuit closed.
     sa.Index("ix_tasks_held", "held_by", "next_attempt_at", **_partial(HELD_SQL)),
+    # The notification sweep's look-up (see UNNOTIFIED_SQL): nearly empty, so nearly free to keep.
+    sa.Index(
+        "ix_tasks_unnotified",
+        "finished_at",
+        postgresql_where=sa.text(UNNOTIFIED_PG_SQL),
+        sqlite_where=sa.text(UNNOTIFIED_SQL),
+    ),
 )
 
 attempts = sa.Table(

@@ -16,7 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.errors import DuplicateTask, StorageError
 from taskcenter.storage.database import json_text, sqlite_locked
-from taskcenter.storage.schema import LIVE_SQL, attempts, businesses, tasks
+from taskcenter.storage.schema import (
+    LIVE_SQL,
+    UNNOTIFIED_PG_SQL,
+    UNNOTIFIED_SQL,
+    attempts,
+    businesses,
+    tasks,
+)
 
 _LIVE = sa.text(LIVE_SQL)
 # Qualified form for queries that join businesses (which has a status column of its own).
@@ -427,6 +434,50 @@ async def change(
 
 
 _FINISHED = sa.text("status IN ('succeeded', 'failed', 'cancelled')")
+
+#: What a notification needs of its task (see ``TaskService.enqueue_notifications``).
+_NOTIFY_COLUMNS = (
+    "id, uuid, business_pk, business_id, type, method, url, status, attempts, max_attempts, outcome, notify, "
+    "last_response, last_error"
+)
+
+
+async def unnotified(
+    conn: AsyncConnection, *, finished_before: datetime, limit: int = 100, lock: bool = True
+) -> list[Any]:
+    """Finished tasks with a ``notify`` whose notifications were never queued (``notified_at`` is NULL), that
+    finished before ``finished_before``: the process that wrote their final state died before it queued them.
+
+    Served by the small partial index ``ix_tasks_unnotified``; on PostgreSQL, with ``lock``, the rows are locked
+    (skipping rows another sweeper holds) until ``conn``'s transaction ends, in which the caller queues and marks
+    them.
+    """
+    if conn.dialect.name == "postgresql":
+        sql = (
+            f"SELECT {_NOTIFY_COLUMNS} FROM tasks WHERE {UNNOTIFIED_PG_SQL} AND finished_at < :before "
+            "ORDER BY finished_at LIMIT :limit" + (" FOR UPDATE SKIP LOCKED" if lock else "")
+        )
+    else:
+        sql = (
+            f"SELECT {_NOTIFY_COLUMNS} FROM tasks INDEXED BY ix_tasks_unnotified "
+            f"WHERE {UNNOTIFIED_SQL} AND finished_at < :before ORDER BY finished_at LIMIT :limit"
+        )
+    columns = {c.name: c for c in tasks.columns}
+    stmt = (
+        sa.text(sql)
+        .bindparams(sa.bindparam("before", type_=tasks.c.finished_at.type))
+        .columns(*(columns[n.strip()] for n in _NOTIFY_COLUMNS.split(",")))
+    )
+    result = await conn.execute(stmt, {"before": finished_before, "limit": limit})
+    return [dict(row) for row in result.mappings()]
+
+
+async def mark_notified(conn: AsyncConnection, ids: Sequence[int], *, now: datetime) -> None:
+    """Record that the notifications of these finished tasks are queued (in the transaction that queues them)."""
+    if ids:
+        await conn.execute(
+            sa.update(tasks).where(tasks.c.id.in_(sorted(set(ids))), _FINISHED).values(notified_at=now)
+        )
 
 
 async def purge_finished(conn: AsyncConnection, *, before: datetime, limit: int = 1000) -> int:
