@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ TASKCENTER = str(Path(sys.executable).with_name("taskcenter"))
 class WorkerProcess:
     """A ``taskcenter worker`` subprocess with its own environment; stderr is kept for diagnostics."""
 
-    def __init__(self, db_url: str, *, concurrency: int = 20, **settings: Any) -> None:
+    def __init__(
+        self, db_url: str, *, concurrency: int = 20, args: Sequence[str] = (), **settings: Any
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
         env.update(
             TASKCENTER_DATABASE_URL=db_url,
@@ -30,7 +33,7 @@ class WorkerProcess:
         # Output goes to a file, not a pipe: an unread pipe fills at 64 KiB and blocks a chatty worker.
         self.log = tempfile.NamedTemporaryFile(prefix="tc-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [TASKCENTER, "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT
+            [TASKCENTER, "worker", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
 
     def terminate(self, timeout: float = 20) -> int:

@@ -215,18 +215,51 @@ def worker(
     concurrency: Annotated[
         int | None, typer.Option(help="Requests in flight (TASKCENTER_CONCURRENCY).")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve GET /metrics and GET /health on this port (TASKCENTER_WORKER_METRICS_PORT; 0 = none)."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Address for --metrics-port (TASKCENTER_WORKER_METRICS_HOST, default 127.0.0.1)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a dispatcher only (scale out: any number of these on one PostgreSQL database)."""
-    settings = _settings(config, concurrency=concurrency)
+    settings = _settings(
+        config,
+        concurrency=concurrency,
+        worker_metrics_port=metrics_port,
+        worker_metrics_host=metrics_host,
+    )
     setup_logging(settings.log_level, settings.log_format)
 
     async def work(rt: Runtime) -> None:
+        from taskcenter.observe import DispatcherState, WorkerEndpoint
+
         dispatcher = rt.dispatcher()
-        settle_heap()  # start-up objects out of the GC's full collections (they stalled the event loop)
-        _stop_on_signals(dispatcher.stop)
-        err.print(f"taskcenter worker {dispatcher.name} on {rt.db.dialect}", highlight=False)
-        await rt.run_dispatcher(dispatcher)
+
+        def state() -> DispatcherState:
+            return "stopping" if dispatcher.stopping else "running"
+
+        endpoint: WorkerEndpoint | None = None
+        try:
+            if settings.worker_metrics_port:
+                # Before the first claim: a port that cannot be had ends the worker before it holds any task.
+                opened = WorkerEndpoint(rt.db, rt.metrics, state)
+                await opened.start(settings.worker_metrics_host, settings.worker_metrics_port)
+                endpoint = opened
+            settle_heap()  # start-up objects out of the GC's full collections (they stalled the event loop)
+            _stop_on_signals(dispatcher.stop)
+            where = f", /metrics and /health on {endpoint.url}" if endpoint is not None else ""
+            err.print(f"taskcenter worker {dispatcher.name} on {rt.db.dialect}{where}", highlight=False)
+            await rt.run_dispatcher(dispatcher)
+        finally:
+            # Served until the dispatcher has drained (/health answers 503 "stopping" meanwhile), then released.
+            if endpoint is not None:
+                await endpoint.close()
 
     _run(_with_runtime(settings, work))
 

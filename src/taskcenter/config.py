@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     """Address ``serve`` listens on."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port ``serve`` listens on."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Address ``worker`` serves ``/metrics`` and ``/health`` on, when ``worker_metrics_port`` is set."""
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port ``worker`` serves ``/metrics`` and ``/health`` on (0 = none: the worker serves no HTTP)."""
     concurrency: int = Field(default=100, ge=1, le=10_000)
     """Requests in flight per dispatcher process."""
     claim_batch: int = Field(default=400, ge=1, le=5000)

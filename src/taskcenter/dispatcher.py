@@ -129,6 +129,11 @@ class Dispatcher:
         self._wake.set()
         self._slot_freed.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether it was told to stop (or ended): it claims no more, and lets what is in flight finish."""
+        return self._stopping.is_set()
+
     async def run(self) -> None:
         """Run until :meth:`stop`. Safe to run several dispatchers (processes) on one database."""
         if self.notifier is not None:

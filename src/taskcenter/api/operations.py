@@ -16,6 +16,7 @@ from taskcenter.api.tasks import query_text, utc
 from taskcenter.domain.states import TaskStatus
 from taskcenter.errors import BusinessNotFound, StorageError, ValidationError
 from taskcenter.metrics import CONTENT_TYPE_LATEST
+from taskcenter.observe import health as check_health
 from taskcenter.storage.schema import tasks
 
 router = APIRouter(tags=["operations"], route_class=OrjsonRoute)
@@ -29,14 +30,8 @@ router = APIRouter(tags=["operations"], route_class=OrjsonRoute)
 )
 async def health(ctx: Ctx) -> Response:
     """No authentication. 200 when the database answers, 503 when it does not."""
-    worker = "running" if ctx.dispatcher_running else "off"
-    try:
-        await ctx.runtime.db.ping()
-    except (StorageError, OSError):  # a refused connection arrives from the driver as OSError
-        return JSONResponse(
-            {"status": "unavailable", "database": "unreachable", "dispatcher": worker}, status_code=503
-        )
-    return JSONResponse({"status": "ok", "database": "ok", "dispatcher": worker})
+    status, body = await check_health(ctx.runtime.db, "running" if ctx.dispatcher_running else "off")
+    return JSONResponse(body, status_code=status)
 
 
 @router.get(
