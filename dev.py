@@ -4,6 +4,7 @@
 Standard library only, so it runs on a fresh machine that has nothing but Python 3.11+.
 
 Usage:
+  python3 dev.py demo [ARGS...]           run `taskcenter demo ARGS` (taskcenter at work on a throw-away database)
   python3 dev.py serve [ARGS...]          run `taskcenter serve ARGS` (embedded service on SQLite)
   python3 dev.py test [--no-lint] [--pg] [PYTEST ARGS...]
                                           ruff, ruff format --check, mypy, lint-imports, then pytest
@@ -214,6 +215,13 @@ def exec_in_venv(executable: Path, args: Sequence[str]) -> None:
     os.execve(executable, [str(executable), *args], venv_env())  # noqa: S606 - no shell wanted
 
 
+def cmd_demo(args: list[str]) -> int:
+    """`dev.py demo`: show taskcenter at work, on a database of its own that it removes afterwards."""
+    ensure_venv()
+    exec_in_venv(venv_exe("taskcenter"), ["demo", *args])
+    return 0  # not reached: exec replaced this process
+
+
 def cmd_serve(args: list[str]) -> int:
     """`dev.py serve`: start the embedded service."""
     ensure_venv()
@@ -296,7 +304,7 @@ def cmd_lock(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "test": cmd_test, "bench": cmd_bench, "lock": cmd_lock}
+COMMANDS = {"demo": cmd_demo, "serve": cmd_serve, "test": cmd_test, "bench": cmd_bench, "lock": cmd_lock}
 
 
 def main(argv: list[str]) -> int:

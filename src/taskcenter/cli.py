@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
 from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app
+from taskcenter.cli_demo import demo
 from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
 from taskcenter.domain.task import Task, rfc3339
@@ -262,6 +263,9 @@ def worker(
                 await endpoint.close()
 
     _run(_with_runtime(settings, work))
+
+
+app.command()(demo)
 
 
 @app.command()
