@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -480,20 +481,13 @@ async def test_the_postgres_claim_reads_one_batch_even_with_statistics_from_befo
     keys = (business.pk,) if businesses else ()
     sql, names, fixed = queue._claim_sql(db.write_engine.dialect, keys)
     values = {**fixed, "b_now": T0, "b_limit": 100, "b_worker": "w", "b_until": T0 + timedelta(seconds=60)}
+    plan = await _explain_analyze(db, sql, tuple(values[n] for n in names))
     async with db.write() as conn:
-        raw = (
-            await conn.exec_driver_sql(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, tuple(values[n] for n in names)
-            )
-        ).scalar()
         next_due = (
             await conn.execute(
                 sa.text("EXPLAIN (FORMAT JSON) SELECT min(next_attempt_at) FROM tasks WHERE " + NEXT_DUE_SQL)
             )
         ).scalar()
-    import json
-
-    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     scans = _scans(plan)
     assert scans, plan
     # The claim's UPDATE, under the aggregate that turns its rows into one JSON value.
@@ -509,6 +503,13 @@ def _removed(plan: dict[str, Any]) -> int:
     """Rows a plan's scans read and threw away (``Rows Removed by Filter``), all nodes together."""
     removed = int(plan.get("Rows Removed by Filter", 0)) * int(plan.get("Actual Loops", 1))
     return removed + sum(_removed(child) for child in plan.get("Plans", ()))
+
+
+async def _explain_analyze(db: Database, sql: str, params: Any) -> dict[str, Any]:
+    """PostgreSQL's plan of ``sql`` as it ran (``EXPLAIN ANALYZE``, inside a write transaction), top node."""
+    async with db.write() as conn:
+        raw = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)).scalar()
+    return (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("backend", ["postgres"])  # PostgreSQL's planner (SQLite's claim names its indexes)
@@ -527,15 +528,7 @@ async def test_the_postgres_claim_never_reads_the_due_tasks_of_types_it_does_not
         await conn.exec_driver_sql("ANALYZE tasks")
     sql, names, fixed = queue._claim_sql(db.write_engine.dialect, (business.pk,), types)
     values = {**fixed, "b_now": T0, "b_limit": 100, "b_worker": "w", "b_until": T0 + timedelta(seconds=60)}
-    async with db.write() as conn:
-        raw = (
-            await conn.exec_driver_sql(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, tuple(values[n] for n in names)
-            )
-        ).scalar()
-    import json
-
-    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    plan = await _explain_analyze(db, sql, tuple(values[n] for n in names))
     assert _node(plan, "ModifyTable")["Actual Rows"] == len(mine)
     due_reads = [s for s in _scans(plan) if s[1] != "pk_tasks"]
     assert sum(rows for _, _, rows in due_reads) == len(mine), due_reads
@@ -560,13 +553,7 @@ async def test_the_postgres_finish_never_compares_every_held_task_with_every_res
     held = await claim(db, limit=1500)
     assert len(held) == 1500
     params = queue._postgres_finish_params("w1", T0, [result(i) for i in held[:500]])
-    async with db.write() as conn:
-        raw = (
-            await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + queue._PG_FINISH, params)
-        ).scalar()
-    import json
-
-    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    plan = await _explain_analyze(db, queue._PG_FINISH, params)
     assert _node(plan, "ModifyTable")["Actual Rows"] == 500
     assert _compared(plan) == 0, plan
 
