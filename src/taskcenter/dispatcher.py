@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +33,7 @@ from taskcenter.events import EventBus
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry, run_in_thread
 from taskcenter.sender import OutboundRequest, Sender, SendResult
-from taskcenter.service import NOTIFY_CHANNEL, Notifier, utcnow
+from taskcenter.service import CANCEL_CHANNEL, NOTIFY_CHANNEL, Notifier, parse_cancel_payload, utcnow
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import queue
 from taskcenter.storage.database import Database
@@ -101,6 +101,11 @@ class Dispatcher:
         # A task rescued from under this dispatcher (its lease expired in a stall) and claimed again is held for
         # its new attempt; the old claim's copy is then stale (see _attempt and _after_write).
         self._held: dict[int, int] = {}
+        # Cancelled while held: in flight but perhaps not sent yet (waiting for the pacer), checked just before the
+        # request leaves (see _attempt); and taken out of the buffer unsent, their leases still to be dropped
+        # (task id -> attempt number claimed; they stay in _held, heartbeated, until that is done).
+        self._cancelled: set[int] = set()
+        self._dropped: dict[int, int] = {}
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
@@ -123,6 +128,67 @@ class Dispatcher:
         """Look at the queue now (a task was created or changed)."""
         self._wake.set()
 
+    def cancelled(self, ids: Iterable[int]) -> None:
+        """Tasks were cancelled: drop those this dispatcher holds and has not started sending.
+
+        Those in the buffer leave it at once, unsent, their leases dropped (no attempt is charged). Those already
+        started may still be waiting for the pacer: ``_attempt`` looks them up just before the request leaves. A
+        request already sent is recorded as usual (the result keeps the task cancelled: no further try). Costs a
+        dict look-up per id, and a pass over the buffer only when it holds one of them.
+        """
+        held, sending = self._held, self._sending
+        buffered: set[int] = set()
+        for task_id in ids:
+            if task_id not in held or task_id in self._dropped:
+                continue  # not ours, or dropped already (a cancel is told here and by NOTIFY, or read again)
+            if task_id in sending:
+                self._cancelled.add(task_id)
+            else:  # buffered, or its attempt is done and its result not yet written (then it is not found below)
+                buffered.add(task_id)
+        if not buffered:
+            return
+        pulled: list[Mapping[str, Any]] = []
+        for business, queued in list(self._ready.items()):
+            if any(r["id"] in buffered for r in queued):
+                pulled += [r for r in queued if r["id"] in buffered]
+                kept = collections.deque(r for r in queued if r["id"] not in buffered)
+                if kept:
+                    self._ready[business] = kept
+                else:
+                    del self._ready[business]
+        if pulled:
+            self._ready_count -= len(pulled)
+            for r in pulled:
+                self._dropped[r["id"]] = r["attempts"] + 1
+            log.info("dropped %d cancelled tasks from the buffer, unsent", len(pulled))
+            self._release_dropped_soon()
+            self._slot_freed.set()  # room in the buffer for the claim loop
+
+    def _release_dropped_soon(self) -> None:
+        task = asyncio.create_task(self._release_dropped(), name="tc-release-cancelled")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_dropped(self) -> None:
+        """Drop the leases of cancelled tasks taken out unsent (one statement for all of them); on failure they
+        stay held and heartbeated, and the heartbeat tries again."""
+        dropped = dict(self._dropped)
+        if not dropped:
+            return
+        now = self.clock()
+        try:
+            # A task cancelled only needs its lease dropped; one retried by hand and claimed again since (a late
+            # NOTIFY) is given back due now, uncharged.
+            await queue.release(self.db, worker=self.name, now=now, deferrals=[(i, now) for i in dropped])
+        except StorageError as exc:
+            log.warning("dropping the leases of %d cancelled tasks failed, retrying: %s", len(dropped), exc)
+            return
+        for task_id, number in dropped.items():
+            if self._dropped.get(task_id) == number:
+                del self._dropped[task_id]
+            if self._held.get(task_id) == number:
+                del self._held[task_id]
+
     def stop(self) -> None:
         """Stop claiming; in-flight work finishes within the grace period, the rest is released."""
         self._stopping.set()
@@ -138,6 +204,7 @@ class Dispatcher:
         """Run until :meth:`stop`. Safe to run several dispatchers (processes) on one database."""
         if self.notifier is not None:
             self.notifier.subscribe(self.wake)
+            self.notifier.subscribe_cancelled(self.cancelled)
         self._combine = not self.db.is_postgres
         # Read when scraped instead of set each time a slot frees up (a locked write per attempt).
         self.metrics.in_flight.set_function(self._in_flight)
@@ -175,6 +242,7 @@ class Dispatcher:
                 await self.events.drain(self.config.shutdown_grace_s)
             if self.notifier is not None:
                 self.notifier.unsubscribe(self.wake)
+                self.notifier.unsubscribe_cancelled(self.cancelled)
             log.info("dispatcher %s stopped", self.name)
 
     async def _drain(self) -> None:
@@ -359,6 +427,8 @@ class Dispatcher:
     def _sent(self, task_id: int, task: object = None) -> None:
         if self._sending.get(task_id) is task:  # not a newer claim's attempt of the same task
             del self._sending[task_id]
+            if self._cancelled:
+                self._cancelled.discard(task_id)
         self._pump()
         self._slot_freed.set()
 
@@ -388,6 +458,13 @@ class Dispatcher:
         number = row["attempts"] + 1
         if self._held.get(row["id"]) != number:
             return  # a stale copy: the lease expired meanwhile and the task was rescued (and maybe claimed again)
+        if (
+            self._cancelled and row["id"] in self._cancelled
+        ):  # cancelled while it waited for the pacer: unsent
+            self._cancelled.discard(row["id"])
+            self._dropped[row["id"]] = number
+            self._release_dropped_soon()
+            return
         started = self.clock()
         request_record: dict[str, Any] | None = None
         result_value: Any = None
@@ -813,9 +890,27 @@ class Dispatcher:
                 )
             except StorageError as exc:
                 log.warning("lease heartbeat failed: %s", exc)
+            if self._dropped:
+                await self._release_dropped()
+            await self._read_cancelled()
+
+    async def _read_cancelled(self) -> None:
+        """Drop the held tasks that were cancelled without this dispatcher being told: by another process on
+        SQLite, or while the LISTEN connection was down. One read of the held ids, with the heartbeat."""
+        pending = [i for i in self._held if i not in self._dropped]
+        if not pending:
+            return
+        try:
+            cancelled = await queue.cancelled_among(self.db, pending)
+        except StorageError as exc:
+            log.warning("reading which held tasks were cancelled failed: %s", exc)
+            return
+        if cancelled:
+            self.cancelled(cancelled)
 
     async def _listen_loop(self) -> None:
-        """LISTEN on PostgreSQL so tasks created by other processes wake this dispatcher at once."""
+        """LISTEN on PostgreSQL so tasks created by other processes wake this dispatcher at once, and tasks they
+        cancel leave its buffer unsent."""
         import asyncpg
 
         dsn = sa.make_url(self.db.url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -824,6 +919,9 @@ class Dispatcher:
             try:
                 conn = await asyncpg.connect(dsn)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self.wake())
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+                # Cancels made while it was not listening (starting, reconnecting) are read instead.
+                await self._read_cancelled()
                 closed = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, closed))
                 await closed.wait()
@@ -834,6 +932,9 @@ class Dispatcher:
             finally:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
+
+    def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.cancelled(parse_cancel_payload(payload))
 
 
 def _set_event(event: asyncio.Event, *_args: object) -> None:

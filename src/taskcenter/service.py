@@ -39,17 +39,45 @@ from taskcenter.storage.schema import businesses
 
 Clock = Callable[[], datetime]
 NOTIFY_CHANNEL = "taskcenter_tasks"
+#: NOTIFY'd with the row ids of cancelled tasks that a worker held, comma-separated (see :func:`cancel_payloads`),
+#: so that the worker drops those it has not started yet.
+CANCEL_CHANNEL = "taskcenter_cancelled"
+#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
+NOTIFY_PAYLOAD_MAX = 7999
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def cancel_payloads(ids: Sequence[int], limit: int = NOTIFY_PAYLOAD_MAX) -> list[str]:
+    """The ids as comma-separated NOTIFY payloads of at most ``limit`` bytes each (a bulk cancel may need several)."""
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for text in map(str, ids):
+        if chunk and size + 1 + len(text) > limit:
+            payloads.append(",".join(chunk))
+            chunk, size = [], 0
+        size += len(text) + (1 if chunk else 0)
+        chunk.append(text)
+    if chunk:
+        payloads.append(",".join(chunk))
+    return payloads
+
+
+def parse_cancel_payload(payload: str) -> list[int]:
+    """The row ids of a :data:`CANCEL_CHANNEL` payload (anything else in it is ignored)."""
+    return [int(part) for part in payload.split(",") if part.isascii() and part.isdigit()]
+
+
 class Notifier:
-    """Wakes the dispatchers of this process when a task falls due soon (PostgreSQL's NOTIFY reaches the rest)."""
+    """Tells the dispatchers of this process that a task falls due soon, or that tasks one of them may hold were
+    cancelled (PostgreSQL's NOTIFY reaches the rest)."""
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
+        self._cancel_listeners: list[Callable[[Sequence[int]], None]] = []
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -61,6 +89,18 @@ class Notifier:
     def wake(self) -> None:
         for callback in self._listeners:
             callback()
+
+    def subscribe_cancelled(self, callback: Callable[[Sequence[int]], None]) -> None:
+        self._cancel_listeners.append(callback)
+
+    def unsubscribe_cancelled(self, callback: Callable[[Sequence[int]], None]) -> None:
+        if callback in self._cancel_listeners:
+            self._cancel_listeners.remove(callback)
+
+    def cancelled(self, ids: Sequence[int]) -> None:
+        """Tasks held by a worker (leased) were cancelled: the dispatcher holding one drops it unless it started."""
+        for callback in self._cancel_listeners:
+            callback(ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -738,25 +778,53 @@ class TaskService:
         return self._task(updated)
 
     async def cancel(self, business: Business | None, ref: str | int) -> Task:
-        """Cancel a task that has not finished; an attempt in flight is still recorded, with no further try."""
-        now = self.clock()
-        async with self.db.write() as conn:
-            row = await self._row(conn, business, ref)
-            if row["status"] not in CANCELLABLE:
-                raise InvalidTransition(
-                    f"a {row['status']} task cannot be cancelled", current=row["status"], target="cancelled"
-                )
-            values = {"status": "cancelled", "finished_at": now, "updated_at": now}
-            if not await task_sql.change(conn, row["id"], expected=sorted(CANCELLABLE), values=values):
-                raise InvalidTransition(
-                    "the task finished meanwhile", current=row["status"], target="cancelled"
-                )
-            task = self._task(await self._row(conn, business, row["id"]))
-        if row["notify"]:
-            await self.enqueue_notifications([(row, "cancelled")])
-        if self.events.wants("cancelled"):
-            self.events.publish("cancelled", task.to_dict())
+        """Cancel a task that has not finished. A worker holding it unsent drops it (no request, no attempt); an
+        attempt already in flight is still recorded, with no further try."""
+        [task] = await self.cancel_many(business, [ref])
         return task
+
+    async def cancel_many(self, business: Business | None, refs: Sequence[str | int]) -> list[Task]:
+        """Cancel several tasks in one transaction: all of them, or (on the first that cannot be) none.
+
+        The workers that hold some of them are told once for the lot: in this process directly, in others by
+        NOTIFY on :data:`CANCEL_CHANNEL` (PostgreSQL), in as few payloads as fit.
+        """
+        now = self.clock()
+        rows: list[sa.RowMapping] = []
+        tasks: list[Task] = []
+        held: list[int] = []
+        async with self.db.write() as conn:
+            for ref in refs:
+                row = await self._row(conn, business, ref)
+                if row["status"] not in CANCELLABLE:
+                    raise InvalidTransition(
+                        f"a {row['status']} task cannot be cancelled",
+                        current=row["status"],
+                        target="cancelled",
+                    )
+                values = {"status": "cancelled", "finished_at": now, "updated_at": now}
+                if not await task_sql.change(conn, row["id"], expected=sorted(CANCELLABLE), values=values):
+                    raise InvalidTransition(
+                        "the task finished meanwhile", current=row["status"], target="cancelled"
+                    )
+                done = await self._row(conn, business, row["id"])
+                # Read after the change, so a claim that raced the read above is seen: it is leased now.
+                if done["lease_owner"] is not None:
+                    held.append(row["id"])
+                rows.append(row)
+                tasks.append(self._task(done))
+            if held and self.db.is_postgres:
+                for payload in cancel_payloads(held):  # delivered at commit, so a rollback tells nobody
+                    await conn.execute(sa.select(sa.func.pg_notify(CANCEL_CHANNEL, payload)))
+        if held:
+            self.notifier.cancelled(held)
+        notifying = [(row, "cancelled") for row in rows if row["notify"]]
+        if notifying:
+            await self.enqueue_notifications(notifying)
+        if self.events.wants("cancelled"):
+            for task in tasks:
+                self.events.publish("cancelled", task.to_dict())
+        return tasks
 
     async def retry(self, business: Business | None, ref: str | int) -> Task:
         """Send a ``failed`` or ``cancelled`` task again now, with a renewed attempt budget."""

@@ -509,6 +509,21 @@ async def extend_leases(db: Database, *, worker: str, ids: Iterable[int], until:
     return int(result.rowcount or 0)
 
 
+async def cancelled_among(db: Database, ids: Sequence[int]) -> list[int]:
+    """Which of the tasks ``ids`` (a worker's held ones) are cancelled: a primary-key look-up each, on a reader."""
+    if not ids:
+        return []
+    async with db.read() as conn:
+        if db.is_postgres:
+            where = tasks.c.id == sa.any_(
+                sa.bindparam("b_ids", list(ids), type_=postgresql.ARRAY(sa.BigInteger))
+            )
+        else:
+            where = tasks.c.id.in_(list(ids))
+        result = await conn.execute(sa.select(tasks.c.id).where(where, tasks.c.status == "cancelled"))
+        return [int(i) for i in result.scalars()]
+
+
 # The result of an attempt, written to the driver directly (see _claim_sql for why). A task cancelled while its
 # attempt was in flight keeps status cancelled (and its finish time, due time and result); the attempt is still
 # recorded. Only the holder of the lease writes (compare-and-set on lease_owner and status), and only the result of
