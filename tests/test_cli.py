@@ -224,6 +224,14 @@ def test_task_cancel_then_retry_like_the_symfony_command(cli: Cli) -> None:
     assert json.loads(cli.ok("task", "show", data["id"], "--output-json"))["status"] == "pending"
 
 
+def test_task_cancel_takes_several_ids_and_cancels_all_or_none(cli: Cli) -> None:
+    first, second, third = create(cli, "m-1"), create(cli, "m-2"), create(cli, "m-3")
+    out = cli.ok("task", "cancel", first["id"], str(second["row_id"]))
+    assert out.splitlines() == [f"task {first['id']} is cancelled", f"task {second['id']} is cancelled"]
+    assert "cannot be cancelled" in one_line_error(cli("task", "cancel", third["id"], first["id"]), 1)
+    assert json.loads(cli.ok("task", "show", third["id"], "--output-json"))["status"] == "pending"
+
+
 def test_stats_prints_the_system_figures_and_one_business_s(cli: Cli) -> None:
     """DESIGN's ``taskcenter stats``: the figures ``GET /stats`` gives, or ``GET /businesses/{code}/stats``'s."""
     first = create(cli, "s-1")

@@ -438,15 +438,24 @@ def task_list(
 
 @task_app.command("cancel")
 def task_cancel(
-    task_id: Annotated[str, typer.Argument(help="Task UUID or numeric id.")], config: ConfigOpt = None
+    task_ids: Annotated[list[str], typer.Argument(help="Task UUIDs or numeric ids.", show_default=False)],
+    config: ConfigOpt = None,
 ) -> None:
-    """Cancel a task that has not finished (written to the audit log)."""
-    task = _run(
-        _with_runtime(
-            _settings(config), lambda rt: _audited(rt, "task.cancel", rt.service.cancel(None, task_id))
-        )
-    )
-    out.print(f"task {task.id} is {task.status}", highlight=False)
+    """Cancel tasks that have not finished: all of those given, or none (written to the audit log). A worker
+    holding one that it has not sent yet drops it unsent."""
+
+    async def work(rt: Runtime) -> list[Task]:
+        cancelled = await rt.service.cancel_many(None, task_ids)
+        for task in cancelled:
+            business = await rt.service.business(task.business_code)
+            await AuditLog(rt.db, clock=rt.clock).record(
+                _actor(), "task.cancel", "task", task.id, business_pk=business.pk,
+                details={"business_id": task.business_id},
+            )  # fmt: skip
+        return cancelled
+
+    for task in _run(_with_runtime(_settings(config), work)):
+        out.print(f"task {task.id} is {task.status}", highlight=False)
 
 
 async def _audited(rt: Runtime, action: str, change: Coroutine[Any, Any, Task]) -> Task:
