@@ -289,3 +289,34 @@ async def test_the_library_worker_drops_a_task_cancelled_in_its_buffer(
         for uuid in doomed:
             task = await tc.aget_task(uuid)
             assert (task.status, task.attempts) == ("cancelled", 0)
+
+
+async def test_a_task_cancelled_between_its_claim_and_its_buffering_is_not_sent(
+    signalled: Runtime, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim has leased the task (so the cancel signals its worker) but has not returned its rows yet: the
+    signal is kept for the batch and the task leaves the buffer as soon as it enters it."""
+    runtime = signalled
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
+    [uuid] = await _create(runtime, biz, receiver, 1)
+    dispatcher = runtime.dispatcher(concurrency=1)
+    claim = dispatcher._claim
+    raced: list[str] = []
+
+    async def claim_then_cancel(limit: int) -> list[Any]:
+        rows = await claim(limit)
+        for row in rows:  # committed, not yet buffered: a cancel from another task of this process lands now
+            await runtime.service.cancel(biz, str(row["uuid"]))
+            raced.append(str(row["uuid"]))
+        return rows
+
+    monkeypatch.setattr(dispatcher, "_claim", claim_then_cancel)
+    worker = asyncio.create_task(runtime.run_dispatcher(dispatcher))
+    try:
+        await wait_status(runtime, biz, uuid, "cancelled")
+        await _wait_unleased(runtime, [uuid])
+    finally:
+        dispatcher.stop()
+        await asyncio.wait_for(worker, timeout=15)
+    assert raced == [uuid]
+    await _assert_never_sent(runtime, biz, receiver, [uuid])

@@ -106,6 +106,10 @@ class Dispatcher:
         # (task id -> attempt number claimed; they stay in _held, heartbeated, until that is done).
         self._cancelled: set[int] = set()
         self._dropped: dict[int, int] = {}
+        # Cancels told while a claim was under way, of tasks not held here (yet): the claim may have leased them
+        # before the cancel, and its rows reach _held only when it returns.
+        self._claiming = False
+        self._early: set[int] = set()
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._results: list[queue.Finished] = []
@@ -139,8 +143,12 @@ class Dispatcher:
         held, sending = self._held, self._sending
         buffered: set[int] = set()
         for task_id in ids:
-            if task_id not in held or task_id in self._dropped:
-                continue  # not ours, or dropped already (a cancel is told here and by NOTIFY, or read again)
+            if task_id not in held:
+                if self._claiming:  # perhaps in the batch being claimed: looked at again when it is buffered
+                    self._early.add(task_id)
+                continue
+            if task_id in self._dropped:
+                continue  # dropped already (a cancel is told here and by NOTIFY, and read again by the heartbeat)
             if task_id in sending:
                 self._cancelled.add(task_id)
             else:  # buffered, or its attempt is done and its result not yet written (then it is not found below)
@@ -294,12 +302,16 @@ class Dispatcher:
                 self._wake.clear()
                 self._claimed_last = 0
                 limit = min(room, cfg.claim_batch)
+                self._claiming = True
                 try:
                     rows = await self._claim(limit)
                 except StorageError as exc:
+                    self._claiming = False
+                    self._early.clear()
                     log.warning("claim failed, retrying: %s", exc)
                     await self._parked(self._sleep(1.0))
                     continue
+                self._claiming = False
                 self._claimed(rows)
                 if max(self._claimed_last, len(rows)) == limit:
                     # A full batch (even if traffic control held some back): more may be due right now.
@@ -356,6 +368,9 @@ class Dispatcher:
                 queued = self._ready[row["business_pk"]] = collections.deque()
             queued.append(row)
         self._ready_count += len(rows)
+        if self._early:  # cancelled while this batch was being claimed
+            early, self._early = self._early, set()
+            self.cancelled(early)
         self._pump()
 
     async def _parked(self, waiting: Awaitable[Any]) -> None:
