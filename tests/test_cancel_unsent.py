@@ -320,3 +320,35 @@ async def test_a_task_cancelled_between_its_claim_and_its_buffering_is_not_sent(
         await asyncio.wait_for(worker, timeout=15)
     assert raced == [uuid]
     await _assert_never_sent(runtime, biz, receiver, [uuid])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_a_cancel_from_another_process_is_seen_with_the_next_write_of_results(
+    db_url: str, receiver: Receiver
+) -> None:
+    """No channel between processes on SQLite, and no heartbeat here: the write of the first result reads which
+    held tasks were cancelled, in its own transaction, and the buffer lets them go before their turn."""
+    worker_rt = Runtime(make_settings(db_url, lease_s=NO_HEARTBEAT))
+    other = Runtime(make_settings(db_url))
+    await worker_rt.start()
+    try:
+        biz = await other.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        first, second = asyncio.Event(), asyncio.Event()
+        receiver.script("/slow", Reply(hold=first), Reply(hold=second))
+        created = await _create(other, biz, receiver, 5)
+        async with running(worker_rt, concurrency=1):
+            await receiver.wait_for(1, "/slow", timeout=10)
+            assert await _held(other, biz, 5) == set(created)
+            assert _sent_ids(receiver) == created[:1]  # the rest wait in the buffer, in the order created
+            doomed = created[2:]  # created[1] starts the moment created[0] is answered, before its write
+            for uuid in doomed:
+                await other.service.cancel(biz, uuid)
+            first.set()
+            await _wait_unleased(other, doomed)
+            second.set()
+            for uuid in created[:2]:
+                await wait_status(other, biz, uuid, "succeeded")
+        await _assert_never_sent(other, biz, receiver, doomed)
+    finally:
+        await other.close()
+        await worker_rt.close()

@@ -785,6 +785,23 @@ async def test_release_of_a_task_cancelled_while_held_only_drops_the_lease(
     assert (row["status"], row["lease_owner"]) == ("cancelled", None)
 
 
+async def test_held_cancelled_names_a_worker_s_leased_tasks_that_were_cancelled(
+    db: Database, service: TaskService, business: Business
+) -> None:
+    mine = [await insert(db, business.pk) for _ in range(3)]
+    assert sorted(await claim(db, "w1", limit=3)) == sorted(mine)
+    theirs = await insert(db, business.pk)
+    await claim(db, "w2")
+    for task_id in (mine[0], mine[1], theirs):
+        await service.cancel(business, task_id)
+    assert sorted(await queue.held_cancelled(db, worker="w1")) == sorted(mine[:2])
+    await queue.release(db, worker="w1", now=T0, deferrals=[(mine[0], T0)])
+    assert await queue.held_cancelled(db, worker="w1") == [mine[1]]
+    # SQLite's write of results reads them in its own transaction (PostgreSQL's workers hear by NOTIFY instead).
+    written = await queue.finish(db, worker="w1", now=T0, results=[result(mine[2])])
+    assert written.cancelled == ([mine[1]] if not db.is_postgres else [])
+
+
 # -- leases and rescue ------------------------------------------------------------------------------------
 
 

@@ -748,6 +748,8 @@ class Dispatcher:
             log.warning("circuit of %s is now %s", host, state)
             if state == "open":
                 self._unbuffer(host)
+        if written.cancelled:  # SQLite: cancelled by another process meanwhile
+            self.cancelled(written.cancelled)
         return written
 
     def _unbuffer(self, host: str) -> None:
@@ -911,12 +913,11 @@ class Dispatcher:
 
     async def _read_cancelled(self) -> None:
         """Drop the held tasks that were cancelled without this dispatcher being told: by another process on
-        SQLite, or while the LISTEN connection was down. One read of the held ids, with the heartbeat."""
-        pending = [i for i in self._held if i not in self._dropped]
-        if not pending:
+        SQLite (between writes of results), or while the LISTEN connection was down."""
+        if not self._held:
             return
         try:
-            cancelled = await queue.cancelled_among(self.db, pending)
+            cancelled = await queue.held_cancelled(self.db, worker=self.name)
         except StorageError as exc:
             log.warning("reading which held tasks were cancelled failed: %s", exc)
             return

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.storage.database import Database, json_text, sqlite_batch, sqlite_driver, sqlite_time
 from taskcenter.storage.schema import (
+    CANCELLED_HELD_SQL,
     HTTP_DUE_SQL,
     NEXT_DUE_SQL,
     PROCESSOR_DUE_SQL,
@@ -98,6 +99,9 @@ class Written:
     """Hosts whose circuit changed state with this batch's outcomes, and the new state."""
     outcomes: dict[str, list[str]] = field(default_factory=dict)
     """The landed results' outcomes per host (gathered when ``finish`` was given the breakers)."""
+    cancelled: list[int] = field(default_factory=list)
+    """SQLite: the tasks the worker still holds that were cancelled, read in the same transaction (a cancel from
+    another process has no other way there); PostgreSQL tells workers by NOTIFY instead."""
 
 
 _NOW = sa.bindparam("b_now", type_=tasks.c.next_attempt_at.type)
@@ -509,19 +513,24 @@ async def extend_leases(db: Database, *, worker: str, ids: Iterable[int], until:
     return int(result.rowcount or 0)
 
 
-async def cancelled_among(db: Database, ids: Sequence[int]) -> list[int]:
-    """Which of the tasks ``ids`` (a worker's held ones) are cancelled: a primary-key look-up each, on a reader."""
-    if not ids:
-        return []
+#: A worker's held tasks that were cancelled (see ``CANCELLED_HELD_SQL``): one step into a nearly empty index.
+_SQLITE_CANCELLED_HELD = (
+    "SELECT json_group_array(id) FROM tasks INDEXED BY ix_tasks_cancelled_held "
+    f"WHERE {CANCELLED_HELD_SQL} AND lease_owner = ?1"
+)
+_CANCELLED_HELD = sa.select(tasks.c.id).where(
+    sa.text(CANCELLED_HELD_SQL),
+    tasks.c.lease_owner == sa.bindparam("b_worker", type_=tasks.c.lease_owner.type),
+)
+
+
+async def held_cancelled(db: Database, *, worker: str) -> list[int]:
+    """The tasks ``worker`` holds (leased) that were cancelled: in flight, or claimed and not sent yet."""
     async with db.read() as conn:
-        if db.is_postgres:
-            where = tasks.c.id == sa.any_(
-                sa.bindparam("b_ids", list(ids), type_=postgresql.ARRAY(sa.BigInteger))
-            )
-        else:
-            where = tasks.c.id.in_(list(ids))
-        result = await conn.execute(sa.select(tasks.c.id).where(where, tasks.c.status == "cancelled"))
-        return [int(i) for i in result.scalars()]
+        if not db.is_postgres:
+            rows = await (await sqlite_driver(conn)).execute_fetchall(_SQLITE_CANCELLED_HELD, (worker,))
+            return [int(i) for i in orjson.loads(rows[0][0])] if rows else []
+        return [int(i) for i in (await conn.execute(_CANCELLED_HELD, {"b_worker": worker})).scalars()]
 
 
 # The result of an attempt, written to the driver directly (see _claim_sql for why). A task cancelled while its
@@ -661,16 +670,20 @@ def _sqlite_batch_row(r: Finished) -> list[Any]:
 
 def _write_sqlite(
     batch: bytes, worker: str, updated_at: str | None, commit: bool
-) -> Callable[[sqlite3.Connection], list[list[Any]]]:
-    def work(connection: sqlite3.Connection) -> list[list[Any]]:
+) -> Callable[[sqlite3.Connection], tuple[list[list[Any]], str]]:
+    """The batch's statements for one hop to the driver's thread; then which of the tasks the worker still holds
+    were cancelled (one step into a nearly empty index)."""
+
+    def work(connection: sqlite3.Connection) -> tuple[list[list[Any]], str]:
         (held,) = connection.execute(_SQLITE_HELD, (batch, worker)).fetchone()
         landed: list[list[Any]] = orjson.loads(held)
         if landed:
             connection.execute(_SQLITE_ATTEMPTS, (batch, worker))
             connection.execute(_SQLITE_FINISH, (batch, worker, updated_at))
+        (cancelled,) = connection.execute(_SQLITE_CANCELLED_HELD, (worker,)).fetchone()
         if commit:
             connection.commit()
-        return landed
+        return landed, cancelled
 
     return work
 
@@ -717,8 +730,10 @@ async def finish(
         async with db.write(begin=False) as conn:
             # One hop: BEGIN IMMEDIATE, the batch's three statements and (unless the breakers record) the COMMIT.
             write = _write_sqlite(batch, worker, sqlite_time(now), commit=not record)
-            landed = _as_written(await sqlite_batch(conn, write, begin=True))
+            held, cancelled = await sqlite_batch(conn, write, begin=True)
+            landed = _as_written(held)
             circuits, outcomes = await _sqlite_breakers(conn, breakers, results, landed, every, record, now)
+        return _written(results, landed, circuits, outcomes, cancelled)
     return _written(results, landed, circuits, outcomes)
 
 
@@ -761,11 +776,13 @@ def _written(
     landed: list[tuple[int, str]],
     circuits: dict[str, str],
     outcomes: dict[str, list[str]],
+    cancelled: str = "[]",
 ) -> Written:
     ids = {i for i, _ in landed}
     order = {r.task_id: n for n, r in enumerate(results)}
     landed.sort(key=lambda pair: order[pair[0]])
-    return Written(landed, [r.task_id for r in results if r.task_id not in ids], circuits, outcomes)
+    lost = [r.task_id for r in results if r.task_id not in ids]
+    return Written(landed, lost, circuits, outcomes, orjson.loads(cancelled) if cancelled != "[]" else [])
 
 
 async def finish_and_claim(
@@ -811,15 +828,15 @@ async def finish_and_claim(
             commit=admission is None and not record, commit_if_none=not record,
         )  # fmt: skip
 
-        def work(connection: sqlite3.Connection) -> tuple[list[list[Any]], str | None]:
-            held = write(connection)
-            return held, take(connection)
+        def work(connection: sqlite3.Connection) -> tuple[tuple[list[list[Any]], str], str | None]:
+            written = write(connection)
+            return written, take(connection)
 
-        held, claimed = await sqlite_batch(conn, work, begin=True)
+        (held, cancelled), claimed = await sqlite_batch(conn, work, begin=True)
         landed = _as_written(held)
         circuits, outcomes = await _sqlite_breakers(conn, breakers, results, landed, every, record, now)
         rows = await _admit(conn, worker, now, _sqlite_rows(claimed), admission)
-    return _written(results, landed, circuits, outcomes), _in_claim_order(rows)
+    return _written(results, landed, circuits, outcomes, cancelled), _in_claim_order(rows)
 
 
 def _evidence(results: Sequence[Finished], landed: Sequence[tuple[int, str]] | None) -> _Evidence:

@@ -65,6 +65,9 @@ PROCESSOR_NEXT_DUE_SQL = f"{PROCESSOR_DUE_SQL} AND priority IS NOT NULL"
 #: the notification sweep finds. ``notify`` is JSON ``null`` for a task without one (as SQLAlchemy stores None).
 UNNOTIFIED_SQL = "notified_at IS NULL AND status IN ('succeeded', 'failed', 'cancelled') AND notify <> 'null'"
 UNNOTIFIED_PG_SQL = f"{UNNOTIFIED_SQL}::jsonb"
+#: Tasks cancelled while a worker held them (leased), until it lets go: in flight, or claimed ahead and not sent.
+#: The workers look for theirs (by ``lease_owner``) to drop the unsent ones (``storage.queue``).
+CANCELLED_HELD_SQL = "status = 'cancelled' AND lease_owner IS NOT NULL"
 
 
 def _partial(where: str) -> dict[str, Any]:
@@ -188,6 +191,8 @@ tasks = sa.Table(
     sa.Index("ix_tasks_processing_business", "business_pk", **_partial("status = 'processing'")),
     # Held tasks of one host, to pull forward when its limits are relaxed, its pause lifted or its circuit closed.
     sa.Index("ix_tasks_held", "held_by", "next_attempt_at", **_partial(HELD_SQL)),
+    # A worker's cancelled held tasks (see CANCELLED_HELD_SQL): nearly always empty, so nearly free to keep.
+    sa.Index("ix_tasks_cancelled_held", "lease_owner", **_partial(CANCELLED_HELD_SQL)),
     # The notification sweep's look-up (see UNNOTIFIED_SQL): nearly empty, so nearly free to keep.
     sa.Index(
         "ix_tasks_unnotified",
