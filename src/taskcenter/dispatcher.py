@@ -473,9 +473,8 @@ class Dispatcher:
         number = row["attempts"] + 1
         if self._held.get(row["id"]) != number:
             return  # a stale copy: the lease expired meanwhile and the task was rescued (and maybe claimed again)
-        if (
-            self._cancelled and row["id"] in self._cancelled
-        ):  # cancelled while it waited for the pacer: unsent
+        # Cancelled while it waited for the pacer: it goes unsent, like a buffered one.
+        if self._cancelled and row["id"] in self._cancelled:
             self._cancelled.discard(row["id"])
             self._dropped[row["id"]] = number
             self._release_dropped_soon()
@@ -741,7 +740,7 @@ class Dispatcher:
 
     def _written(self, written: queue.Written) -> queue.Written:
         """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes;
-        a circuit that opened takes its host's tasks out of the claimed buffer."""
+        a circuit that opened takes its host's tasks out of the claimed buffer, and so do cancels the write read."""
         if self.traffic is not None and written.outcomes:
             self.traffic.answered(written.outcomes)
         for host, state in written.circuits.items():
