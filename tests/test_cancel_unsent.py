@@ -16,7 +16,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 
 from taskcenter import TaskCenter
-from taskcenter.errors import InvalidTransition
+from taskcenter.errors import InvalidTransition, StorageError
 from taskcenter.runtime import Runtime
 from taskcenter.service import (
     CANCEL_CHANNEL,
@@ -25,6 +25,7 @@ from taskcenter.service import (
     cancel_payloads,
     parse_cancel_payload,
 )
+from taskcenter.storage import queue
 from taskcenter.storage.schema import tasks
 from tests.conftest import make_settings
 from tests.processes import WorkerProcess
@@ -352,3 +353,42 @@ async def test_sqlite_a_cancel_from_another_process_is_seen_with_the_next_write_
     finally:
         await other.close()
         await worker_rt.close()
+
+
+async def test_a_dropped_task_stays_leased_until_its_lease_is_given_back(
+    db_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When giving back a dropped task's lease fails, the heartbeat keeps the lease (the rescue would charge it an
+    interrupted attempt) and tries again with each beat."""
+    release = queue.release
+    failures = 0
+    FAILURES = 8  # the first try and 7 heartbeats (every 0.25 s): well past the 1 s lease
+
+    async def flaky_release(*args: Any, **kwargs: Any) -> None:
+        nonlocal failures
+        if failures < FAILURES:
+            failures += 1
+            raise StorageError("database error: connection is closed")
+        await release(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "release", flaky_release)
+    rt = Runtime(make_settings(db_url, lease_s=1.0, rescue_interval_s=0.2))
+    await rt.start()
+    try:
+        biz = await rt.service.ensure_business("shop", rate_limit_per_minute=600_000)
+        hold = asyncio.Event()
+        receiver.set_default(Reply(hold=hold), "/slow")
+        created = await _create(rt, biz, receiver, 3)
+        async with running(rt, concurrency=1):
+            await receiver.wait_for(1, "/slow", timeout=10)
+            await _held(rt, biz, 3)
+            doomed = created[2]
+            await rt.service.cancel(biz, doomed)
+            await _wait_unleased(rt, [doomed])
+            hold.set()
+            for uuid in created[:2]:
+                await wait_status(rt, biz, uuid, "succeeded")
+        assert failures == FAILURES
+        await _assert_never_sent(rt, biz, receiver, [doomed])
+    finally:
+        await rt.close()
