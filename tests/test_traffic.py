@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import itertools
 import math
 import time
@@ -182,6 +183,48 @@ async def test_host_rate_holds_at_the_receiver_when_a_stall_delays_the_admitted_
         await receiver.wait_for(30, "/stall", timeout=15)
     assert stalled
     assert_within_rate(arrivals(receiver, "/stall"), 10, 5, first_slack=0.0)
+
+
+async def test_host_rate_holds_when_two_dispatchers_stall_after_one_admitted_the_burst(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    """Two dispatchers on one database stall together (one event loop: a loaded machine) right after A admitted
+    the burst. The bucket refills meanwhile and B, next at the host row, admits a new burst: A's burst, late,
+    must not leave on top of it. It goes back to the queue unsent and uncharged, and is admitted again."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=10, burst=5)
+    ids = await make_tasks(runtime, biz, receiver.url("/two"), 30, "t")
+    other = Runtime(make_settings(db_url))
+    await other.start()
+    b = other.dispatcher(concurrency=20)
+    b_run: asyncio.Task[None] | None = None
+    try:
+        async with running(runtime, concurrency=20) as a:
+            a.config = dataclasses.replace(a.config, claim_batch=10)  # leaves 20 due tasks for B
+            assert a.traffic is not None
+            admit = a.traffic.admit
+
+            async def admit_then_stall(*args: Any) -> Any:
+                nonlocal b_run
+                verdict = await admit(*args)
+                if b_run is None and verdict[0]:
+                    b_run = asyncio.create_task(other.run_dispatcher(b))
+                    # B claims the other due tasks and waits for the host row this claim holds locked ...
+                    await asyncio.sleep(0.3)
+                    time.sleep(0.6)  # ... then the whole machine stalls, both dispatchers with it
+                return verdict
+
+            a.traffic.admit = admit_then_stall  # type: ignore[method-assign,assignment]
+            await receiver.wait_for(30, "/two", timeout=20)
+            rows = await all_finished(runtime, ids, timeout=10)
+    finally:
+        b.stop()
+        if b_run is not None:
+            await asyncio.wait_for(b_run, timeout=15)
+        await other.close()
+    assert b.delivered > 0, "B sent a share"
+    assert_within_rate(arrivals(receiver, "/two"), 10, 5, first_slack=0.0)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 1)}
 
 
 async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(

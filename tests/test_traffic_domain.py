@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from taskcenter.domain.traffic import (
@@ -25,6 +25,7 @@ from taskcenter.domain.traffic import (
     record,
     refill,
     relaxed,
+    send_tolerance,
 )
 
 FRESH = State(tokens=0.0, refilled_at=0.0)
@@ -114,6 +115,94 @@ def test_admissions_in_any_window_stay_within_burst_plus_rate_times_elapsed(
         for end in moments[i:]:
             in_window = bisect.bisect_right(times, end) - bisect.bisect_left(times, start)
             assert in_window <= burst + rate * (end - start) + 1e-3
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    steps=st.lists(
+        st.tuples(
+            # time passing, in tokens' worth: often whole tokens, where a late send meets the next token exactly
+            st.one_of(
+                st.integers(min_value=0, max_value=12).map(float), st.floats(min_value=0.0, max_value=12.0)
+            ),
+            st.integers(min_value=0, max_value=40),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    lateness=st.lists(
+        st.one_of(st.sampled_from([0.0, 1.0]), st.floats(min_value=0.0, max_value=1.0)),
+        min_size=1,
+        max_size=50,
+    ),
+)
+# The tight cases: a full bucket's burst sent as late as allowed, meeting the next token sent at once.
+@example(rate=1.0, burst=1, steps=[(0.0, 1), (1.0, 1)], lateness=[1.0, 0.0])
+@example(rate=50.0, burst=10, steps=[(0.0, 10), (1.0, 1)], lateness=[1.0] * 10 + [0.0])
+def test_sends_within_their_allowance_stay_within_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, steps: list[tuple[float, int]], lateness: list[float]
+) -> None:
+    """However each admitted request's send is delayed, as long as it leaves within its ``send_within_s`` of its
+    admission, no window of sends holds more than the bucket allows (what a late send spends, the bucket had
+    room to keep), but for the tolerance's worth of the rate."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    state, now = FRESH, 1000.0
+    sends: list[float] = []
+    for tokens_worth, count in steps:
+        now += tokens_worth / rate
+        verdicts, state = admit_one_host(count, state, limits, now)
+        for v in verdicts.values():
+            if v.defer_until is None:
+                assert v.send_within_s is not None
+                sends.append(now + v.send_within_s * lateness[len(sends) % len(lateness)])
+    sends.sort()
+    for i, start in enumerate(sends):
+        for end in sends[i:]:
+            in_window = bisect.bisect_right(sends, end) - i
+            # A token short by up to a thousandth counts as whole (see _WHOLE_TOKEN), and times are floats.
+            slack = rate * send_tolerance(limits) + 1e-3 * in_window + 1e-6
+            assert in_window <= burst + rate * (end - start) + slack
+
+
+def test_a_token_from_a_full_bucket_must_leave_at_once_one_from_a_low_bucket_may_wait() -> None:
+    """Spent from a full bucket, a late send would add the refill it waited through to the next burst; each
+    token below full allows one token's time."""
+    limits = Limits(rate_per_second=10, burst=5)
+    tolerance = send_tolerance(limits)
+    assert tolerance == pytest.approx(0.05)
+    verdicts, state = admit_one_host(5, FRESH, limits, 100.0)
+    within = [verdicts[i].send_within_s for i in range(5)]
+    assert within == pytest.approx(
+        [0.0 + tolerance, 0.1 + tolerance, 0.2 + tolerance, 0.3 + tolerance, 0.4 + tolerance]
+    )
+    verdicts, _ = admit_one_host(1, state, limits, 100.1)  # one token earned back: the bucket is near empty
+    assert verdicts[0].send_within_s == pytest.approx(0.4 + tolerance)
+
+
+def test_the_tolerance_is_a_tenth_of_a_bucket_but_at_least_50_ms() -> None:
+    assert send_tolerance(Limits(rate_per_second=50, burst=10)) == pytest.approx(0.05)
+    assert send_tolerance(Limits(rate_per_second=1000, burst=1000)) == pytest.approx(0.1)
+    assert send_tolerance(Limits(rate_per_second=1, burst=30)) == pytest.approx(3.0)
+
+
+def test_the_smaller_allowance_of_host_and_business_applies() -> None:
+    """A task that goes on a token of both buckets may leave only as late as the stricter one allows."""
+    host = Limits(rate_per_second=10, burst=5)  # full: the first token must go within its tolerance
+    business = Limits(rate_per_second=1, burst=2)  # full too, but a tenth of its bucket is 0.2 s
+    verdicts, _, _ = admit(
+        [Candidate(1, "h:80", 7)],
+        hosts={"h:80": (FRESH, host, 0)},
+        businesses={7: (FRESH, business, 0)},
+        now=100.0,
+    )
+    assert verdicts[1].send_within_s == pytest.approx(send_tolerance(host))
+
+
+def test_a_task_without_a_rate_limit_may_leave_any_time() -> None:
+    verdicts, _ = admit_one_host(3, FRESH, Limits(), 100.0)
+    assert {v.send_within_s for v in verdicts.values()} == {None}
 
 
 @settings(max_examples=300, deadline=None)

@@ -112,6 +112,9 @@ class Dispatcher:
         self._early: set[int] = set()
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
+        self._late: list[
+            Mapping[str, Any]
+        ] = []  # admitted, started too late to send: to give back (see _too_late)
         self._results: list[queue.Finished] = []
         self._pending_events: list[_Pending] = []
         self._writing: set[int] = set()  # task ids of results taken for a write that has not returned yet
@@ -371,7 +374,7 @@ class Dispatcher:
         if self._early:  # cancelled while this batch was being claimed
             early, self._early = self._early, set()
             self.cancelled(early)
-        self._pump()
+        self._pump(fresh=True)
 
     async def _parked(self, waiting: Awaitable[Any]) -> None:
         """Wait with the claim loop parked: meanwhile the write loop writes the results (see ``_combine``)."""
@@ -393,14 +396,17 @@ class Dispatcher:
         finally:
             self._asleep_until = None
 
-    def _pump(self) -> None:
-        """Start buffered tasks while there are free slots: one of each business's in turn, each in claim order."""
+    def _pump(self, *, fresh: bool = False) -> None:
+        """Start buffered tasks while there are free slots: one of each business's in turn, each in claim order.
+
+        ``fresh``: the tasks started come straight from their claim (slots were free, so the buffer was empty).
+        """
         limit = self.config.concurrency
         ready = self._ready
         while ready and len(self._sending) < limit and not self._stopping.is_set():
             business = next(iter(ready))
             queued = ready.pop(business)
-            self._start(queued.popleft())
+            self._start(queued.popleft(), fresh)
             self._ready_count -= 1
             if queued:
                 ready[business] = queued  # to the back of the turn
@@ -433,9 +439,16 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    def _start(self, row: Mapping[str, Any]) -> None:
+    def _start(self, row: Mapping[str, Any], fresh: bool = False) -> None:
         task_id = row["id"]
-        task = asyncio.create_task(self._attempt(row), name=f"tc-task-{task_id}")
+        send_by = None
+        if self.traffic is not None:
+            within = self.traffic.send_within.pop(task_id, None)
+            if within is not None:
+                # Counted from its admission when it starts straight from its claim; a task that waited in the
+                # buffer for a slot is counted from now (see _too_late).
+                send_by = (within[0] if fresh else time.monotonic()) + within[1]
+        task = asyncio.create_task(self._attempt(row, send_by), name=f"tc-task-{task_id}")
         self._sending[task_id] = task
         task.add_done_callback(functools.partial(self._sent, task_id))
 
@@ -467,10 +480,37 @@ class Dispatcher:
             self.traffic.deferred["host_pace"] += 1
             await asyncio.sleep(wait)
 
-    async def _attempt(self, row: Mapping[str, Any]) -> None:
+    def _too_late(self, row: Mapping[str, Any]) -> None:
+        """Give back, unsent, a task that starts later than its token allows (``send_by``, see
+        ``domain.traffic.Verdict.send_within_s``): the claim's commit or the start stalled (a loaded machine, a
+        long GC pause), and meanwhile the host's bucket refilled as if it had gone; another dispatcher may be
+        sending that refill right now. Given back due now, it is admitted again on a token of its own, no attempt
+        charged. The tasks of one stall go back in one statement.
+
+        A task that waited in this dispatcher's buffer for a slot is counted from when it got the slot, not from
+        its admission: while every slot is busy, requests leave as answers free slots, which the send-time pacer
+        spaces out, and counting that wait would give back every buffered task of a host slower than its rate.
+        """
+        assert self.traffic is not None
+        self.traffic.deferred["late"] += 1
+        self._late.append(row)
+        if len(self._late) == 1:  # the others of the clump start in this loop turn, before this task runs
+            task = asyncio.create_task(self._give_back_late(), name="tc-late")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _give_back_late(self) -> None:
+        rows, self._late = self._late, []
+        await self._give_back_unsent(rows, "started too late for their tokens")
+
+    async def _attempt(self, row: Mapping[str, Any], send_by: float | None = None) -> None:
+        number = row["attempts"] + 1
+        if send_by is not None and time.monotonic() > send_by:
+            if self._held.get(row["id"]) == number:
+                self._too_late(row)
+            return
         if self.traffic is not None and row["type"] == "http":
             await self._pace(row["host"])
-        number = row["attempts"] + 1
         if self._held.get(row["id"]) != number:
             return  # a stale copy: the lease expired meanwhile and the task was rescued (and maybe claimed again)
         # Cancelled while it waited for the pacer: it goes unsent, like a buffered one.
@@ -770,16 +810,18 @@ class Dispatcher:
                     del self._ready[business]
         if pulled:
             self._ready_count -= len(pulled)
-            task = asyncio.create_task(self._give_back_unsent(pulled), name="tc-unbuffer")
+            task = asyncio.create_task(
+                self._give_back_unsent(pulled, "of an open circuit"), name="tc-unbuffer"
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _give_back_unsent(self, rows: list[Mapping[str, Any]]) -> None:
+    async def _give_back_unsent(self, rows: list[Mapping[str, Any]], why: str) -> None:
         now = self.clock()
         try:
             await queue.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], now) for r in rows])
         except StorageError as exc:  # still leased by us: send them after all rather than strand them
-            log.warning("giving back %d tasks of an open circuit failed, sending them: %s", len(rows), exc)
+            log.warning("giving back %d tasks %s failed, sending them: %s", len(rows), why, exc)
             self._claimed(rows, count=False)
             return
         for r in rows:

@@ -23,6 +23,8 @@ _SLOT_SLACK_S = 1e-4
 #: What counts as a whole token. Epoch seconds carry ~2e-7 s of rounding, i.e. 2e-4 of a token at 1,000/s;
 #: the shortfall stays in the bucket as a debt, so the long-run rate is unchanged.
 _WHOLE_TOKEN = 1 - 1e-3
+#: The least lateness tolerated beyond what a token allows (see :func:`send_tolerance`).
+SEND_TOLERANCE_S = 0.05
 #: The longest a task waits for a token before it is looked at again: as far ahead as a task may be scheduled.
 #: A rate above 0 may still be tiny (1e-300/s): its next token is further off than any time can be written.
 MAX_TOKEN_WAIT_S = 366 * 86_400.0
@@ -111,6 +113,18 @@ def negligible(stored: State, after: State, limits: Limits) -> bool:
     return _with_tokens(after, stored.tokens, stored.refilled_at) == stored
 
 
+def send_tolerance(limits: Limits) -> float:
+    """How much later than its token allows (see ``Verdict.send_within_s``) an admitted request may still leave:
+    the claim's commit and the start of the send take some milliseconds (under load on PostgreSQL up to ~30 ms
+    at the 99th percentile, ~60 ms at most, measured from the decision to the start). The larger of
+    :data:`SEND_TOLERANCE_S` and a tenth of a full bucket's time, so a window at the receiver may hold, beyond
+    ``rate x window + burst``, at most the larger of 50 ms of the rate and a tenth of the burst (2.5 requests at
+    50/s with a burst of 10; a generous bucket's tasks waiting a little for their start are not given back).
+    """
+    rate = limits.rate_per_second
+    return max(SEND_TOLERANCE_S, 0.1 * limits.capacity / rate) if rate is not None else math.inf
+
+
 def next_token_at(state: State, limits: Limits, now: float, position: int) -> float:
     """When the ``position``-th (1-based) request waiting behind the current tokens may go."""
     rate = limits.rate_per_second or math.inf
@@ -156,6 +170,14 @@ class Verdict:
 
     defer_until: float | None
     reason: str | None = None
+    send_within_s: float | None = None
+    """For a task that goes on a token: how long after admission it may leave and keep the receiver within
+    ``rate x window + burst``. Leaving later is spending a token the bucket no longer holds: while it waits,
+    the bucket refills as if it had gone, and another dispatcher may send that refill as a burst beside it.
+    A token spent from a full bucket allows no delay (the refill while it waits is the surplus); each token
+    below full allows one token's time more, so a backlog's tasks (spent from a near-empty bucket) may leave
+    up to ``(burst - 1) / rate`` late; :func:`send_tolerance` more for the latency of the claim and the start.
+    The smaller of the host's and the business's. ``None``: neither bucket limits the rate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,9 +270,15 @@ def admit(
             )
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "business_rate")
             continue
+        within: float | None = None
         if hl.rate_per_second is not None:
+            within = (hl.capacity - hs.tokens + host_spent[c.host]) / hl.rate_per_second + send_tolerance(hl)
             host_spent[c.host] += 1
         if bl.rate_per_second is not None:
+            slack = (bl.capacity - bs.tokens + biz_spent[c.business]) / bl.rate_per_second + send_tolerance(
+                bl
+            )
+            within = slack if within is None else min(within, slack)
             biz_spent[c.business] += 1
         if hs.breaker != "closed":  # cool-down over, or the last probe never answered: this task is the probe
             host_state[c.host] = replace(hs, breaker="half_open", probe_until=now + 60.0)
@@ -258,7 +286,7 @@ def admit(
         biz_busy[c.business] += 1
         if c.host in room:
             room[c.host] -= 1
-        verdicts[c.task_id] = Verdict(None)
+        verdicts[c.task_id] = Verdict(None) if within is None else Verdict(None, None, max(0.0, within))
     for h in list(host_spent):
         host_state[h] = _spend(host_state[h], host_spent, h)
     for b in list(biz_spent):

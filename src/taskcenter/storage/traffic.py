@@ -315,6 +315,10 @@ class TrafficControl:
     booked_hosts: dict[str, float] = field(default_factory=dict)
     """Per host, the last token this dispatcher promised to a held task (see ``domain.traffic.book``)."""
     booked_businesses: dict[int, float] = field(default_factory=dict)
+    send_within: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Tasks admitted on a token, until they start: when they were admitted (``time.monotonic()``) and how long
+    after that they may still leave (``domain.traffic.Verdict.send_within_s``). The dispatcher takes each out as it
+    starts the task, and gives back instead of sending a task that starts too late."""
     promised: dict[int, tuple[str, float]] = field(default_factory=dict)
     """Tasks this dispatcher held for a token: which bucket (``host``/``business``) and when it is due."""
     slow_window: int = 10
@@ -401,7 +405,8 @@ class TrafficControl:
         # Decide as of now, not as of when the claim began: under contention the wait for these row locks is
         # the longest part of a claim, and tokens spent "in the past" would let the next dispatcher spend the
         # same seconds again (two bursts back to back at the receiver).
-        ts = now.timestamp() + (time.monotonic() - entered)
+        decided = time.monotonic()
+        ts = now.timestamp() + (decided - entered)
         claimed_h = Counter(r["host"] for r in rows)
         claimed_b = Counter(r["business_pk"] for r in rows)
         booked_h = {h: replace(h_states[h], booked_until=self.booked_hosts.get(h, 0.0)) for h in hosts}
@@ -434,7 +439,16 @@ class TrafficControl:
                 self.clean_hosts.add(h)
             else:
                 self.clean_hosts.discard(h)
-        go = [r for r in rows if verdicts[r["id"]].defer_until is None]
+        if len(self.send_within) > _MAX_PROMISES:
+            # Tasks admitted and then never started (given back unsent, or left at shutdown) never come back.
+            self.send_within = {i: w for i, w in self.send_within.items() if w[0] > decided - 60.0}
+        go = []
+        for r in rows:
+            v = verdicts[r["id"]]
+            if v.defer_until is None:
+                go.append(r)
+                if v.send_within_s is not None:
+                    self.send_within[r["id"]] = (decided, v.send_within_s)
         if self.slow_window:
             for r in go:
                 if not r["host"].startswith("processor:"):
