@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -27,8 +31,10 @@ from taskcenter import (
     TaskNotFound,
     ValidationError,
 )
+from taskcenter.errors import ConfigError
 from tests.conftest import make_settings
 from tests.receiver import Receiver, Reply
+from tests.test_worker_endpoint import fetch, free_port, port_closed, wait_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,6 +234,24 @@ def test_close_from_another_thread_stops_a_run_worker_running_in_a_thread(tc: Ta
     assert tc.get_task(tc.get_by_business_id("later").id).status == "pending"  # reusable afterwards
 
 
+def test_run_worker_in_a_thread_answers_health_on_its_metrics_port(tc: TaskCenter) -> None:
+    """The sync worker of a web application: probed over HTTP while it runs, the port released by close()."""
+    tc.create_task("POST", URL, business_id="later", delay=3600)
+    port = free_port()
+    worker = threading.Thread(target=tc.run_worker, kwargs={"metrics_port": port}, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while port_closed(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        assert response.status == 200
+        assert json.loads(response.read()) == {"status": "ok", "database": "ok", "dispatcher": "running"}
+    tc.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert port_closed(port)
+
+
 def test_close_lets_a_call_in_flight_on_another_thread_return(
     tc: TaskCenter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,6 +371,54 @@ async def test_arun_worker_refuses_a_concurrency_outside_the_settings_bounds(
     with pytest.raises(ValidationError) as info:
         await asyncio.wait_for(atc.arun_worker(concurrency=concurrency, stop=asyncio.Event()), timeout=5)
     assert info.value.field == "concurrency"
+
+
+async def test_arun_worker_serves_metrics_and_health_on_its_metrics_port_then_releases_it(
+    atc: TaskCenter, receiver: Receiver
+) -> None:
+    """An application's worker can be scraped and probed, as ``taskcenter worker --metrics-port`` can."""
+    port = free_port()
+    task = await atc.acreate_task("POST", receiver.url("/m"), business_id="m-1")
+    async with working(atc, metrics_port=port), aiohttp.ClientSession() as session:
+        await wait_status(atc, task.id, "succeeded")
+        base = f"http://127.0.0.1:{port}"
+        await wait_metrics(
+            session, f"{base}/metrics", {("taskcenter_attempts_total", (("outcome", "success"),)): 1}
+        )
+        status, content_type, body = await fetch(session, f"{base}/health")
+    assert (status, content_type) == (200, "application/json")
+    assert json.loads(body) == {"status": "ok", "database": "ok", "dispatcher": "running"}
+    assert port_closed(port), "the port is released when the worker stops"
+
+
+async def test_arun_worker_on_a_port_in_use_raises_before_it_claims_anything(
+    atc: TaskCenter, receiver: Receiver
+) -> None:
+    task = await atc.acreate_task("POST", receiver.url("/due"), business_id="due-1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as info:
+            await asyncio.wait_for(atc.arun_worker(metrics_port=port, stop=asyncio.Event()), timeout=10)
+    assert str(info.value) == (
+        f"worker metrics endpoint cannot listen on 127.0.0.1:{port}: Address already in use (metrics_port)"
+    )
+    await asyncio.sleep(0.3)
+    assert receiver.requests_for("/due") == []
+    assert (await atc.aget_task(task.id)).status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("metrics_port", -1), ("metrics_port", 65_536), ("metrics_port", True), ("metrics_host", "")],
+)
+async def test_arun_worker_refuses_a_metrics_port_or_host_that_is_no_address(
+    atc: TaskCenter, option: str, value: object
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        await asyncio.wait_for(atc.arun_worker(stop=asyncio.Event(), **{option: value}), timeout=5)  # type: ignore[arg-type]
+    assert info.value.field == option
 
 
 async def test_aretry_of_failed_task_renews_the_budget_and_delivers_again(

@@ -238,29 +238,21 @@ def worker(
     setup_logging(settings.log_level, settings.log_format)
 
     async def work(rt: Runtime) -> None:
-        from taskcenter.observe import DispatcherState, WorkerEndpoint
+        from taskcenter.observe import DispatcherState, worker_endpoint
 
         dispatcher = rt.dispatcher()
 
         def state() -> DispatcherState:
             return "stopping" if dispatcher.stopping else "running"
 
-        endpoint: WorkerEndpoint | None = None
-        try:
-            if settings.worker_metrics_port:
-                # Before the first claim: a port that cannot be had ends the worker before it holds any task.
-                opened = WorkerEndpoint(rt.db, rt.metrics, state)
-                await opened.start(settings.worker_metrics_host, settings.worker_metrics_port)
-                endpoint = opened
+        # Before the first claim: a port that cannot be had ends the worker before it holds any task.
+        host, port = settings.worker_metrics_host, settings.worker_metrics_port
+        async with worker_endpoint(rt.db, rt.metrics, state, host, port) as endpoint:
             settle_heap()  # start-up objects out of the GC's full collections (they stalled the event loop)
             _stop_on_signals(dispatcher.stop)
             where = f", /metrics and /health on {endpoint.url}" if endpoint is not None else ""
             err.print(f"taskcenter worker {dispatcher.name} on {rt.db.dialect}{where}", highlight=False)
             await rt.run_dispatcher(dispatcher)
-        finally:
-            # Served until the dispatcher has drained (/health answers 503 "stopping" meanwhile), then released.
-            if endpoint is not None:
-                await endpoint.close()
 
     _run(_with_runtime(settings, work))
 

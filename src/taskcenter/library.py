@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,6 +30,9 @@ from taskcenter.processors import ProcessorFunc, ProcessorRegistry
 from taskcenter.runtime import Runtime
 from taskcenter.service import NOTIFY_CHANNEL, Business
 from taskcenter.storage import tasks as task_sql
+
+if TYPE_CHECKING:
+    from taskcenter.dispatcher import Dispatcher
 
 T = TypeVar("T")
 F = TypeVar("F", bound=ProcessorFunc)
@@ -96,6 +99,11 @@ def _check_connection(connection: object, expected: type, twin: str) -> None:
             f" (for an ORM session pass session.connection(); {twin})",
             field="connection",
         )
+
+
+def _int_within(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` is an int (not a bool) from ``low`` to ``high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _close_at_exit(ref: weakref.ref[TaskCenter]) -> None:
@@ -324,17 +332,51 @@ class TaskCenter:
     async def aretry(self, task_id: str | int) -> Task:
         return await self.runtime.service.retry(await self._biz(), task_id)
 
-    async def arun_worker(self, *, concurrency: int | None = None, stop: asyncio.Event | None = None) -> None:
-        """Deliver tasks until ``stop`` is set (or the task is cancelled)."""
+    async def arun_worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        stop: asyncio.Event | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
+    ) -> None:
+        """Deliver tasks until ``stop`` is set (or the task is cancelled).
+
+        Args:
+            concurrency: requests in flight (default: the ``concurrency`` setting).
+            stop: set it to stop gracefully.
+            metrics_port: serve ``GET /metrics`` (Prometheus) and ``GET /health`` on this port while the worker
+                runs, as ``taskcenter worker --metrics-port`` does (default: the ``worker_metrics_port`` setting,
+                0 = none). A port that cannot be had raises :class:`taskcenter.errors.ConfigError` before any task is claimed.
+            metrics_host: the address to serve them on (default: ``worker_metrics_host``, 127.0.0.1).
+        """
         # The bounds of the concurrency setting, which this bypasses: 0 ran a worker that never sent anything.
-        if concurrency is not None and (
-            isinstance(concurrency, bool)
-            or not isinstance(concurrency, int)
-            or not 1 <= concurrency <= 10_000
-        ):
+        if concurrency is not None and not _int_within(concurrency, 1, 10_000):
             raise ValidationError("concurrency must be an integer from 1 to 10000", field="concurrency")
+        if metrics_port is not None and not _int_within(metrics_port, 0, 65_535):
+            raise ValidationError("metrics_port must be an integer from 0 to 65535", field="metrics_port")
+        if metrics_host is not None and (not isinstance(metrics_host, str) or not metrics_host.strip()):
+            raise ValidationError("metrics_host must be an address, e.g. 127.0.0.1", field="metrics_host")
         await self._biz()
+        # Imported here: the HTTP server is not needed by applications that only create tasks.
+        from taskcenter.observe import DispatcherState, worker_endpoint
+
         dispatcher = self.runtime.dispatcher(concurrency=concurrency)
+
+        def state() -> DispatcherState:
+            return "stopping" if dispatcher.stopping else "running"
+
+        settings = self.runtime.settings
+        host = metrics_host if metrics_host is not None else settings.worker_metrics_host
+        port = metrics_port if metrics_port is not None else settings.worker_metrics_port
+        # Before the dispatcher starts: a port that cannot be had ends the call before any task is claimed.
+        async with worker_endpoint(
+            self.runtime.db, self.runtime.metrics, state, host, port, setting="metrics_port"
+        ):
+            await self._run_dispatcher(dispatcher, stop)
+
+    async def _run_dispatcher(self, dispatcher: Dispatcher, stop: asyncio.Event | None) -> None:
+        """Run ``dispatcher`` until ``stop`` is set (or this call is cancelled), then let it drain."""
         self._dispatcher = dispatcher
         runner = asyncio.create_task(self.runtime.run_dispatcher(dispatcher))
         waiter: asyncio.Task[Any] | None = None
@@ -437,9 +479,15 @@ class TaskCenter:
     def retry(self, task_id: str | int) -> Task:
         return self._sync(self.aretry(task_id))
 
-    def run_worker(self, *, concurrency: int | None = None) -> None:
+    def run_worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
+    ) -> None:
         """Deliver tasks until SIGINT or SIGTERM (or :meth:`close` from another thread), then shut down
-        gracefully and :meth:`close`.
+        gracefully and :meth:`close`. ``metrics_port`` and ``metrics_host``: see :meth:`arun_worker`.
 
         The worker runs on the same private loop as the other sync methods: database connections opened by
         an earlier ``create_task`` belong to that loop and cannot move to another. Signals are caught only
@@ -459,7 +507,11 @@ class TaskCenter:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
-            self._sync(self.arun_worker(concurrency=concurrency, stop=stop))
+            self._sync(
+                self.arun_worker(
+                    concurrency=concurrency, stop=stop, metrics_port=metrics_port, metrics_host=metrics_host
+                )
+            )
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

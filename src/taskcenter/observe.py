@@ -4,10 +4,11 @@ alike), and the small HTTP endpoint through which a ``taskcenter worker`` serves
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import orjson
@@ -68,8 +69,11 @@ class WorkerEndpoint:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self.url = ""
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port``; a port that cannot be had is a :class:`ConfigError` saying why, in one line."""
+    async def start(
+        self, host: str, port: int, *, setting: str = "TASKCENTER_WORKER_METRICS_PORT / --metrics-port"
+    ) -> None:
+        """Listen on ``host:port``; a port that cannot be had is a :class:`ConfigError` saying why, in one line
+        (naming ``setting``, where the port came from)."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         try:
@@ -81,8 +85,7 @@ class WorkerEndpoint:
                 os.strerror(exc.errno) if exc.errno is not None and exc.errno in errno.errorcode else str(exc)
             )
             raise ConfigError(
-                f"worker metrics endpoint cannot listen on {host}:{port}: {reason} "
-                "(TASKCENTER_WORKER_METRICS_PORT / --metrics-port)"
+                f"worker metrics endpoint cannot listen on {host}:{port}: {reason} ({setting})"
             ) from exc
         bound_host, bound_port = self._runner.addresses[0][:2]  # the port that port 0 picked, for tests
         self.url = (
@@ -102,3 +105,29 @@ class WorkerEndpoint:
         status, body = await health(self._db, self._dispatcher(), timeout_s=self._health_timeout_s)
         # orjson, as the API's /health: the same bytes from either kind of process.
         return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def worker_endpoint(
+    db: Database,
+    metrics: Metrics,
+    dispatcher: Callable[[], DispatcherState],
+    host: str,
+    port: int,
+    *,
+    setting: str = "TASKCENTER_WORKER_METRICS_PORT / --metrics-port",
+) -> AsyncIterator[WorkerEndpoint | None]:
+    """Serve a worker's ``/metrics`` and ``/health`` on ``host:port`` for as long as the block runs (``None``:
+    port 0, nothing served). Enter it before the dispatcher claims anything: a port that cannot be had is a
+    :class:`ConfigError` before any task is held. Used by ``taskcenter worker`` and the library's worker alike.
+    """
+    if not port:
+        yield None
+        return
+    endpoint = WorkerEndpoint(db, metrics, dispatcher)
+    await endpoint.start(host, port, setting=setting)
+    try:
+        yield endpoint
+    finally:
+        # Served until the dispatcher has drained (/health answers 503 "stopping" meanwhile), then released.
+        await endpoint.close()
