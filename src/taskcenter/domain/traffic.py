@@ -272,12 +272,10 @@ def admit(
             continue
         within: float | None = None
         if hl.rate_per_second is not None:
-            within = (hl.capacity - hs.tokens + host_spent[c.host]) / hl.rate_per_second + send_tolerance(hl)
+            within = _send_within(hs.tokens - host_spent[c.host], hl, hl.rate_per_second)
             host_spent[c.host] += 1
         if bl.rate_per_second is not None:
-            slack = (bl.capacity - bs.tokens + biz_spent[c.business]) / bl.rate_per_second + send_tolerance(
-                bl
-            )
+            slack = _send_within(bs.tokens - biz_spent[c.business], bl, bl.rate_per_second)
             within = slack if within is None else min(within, slack)
             biz_spent[c.business] += 1
         if hs.breaker != "closed":  # cool-down over, or the last probe never answered: this task is the probe
@@ -286,12 +284,17 @@ def admit(
         biz_busy[c.business] += 1
         if c.host in room:
             room[c.host] -= 1
-        verdicts[c.task_id] = Verdict(None) if within is None else Verdict(None, None, max(0.0, within))
+        verdicts[c.task_id] = Verdict(None) if within is None else Verdict(None, None, within)
     for h in list(host_spent):
         host_state[h] = _spend(host_state[h], host_spent, h)
     for b in list(biz_spent):
         biz_state[b] = _spend(biz_state[b], biz_spent, b)
     return verdicts, host_state, biz_state
+
+
+def _send_within(tokens: float, limits: Limits, rate: float) -> float:
+    """How long a request that spends one of ``tokens`` may still leave (see ``Verdict.send_within_s``)."""
+    return max(0.0, (limits.capacity - tokens) / rate) + send_tolerance(limits)
 
 
 def _wait_for_token(
