@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from taskcenter.domain.traffic import (
+    BUSINESS_HOLD_S,
     MAX_BREAKER_WINDOW,
     Candidate,
     Limits,
@@ -386,6 +387,34 @@ def test_a_task_held_by_its_business_does_not_spend_a_host_token() -> None:
     )
     assert admitted(verdicts) == 1
     assert hosts["h:80"].tokens == 4.0
+
+
+def test_a_held_business_sends_no_http_task_and_spends_no_token_while_its_processor_tasks_go() -> None:
+    """A business held whole (its signing secret cannot be decrypted) sends nothing unsigned; processor tasks,
+    which are not signed, still go; another business's tasks are not affected."""
+    host = Limits(rate_per_second=10.0, burst=10)
+    held = Limits(rate_per_second=10.0, burst=10, held="signing_secret")
+    verdicts, hosts, businesses = admit(
+        [
+            Candidate(1, "h:80", 7),
+            Candidate(2, "h:80", 7),
+            Candidate(3, "processor:x", 7),
+            Candidate(4, "h:80", 8),
+        ],
+        hosts={"h:80": (FRESH, host, 0), "processor:x": (FRESH, Limits(), 0)},
+        businesses={7: (FRESH, held, 0), 8: (FRESH, Limits(), 0)},
+        now=1000.0,
+    )
+    assert verdicts[1] == verdicts[2] == Verdict(1000.0 + BUSINESS_HOLD_S, "signing_secret")
+    assert verdicts[3] == verdicts[4] == Verdict(None)
+    assert hosts["h:80"].tokens == 9.0 and businesses[7].tokens == 9.0  # only the processor task spent one
+
+
+def test_lifting_a_business_hold_is_relaxing_its_limits() -> None:
+    held = Limits(rate_per_second=1.0, held="signing_secret")
+    assert relaxed(held, Limits(rate_per_second=1.0), now=1000.0)
+    assert not relaxed(Limits(rate_per_second=1.0), held, now=1000.0)
+    assert not relaxed(held, held, now=1000.0)
 
 
 # -- in-flight caps -----------------------------------------------------------------------------------------

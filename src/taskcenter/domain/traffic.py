@@ -28,6 +28,10 @@ SEND_TOLERANCE_S = 0.05
 #: The longest a task waits for a token before it is looked at again: as far ahead as a task may be scheduled.
 #: A rate above 0 may still be tiny (1e-300/s): its next token is further off than any time can be written.
 MAX_TOKEN_WAIT_S = 366 * 86_400.0
+#: How long a task of a held business (``Limits.held``) waits before it is looked at again. Its cause needs an
+#: operator, and lifting it pulls the business's held tasks forward at once (see :func:`relaxed`): this is only
+#: the backstop, and the claim meets each held task once per hold, not once per batch.
+BUSINESS_HOLD_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,10 @@ class Limits:
     breaker_cooldown_s: float = 30.0
     paused_until: float = 0.0
     """An operator's pause of the host (epoch seconds), on top of any ``Retry-After`` pause in the state."""
+    held: str | None = None
+    """A business's: why none of its HTTP tasks may go, whatever its tokens (the reason names the hold), e.g.
+    ``signing_secret`` — its signing secret cannot be decrypted, so its requests could only leave unsigned. Its
+    tasks wait :data:`BUSINESS_HOLD_S`, unless the hold is lifted first."""
 
     def __post_init__(self) -> None:
         if self.rate_per_second is not None and not self.rate_per_second > 0:
@@ -241,6 +249,9 @@ def admit(
     for c in candidates:
         hs, hl = host_state[c.host], hosts[c.host][1]
         bs, bl = biz_state[c.business], businesses[c.business][1]
+        if bl.held is not None and c.host in gated_hosts:  # processor tasks are not signed: they may go
+            verdicts[c.task_id] = Verdict(now + BUSINESS_HOLD_S, bl.held)
+            continue
         held = _host_gate(hs, hl, now) if c.host in gated_hosts else None
         if held is not None:
             verdicts[c.task_id] = held
@@ -327,7 +338,7 @@ def _spend(state: State, spent: Counter[Any], key: Any) -> State:
 
 def relaxed(old: Limits, new: Limits, now: float) -> bool:
     """Whether ``new`` lets through something ``old`` held back: a higher rate or burst, a higher (or no)
-    in-flight cap, a pause that ends sooner."""
+    in-flight cap, a pause that ends sooner, a business hold lifted."""
 
     def raised(before: float | None, after: float | None) -> bool:
         return before is not None and (after is None or after > before)
@@ -337,6 +348,7 @@ def relaxed(old: Limits, new: Limits, now: float) -> bool:
         or (new.rate_per_second is not None and new.capacity > old.capacity)
         or raised(old.max_in_flight, new.max_in_flight)
         or (old.paused_until > now and new.paused_until < old.paused_until)
+        or (old.held is not None and new.held is None)
     )
 
 

@@ -25,8 +25,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
 from taskcenter.domain.traffic import (
+    BUSINESS_HOLD_S,
     NOT_EVIDENCE,
     Candidate,
     Limits,
@@ -36,6 +36,7 @@ from taskcenter.domain.traffic import (
     negligible,
     record,
 )
+from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
 from taskcenter.storage.database import sqlite_driver
 from taskcenter.storage.schema import DUE_SQL, HELD_SQL, UTCDateTime, business_state, host_state, tasks
 
@@ -54,6 +55,46 @@ _WHOLE_HOST = frozenset({"circuit_open", "circuit_half_open", "host_paused"})
 _HOLD_REST_AFTER_S = 1.0
 #: Tasks moved per statement: a larger backlog moves in several, as admission meets more of it.
 HOLD_BATCH = 2000
+#: Business holds (``Limits.held``), by reason: what a held task's ``last_error`` says. Such a task is put back
+#: marked ``held_by = "business:<reason>"`` (no host key looks so), so that the end of the hold finds it, in a
+#: running dispatcher or in one that starts later (see :func:`held_businesses`).
+BUSINESS_HOLDS = {
+    "signing_secret": (
+        "not sent: the business's signing secret cannot be decrypted with TASKCENTER_SECRET_KEY, and a request "
+        "must not leave unsigned; held until the key that sealed it is configured again or the signing secret "
+        "is rotated"
+    ),
+}
+_HELD_PREFIX = "business:"
+_PUT_BACK_HELD = (
+    sa.update(tasks)
+    .where(tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)), tasks.c.status == "processing")
+    .values(
+        status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
+        next_attempt_at=sa.bindparam("b_until", type_=tasks.c.next_attempt_at.type),
+        held_by=sa.bindparam("b_held"),
+        last_error=sa.bindparam("b_error"),
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
+    )
+)
+
+
+def business_hold_mark(reason: str) -> str:
+    """The ``held_by`` of a task its business's hold put back."""
+    return _HELD_PREFIX + reason
+
+
+async def held_businesses(conn: AsyncConnection, reason: str) -> list[int]:
+    """The businesses with tasks put back for the business hold ``reason`` (read from ``ix_tasks_held``)."""
+    stmt = (
+        sa.select(tasks.c.business_pk)
+        .where(sa.text(HELD_SQL), tasks.c.held_by == business_hold_mark(reason))
+        .distinct()
+        .order_by(tasks.c.business_pk)
+    )
+    return [int(pk) for pk in (await conn.execute(stmt)).scalars()]
 
 
 def _state(row: Mapping[Any, Any] | None) -> State:
@@ -456,9 +497,13 @@ class TrafficControl:
                         (ts, ts + r["timeout"] + _FLIGHT_GRACE_S)
                     )
         later = []
+        held: dict[str, list[int]] = {}
         for r in rows:
             v = verdicts[r["id"]]
-            if v.defer_until is not None:
+            if v.reason in BUSINESS_HOLDS:
+                self.deferred[v.reason] += 1
+                held.setdefault(v.reason, []).append(r["id"])
+            elif v.defer_until is not None:
                 self.deferred[v.reason or "deferred"] += 1
                 later.append((r["id"], datetime.fromtimestamp(v.defer_until, UTC)))
                 if v.reason in _PROMISES:
@@ -466,8 +511,22 @@ class TrafficControl:
         if len(self.promised) > _MAX_PROMISES:
             # Tasks another dispatcher took (or that were cancelled) never come back here: drop lapsed promises.
             self.promised = {i: p for i, p in self.promised.items() if p[1] > ts - 60.0}
+        if held:
+            await self._put_back_held(conn, held, ts, now)
         self._hold_rest(conn.engine, rows, verdicts, ts)
         return go, later
+
+    @staticmethod
+    async def _put_back_held(
+        conn: AsyncConnection, held: Mapping[str, list[int]], ts: float, now: datetime
+    ) -> None:
+        """Put back the tasks of held businesses, marked with the hold and its reason in ``last_error`` (the
+        usual put-back marks them with their host, which the end of the hold would not find). A statement per
+        batch that meets such tasks; each held task meets the claim once per hold."""
+        until = datetime.fromtimestamp(ts + BUSINESS_HOLD_S, UTC)
+        for reason, ids in sorted(held.items()):
+            params = {"b_ids": ids, "b_until": until, "b_held": business_hold_mark(reason)}
+            await conn.execute(_PUT_BACK_HELD, {**params, "b_error": BUSINESS_HOLDS[reason], "b_now": now})
 
     def _hold_rest(
         self, engine: AsyncEngine, rows: Sequence[Mapping[Any, Any]], verdicts: Mapping[int, Any], now: float
