@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.audit import AuditLog
 from taskcenter.credentials import Authenticator, IssuedKey, Principal, as_mapping, new_key
-from taskcenter.crypto import SecretBox
+from taskcenter.crypto import SecretBox, SecretKeyError
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.task import rfc3339
 from taskcenter.errors import (
@@ -274,8 +274,9 @@ class BusinessService:
         """Issue a new API key; the business's older keys stay valid for ``grace_hours`` (default from settings).
 
         With ``signing_secret`` a new signing secret signs first and the previous one keeps signing alongside
-        it (Standard Webhooks sends both signatures) until the next rotation. With ``jwt_secret`` the JWT
-        secret is replaced at once.
+        it (Standard Webhooks sends both signatures) until the next rotation — unless the previous one cannot
+        be decrypted with TASKCENTER_SECRET_KEY: then the new one signs alone (this is how such a business's
+        held tasks are let go). With ``jwt_secret`` the JWT secret is replaced at once.
         """
         grace = self.key_grace_hours if grace_hours is None else grace_hours
         if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 24 * 90:
@@ -301,7 +302,7 @@ class BusinessService:
             )
             changes: dict[str, Any] = {}
             if new_signing:
-                changes["signing_secrets"] = [self.box.seal(new_signing), *(row["signing_secrets"] or ())[:1]]
+                changes["signing_secrets"] = [self.box.seal(new_signing), *self._still_open(row)]
             if new_jwt:
                 changes["jwt_secret"] = self.box.seal(new_jwt)
             if changes:
@@ -316,6 +317,16 @@ class BusinessService:
                                     conn=conn)  # fmt: skip
         self._forget(code)
         return Rotation(IssuedKey(key, key_id, prefix), until, new_signing, new_jwt)
+
+    def _still_open(self, row: Mapping[str, Any]) -> list[str]:
+        """The business's current signing secret, as stored, if it can be decrypted: kept through a rotation."""
+        sealed = (row["signing_secrets"] or ())[:1]
+        try:
+            for value in sealed:
+                self.box.open(value)
+        except SecretKeyError:
+            return []
+        return list(sealed)
 
     async def create_operator_key(self, *, actor: str, name: str | None = None) -> IssuedKey:
         """A new operator API key (shown this once)."""

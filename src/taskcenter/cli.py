@@ -592,6 +592,11 @@ def stats(
             )
             + "  (processor tasks not claimed yet)"
         )
+    for h in figures["held"]:
+        # Held unsent until an operator acts (docs/operations.md, "Secret key rotation").
+        lines.append(
+            f"{'held':>10}  {h['business_code']} {h['tasks']} tasks ({h['reason']}: not sent until fixed)"
+        )
     for line in lines:
         out.print(escape(line), highlight=False)
     if figures["hosts"]:

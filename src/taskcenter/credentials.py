@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 import jwt
 import sqlalchemy as sa
 
-from taskcenter.crypto import SecretBox
+from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKeyError
 from taskcenter.errors import Forbidden, StorageError, Unauthenticated
 from taskcenter.service import Business, utcnow
 from taskcenter.storage.database import Database
@@ -95,6 +95,7 @@ class Authenticator:
         Raises:
             Unauthenticated: no token, or one that matches nothing valid.
             Forbidden: the credentials belong to a disabled business.
+            BusinessSecretError: a JWT names a business whose JWT secret cannot be decrypted.
         """
         if not token:
             raise Unauthenticated("send Authorization: Bearer <API key or JWT>")
@@ -157,6 +158,14 @@ class Authenticator:
             raise Unauthenticated("invalid JWT")
         try:
             secret = self.box.open(row["jwt_secret"])
+        except SecretKeyError as exc:
+            raise BusinessSecretError(
+                f"the JWT secret of business system {row['code']!r} cannot be decrypted with this server's "
+                f"{SETTING}; authenticate with an API key, or have the operator restore the key or rotate the "
+                "JWT secret",
+                setting=SETTING,
+            ) from exc
+        try:
             claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid JWT: {exc}") from exc

@@ -13,7 +13,14 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from taskcenter.errors import ConfigError
 
-__all__ = ["MASK", "SecretBox", "SecretKeyError", "is_sensitive_header", "mask_headers"]
+__all__ = [
+    "MASK",
+    "BusinessSecretError",
+    "SecretBox",
+    "SecretKeyError",
+    "is_sensitive_header",
+    "mask_headers",
+]
 
 MASK = "***"
 """What a masked value (or the credentials after an authorization scheme) is replaced with."""
@@ -36,6 +43,10 @@ _AUTH_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)\s+\S")
 
 class SecretKeyError(ConfigError):
     """TASKCENTER_SECRET_KEY cannot decrypt a stored value."""
+
+
+class BusinessSecretError(SecretKeyError):
+    """A business system's secret (signing or JWT) cannot be decrypted with TASKCENTER_SECRET_KEY."""
 
 
 @lru_cache(maxsize=4096)

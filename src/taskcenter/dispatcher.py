@@ -23,7 +23,7 @@ import orjson
 import sqlalchemy as sa
 
 from taskcenter.config import DispatchConfig
-from taskcenter.crypto import SecretBox, mask_headers
+from taskcenter.crypto import BusinessSecretError, SecretBox, mask_headers
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
 from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
@@ -524,7 +524,13 @@ class Dispatcher:
         result_value: Any = None
         try:
             if row["type"] == "http":
-                outbound = self._outbound(row, number)
+                try:
+                    outbound = self._outbound(row, number)
+                except BusinessSecretError:
+                    # Its business's signing secret stopped opening since admission let it through: never send
+                    # it unsigned. Given back unsent; the next claim's admission holds it with its business.
+                    self._give_back_later([row], "whose signing secret does not open")
+                    return
                 request_record = self._request_record(outbound)
                 sent = await self.sender.send(outbound)
                 attempt = AttemptResult(sent.status_code, sent.headers, sent.error_kind, sent.error)
@@ -816,12 +822,25 @@ class Dispatcher:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _give_back_unsent(self, rows: list[Mapping[str, Any]], why: str) -> None:
+    def _give_back_later(self, rows: list[Mapping[str, Any]], why: str, delay_s: float = 1.0) -> None:
+        """Give tasks back unsent, due again ``delay_s`` from now, in a task of its own that waits as long first
+        (so that, should the give-back fail and they be tried here again, this happens at most that often)."""
+
+        async def later() -> None:
+            await asyncio.sleep(delay_s)
+            await self._give_back_unsent(rows, why, delay_s=delay_s)
+
+        task = asyncio.create_task(later(), name="tc-give-back")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _give_back_unsent(self, rows: list[Mapping[str, Any]], why: str, *, delay_s: float = 0.0) -> None:
         now = self.clock()
+        due = now + timedelta(seconds=delay_s)
         try:
-            await queue.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], now) for r in rows])
+            await queue.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], due) for r in rows])
         except StorageError as exc:  # still leased by us: send them after all rather than strand them
-            log.warning("giving back %d tasks %s failed, sending them: %s", len(rows), why, exc)
+            log.warning("giving back %d tasks %s failed, trying them here: %s", len(rows), why, exc)
             self._claimed(rows, count=False)
             return
         for r in rows:

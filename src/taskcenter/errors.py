@@ -4,6 +4,8 @@ Tree::
 
     TaskCenterError
     ├── ConfigError
+    │   └── SecretKeyError         (crypto) TASKCENTER_SECRET_KEY cannot decrypt a stored value
+    │       └── BusinessSecretError     (crypto) … a business's signing or JWT secret
     ├── ValidationError            bad input; carries the offending field
     ├── NotFound
     │   ├── TaskNotFound

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,11 +15,11 @@ import sqlalchemy as sa
 
 from taskcenter._version import __version__
 from taskcenter.config import GuardConfig, Settings
-from taskcenter.crypto import SecretBox
+from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKeyError
 from taskcenter.dispatcher import Dispatcher
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.traffic import Limits, relaxed
-from taskcenter.errors import StorageError
+from taskcenter.errors import StorageError, ValidationError
 from taskcenter.events import EventBus
 from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, Mailer
 from taskcenter.metrics import Metrics
@@ -28,11 +30,15 @@ from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import businesses, host_policies
-from taskcenter.storage.traffic import TrafficControl, release_held
+from taskcenter.storage.traffic import TrafficControl, held_businesses, release_held
 
 log = logging.getLogger("taskcenter")
 USER_AGENT = f"taskcenter/{__version__}"
 SignFn = Callable[[str, int, bytes], dict[str, str]]
+SIGNING_HOLD = "signing_secret"
+"""The business hold (``Limits.held``) of a business whose signing secret cannot be decrypted."""
+UNSIGNED_LOG_EVERY_S = 300.0
+"""How often the error about a business whose signing secret cannot be decrypted is repeated while it lasts."""
 
 
 @dataclass
@@ -52,6 +58,10 @@ class BusinessPolicies:
     _signers: dict[int, SignFn | None] = field(default_factory=dict)
     _limits: dict[int, Limits] = field(default_factory=dict)
     _hosts: dict[str, Limits] = field(default_factory=dict)
+    _unsigned: dict[int, str] = field(default_factory=dict)
+    """The businesses whose signing secret cannot be decrypted, as last loaded: pk to code."""
+    _unsigned_logged: dict[int, float] = field(default_factory=dict)
+    _previous_logged: dict[int, float] = field(default_factory=dict)
     _loaded: bool = False
 
     def __post_init__(self) -> None:
@@ -75,20 +85,17 @@ class BusinessPolicies:
     def business_pks(self) -> list[int]:
         return list(self._limits)
 
+    def unsigned(self) -> list[str]:
+        """The codes of the businesses held because their signing secret cannot be decrypted (as last loaded)."""
+        return sorted(self._unsigned.values())
+
     async def load(self) -> None:
         async with self.db.read() as conn:
             rows = (await conn.execute(sa.select(businesses))).mappings().all()
             host_rows = (await conn.execute(sa.select(host_policies))).mappings().all()
-        old_hosts, old_limits = self._hosts, self._limits
-        self._hosts = {r["host"]: _host_limits(r, self.host_defaults) for r in host_rows}
-        self._limits = {
-            r["id"]: _business_limits(r["rate_limit_per_minute"], r["max_in_flight"]) for r in rows
-        }
-        if self._loaded:
-            await self._after_relaxing(old_hosts, old_limits)
-        self._loaded = True
         guards: dict[int, GuardPolicy | None] = {}
         signers: dict[int, SignFn | None] = {}
+        unsigned: dict[int, str] = {}
         for row in rows:
             if self._default is None:
                 guards[row["id"]] = None
@@ -97,10 +104,82 @@ class BusinessPolicies:
                     row["allow_networks"] or (), row["allow_hosts"] or (), row["deny_hosts"] or ()
                 )
                 guards[row["id"]] = self._default.merged(own)
-            secrets = [self.box.open(s) for s in row["signing_secrets"] or ()]
-            if secrets:
-                signers[row["id"]] = _sign_with(Signer.from_secrets(*secrets))
-        self._guards, self._signers = guards, signers
+            signers[row["id"]] = self._signer_of(row, unsigned)
+        old_hosts, old_limits = self._hosts, self._limits
+        self._hosts = {r["host"]: _host_limits(r, self.host_defaults) for r in host_rows}
+        self._limits = {
+            r["id"]: _business_limits(
+                r["rate_limit_per_minute"], r["max_in_flight"], SIGNING_HOLD if r["id"] in unsigned else None
+            )
+            for r in rows
+        }
+        # Signers first: a task pulled forward below must find its business's signer.
+        self._guards, self._signers = guards, {pk: sign for pk, sign in signers.items() if sign is not None}
+        self._report(unsigned)
+        if self._loaded:
+            await self._after_relaxing(old_hosts, old_limits)
+        else:
+            await self._release_at_start()
+        self._loaded = True
+
+    def _signer_of(self, row: Any, unsigned: dict[int, str]) -> SignFn | None:
+        """The business's signer; one that refuses (and the business noted in ``unsigned``) when its newest
+        signing secret cannot be decrypted, so that its requests are never sent unsigned. An older secret that
+        cannot be (kept alongside during a rotation) is left out: the newest still signs."""
+        sealed = row["signing_secrets"] or ()
+        opened: list[str] = []
+        for position, value in enumerate(sealed):
+            try:
+                secret = self.box.open(value)
+                Signer.from_secrets(secret)  # a corrupt value that still decrypts is as unusable
+            except (SecretKeyError, ValidationError) as exc:
+                if position == 0:
+                    unsigned[row["id"]] = row["code"]
+                    return _refuse(row["code"])
+                now = time.monotonic()
+                if self._previous_logged.get(row["id"], -math.inf) + UNSIGNED_LOG_EVERY_S <= now:
+                    self._previous_logged[row["id"]] = now
+                    log.warning(
+                        "business system %r: its previous signing secret cannot be used (%s); signing with the "
+                        "newest one only",
+                        row["code"],
+                        exc,
+                    )
+                continue
+            opened.append(secret)
+        return _sign_with(Signer.from_secrets(*opened)) if opened else None
+
+    def _report(self, unsigned: dict[int, str]) -> None:
+        """An error for each held business when it is first seen so and every ``UNSIGNED_LOG_EVERY_S`` while it
+        stays so (not per task, nor per reload); an info line when it signs again."""
+        now = time.monotonic()
+        for pk, code in sorted(unsigned.items()):
+            if self._unsigned_logged.get(pk, -math.inf) + UNSIGNED_LOG_EVERY_S <= now:
+                self._unsigned_logged[pk] = now
+                log.error(
+                    "business system %r: its signing secret cannot be decrypted with TASKCENTER_SECRET_KEY (a "
+                    "key missing from the list, or a corrupt value); its HTTP tasks are held unsent until the key "
+                    "that sealed it is configured again or the secret is rotated "
+                    "(taskcenter business rotate-key %s --signing-secret)",
+                    code,
+                    code,
+                )
+        for pk in self._unsigned.keys() - unsigned.keys():
+            self._unsigned_logged.pop(pk, None)
+            log.info("business system %r signs again: its held tasks are released", self._unsigned[pk])
+        self._unsigned = unsigned
+
+    async def _release_at_start(self) -> None:
+        """Release the tasks an earlier process held for a signing secret that opens now (restarted with the key
+        that sealed it, or rotated meanwhile); others come back with their hold's end."""
+        try:
+            async with self.db.read() as conn:
+                held = await held_businesses(conn, SIGNING_HOLD)
+            fixed = [pk for pk in held if pk in self._limits and pk not in self._unsigned]
+            if fixed:
+                await self.pull_forward((), fixed)
+        except StorageError as exc:
+            log.warning("releasing the tasks held for a signing secret failed: %s", exc)
 
     async def _after_relaxing(self, old_hosts: dict[str, Limits], old_limits: dict[int, Limits]) -> None:
         """Pull forward the tasks held under limits that were just relaxed (by any process: every dispatcher
@@ -164,6 +243,18 @@ def _step(limits: Limits) -> float:
     return 1.0 / limits.rate_per_second if limits.rate_per_second else 0.0
 
 
+def _refuse(code: str) -> SignFn:
+    """A signer for a business whose signing secret cannot be decrypted: it refuses, so nothing leaves unsigned."""
+
+    def refuse(msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        raise BusinessSecretError(
+            f"the signing secret of business system {code!r} cannot be decrypted with {SETTING}",
+            setting=SETTING,
+        )
+
+    return refuse
+
+
 def _sign_with(signer: Signer) -> SignFn:
     def sign(msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
         return signature_headers(signer, msg_id, timestamp, body)
@@ -171,10 +262,10 @@ def _sign_with(signer: Signer) -> SignFn:
     return sign
 
 
-def _business_limits(per_minute: int, max_in_flight: int | None) -> Limits:
+def _business_limits(per_minute: int, max_in_flight: int | None, held: str | None = None) -> Limits:
     rate = per_minute / 60.0
     # One second's worth of burst: a per-minute budget is not meant to be spent in one go.
-    return Limits(rate_per_second=rate, burst=max(1, round(rate)), max_in_flight=max_in_flight)
+    return Limits(rate_per_second=rate, burst=max(1, round(rate)), max_in_flight=max_in_flight, held=held)
 
 
 def _host_limits(row: Any, defaults: Limits) -> Limits:

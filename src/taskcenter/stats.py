@@ -21,7 +21,11 @@ from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.service import Business, utcnow
 from taskcenter.storage.database import Database
-from taskcenter.storage.schema import PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
+from taskcenter.storage.schema import DUE_SQL, PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
+from taskcenter.storage.traffic import BUSINESS_HOLDS, business_hold_mark
+
+#: ``ix_tasks_held``'s predicate, its columns named (the query joins businesses, which has a status too).
+_HELD_TASKS = "tasks.held_by IS NOT NULL AND tasks." + DUE_SQL
 
 PERCENTILES = (50, 90, 95, 99)
 SQLITE_SAMPLE = 100_000
@@ -61,6 +65,7 @@ class StatsService:
             latency = await self._latency(conn, pk, since)
             hosts = await self._hosts(conn, pk, since)
             processors_due = await self._processors_due(conn, pk, until)
+            held = await self._held(conn, pk)
             total_businesses = None
             if business is None:
                 total_businesses = (
@@ -81,6 +86,7 @@ class StatsService:
             "latency_ms": latency,
             "hosts": hosts,
             "processors_due": processors_due,
+            "held": held,
         }
         if business is None:
             out["businesses"] = int(total_businesses or 0)
@@ -146,6 +152,24 @@ class StatsService:
         return [
             {"type": name, "due": int(count), "oldest_due_at": rfc3339(since)}
             for name, count, since in (await conn.execute(stmt)).all()
+        ]
+
+    async def _held(self, conn: AsyncConnection, pk: int | None) -> list[dict[str, Any]]:
+        """Businesses whose HTTP tasks are held unsent as a whole (``signing_secret``: their signing secret cannot
+        be decrypted), with how many tasks each holds. Read from ``ix_tasks_held``."""
+        marks = {business_hold_mark(reason): reason for reason in BUSINESS_HOLDS}
+        stmt = (
+            sa.select(businesses.c.code, tasks.c.held_by, sa.func.count())
+            .join(businesses, businesses.c.id == tasks.c.business_pk)
+            .where(sa.text(_HELD_TASKS), tasks.c.held_by.in_(list(marks)))
+            .group_by(businesses.c.code, tasks.c.held_by)
+            .order_by(businesses.c.code, tasks.c.held_by)
+        )
+        if pk is not None:
+            stmt = stmt.where(tasks.c.business_pk == pk)
+        return [
+            {"business_code": code, "reason": marks[mark], "tasks": int(count)}
+            for code, mark, count in (await conn.execute(stmt)).all()
         ]
 
     async def _hosts(self, conn: AsyncConnection, pk: int | None, since: datetime) -> list[dict[str, Any]]:

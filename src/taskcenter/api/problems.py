@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from taskcenter.crypto import SecretKeyError
 from taskcenter.errors import (
     AuthError,
     Conflict,
@@ -113,6 +114,10 @@ def from_error(exc: TaskCenterError) -> Response:
         )
     if isinstance(exc, Forbidden | AuthError):
         return problem(403, "forbidden", exc.message)
+    if isinstance(exc, SecretKeyError):
+        # Not the caller's fault, nor fixed by trying again: the operator's key list cannot open a stored secret.
+        log.error("%s", exc.message)
+        return problem(503, "secret-key", exc.message)
     if isinstance(exc, StorageError):
         log.warning("storage unavailable: %s", exc.message)
         return problem(503, "unavailable", "the database is unavailable; try again shortly")

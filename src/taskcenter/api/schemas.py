@@ -342,6 +342,15 @@ class ProcessorDue(BaseModel):
     oldest_due_at: datetime
 
 
+class HeldBusiness(BaseModel):
+    """A business whose HTTP tasks are held unsent as a whole, and why (``signing_secret``: its signing secret
+    cannot be decrypted with TASKCENTER_SECRET_KEY)."""
+
+    business_code: str
+    reason: str
+    tasks: int
+
+
 class StatsOut(BaseModel):
     """Counts by status (all time); success rate, latency and hosts over the window; processor tasks due now."""
 
@@ -358,6 +367,7 @@ class StatsOut(BaseModel):
     latency_ms: Latency
     hosts: list[HostFigures]
     processors_due: list[ProcessorDue]
+    held: list[HeldBusiness]
     businesses: int | None = None
 
 
