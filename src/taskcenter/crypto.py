@@ -46,7 +46,8 @@ class SecretKeyError(ConfigError):
 
 
 class BusinessSecretError(SecretKeyError):
-    """A business system's secret (signing or JWT) cannot be decrypted with TASKCENTER_SECRET_KEY."""
+    """A business system's secret (signing or JWT) cannot be used: TASKCENTER_SECRET_KEY cannot decrypt it (or,
+    for signing, the dispatcher has not loaded it yet)."""
 
 
 @lru_cache(maxsize=4096)

@@ -74,7 +74,10 @@ class BusinessPolicies:
         return self._guards.get(business_pk, self._default)
 
     def signer(self, business_pk: int) -> SignFn | None:
-        return self._signers.get(business_pk)
+        """The business's signer, None when it has no signing secret. A business registered since the last load
+        is not known yet to have none: its signer refuses (the task is given back and tried again shortly)
+        rather than let a request leave unsigned that its signing secret should sign."""
+        return self._signers.get(business_pk, _not_loaded)
 
     def business_limits(self, business_pk: int) -> Limits:
         return self._limits.get(business_pk) or _business_limits(1000, None)
@@ -114,7 +117,7 @@ class BusinessPolicies:
             for r in rows
         }
         # Signers first: a task pulled forward below must find its business's signer.
-        self._guards, self._signers = guards, {pk: sign for pk, sign in signers.items() if sign is not None}
+        self._guards, self._signers = guards, signers
         self._report(unsigned)
         if self._loaded:
             await self._after_relaxing(old_hosts, old_limits)
@@ -253,6 +256,12 @@ def _refuse(code: str) -> SignFn:
         )
 
     return refuse
+
+
+def _not_loaded(msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    raise BusinessSecretError(
+        "the business's signing secrets are not loaded yet (registered since the last reload)"
+    )
 
 
 def _sign_with(signer: Signer) -> SignFn:
