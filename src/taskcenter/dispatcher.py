@@ -86,6 +86,9 @@ class Dispatcher:
     """Queues the notifications a crash lost (a task finished, its notifications never queued); run every
     ``notify_sweep_interval_s`` by the housekeeping."""
     notify_sweep_interval_s: float = 10.0
+    reload_policies: Callable[[], Awaitable[None]] | None = None
+    """Reloads what ``guard`` and ``signer`` answer from, now: called when a signer refuses (a business registered
+    since the last load has no signer yet), one reload shared by every task that asks while it runs."""
 
     def __post_init__(self) -> None:
         self._wake = asyncio.Event()
@@ -527,10 +530,13 @@ class Dispatcher:
                 try:
                     outbound = self._outbound(row, number)
                 except BusinessSecretError:
-                    # Its business's signing secret stopped opening since admission let it through: never send
-                    # it unsigned. Given back unsent; the next claim's admission holds it with its business.
-                    self._give_back_later([row], "whose signing secret does not open")
-                    return
+                    signed = await self._outbound_after_reload(row, number)
+                    if signed is None:
+                        # Never sent unsigned. Given back unsent; the next claim's admission holds it with its
+                        # business if its signing secret cannot be decrypted.
+                        self._give_back_later([row], "whose signing secret does not open")
+                        return
+                    outbound = signed
                 request_record = self._request_record(outbound)
                 sent = await self.sender.send(outbound)
                 attempt = AttemptResult(sent.status_code, sent.headers, sent.error_kind, sent.error)
@@ -540,6 +546,8 @@ class Dispatcher:
                 attempt, result_value, duration = await self._process(row)
                 response = {"result": result_value} if result_value is not None else None
         except asyncio.CancelledError:
+            if row["type"] == "http" and request_record is None:
+                raise  # cut off before its request was built (a reload awaited): unsent, the drain releases it
             # Shutdown cut this attempt off after the grace period: the receiver may have got it, so it counts.
             self._record(
                 row, number, started,
@@ -552,6 +560,21 @@ class Dispatcher:
             attempt = AttemptResult(error_kind="network_error", error=f"internal error: {exc!r}"[:500])
             response, duration = None, None
         self._record(row, number, started, attempt, request_record, response, duration, result_value)
+
+    async def _outbound_after_reload(self, row: Mapping[str, Any], number: int) -> OutboundRequest | None:
+        """The request of a task whose business's signer refused, built again once the business policies are
+        reloaded: the business may only be new here (registered since the last load). None if it still cannot
+        be signed (its signing secret cannot be decrypted), or the reload failed."""
+        if self.reload_policies is None:
+            return None
+        try:
+            await self.reload_policies()
+            return self._outbound(row, number)
+        except BusinessSecretError:
+            return None
+        except Exception as exc:  # the database, most likely: given back, tried again shortly
+            log.warning("reloading the business policies for task %s failed: %s", row["uuid"], exc)
+            return None
 
     def _outbound(self, row: Mapping[str, Any], number: int) -> OutboundRequest:
         uuid = str(row["uuid"])

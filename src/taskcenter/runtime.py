@@ -63,6 +63,7 @@ class BusinessPolicies:
     _unsigned_logged: dict[int, float] = field(default_factory=dict)
     _previous_logged: dict[int, float] = field(default_factory=dict)
     _loaded: bool = False
+    _loading: asyncio.Future[None] | None = None
 
     def __post_init__(self) -> None:
         g = self.global_guard
@@ -75,8 +76,8 @@ class BusinessPolicies:
 
     def signer(self, business_pk: int) -> SignFn | None:
         """The business's signer, None when it has no signing secret. A business registered since the last load
-        is not known yet to have none: its signer refuses (the task is given back and tried again shortly)
-        rather than let a request leave unsigned that its signing secret should sign."""
+        is not known yet to have none: its signer refuses (the dispatcher reloads and asks again) rather than
+        let a request leave unsigned that its signing secret should sign."""
         return self._signers.get(business_pk, _not_loaded)
 
     def business_limits(self, business_pk: int) -> Limits:
@@ -233,11 +234,19 @@ class BusinessPolicies:
         except StorageError as exc:
             log.warning("pulling forward the tasks held for %s failed: %s", hosts, exc)
 
+    async def reload(self) -> None:
+        """Load now, or wait for the load already under way (a dispatcher met a business it does not know yet)."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self.load())
+            # Retrieved here too: every caller may have been cancelled by the time it fails.
+            self._loading.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._loading)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                await self.load()
+                await self.reload()
             except Exception as exc:  # keep the last known policies; the database may be back soon
                 log.warning("reloading business policies failed: %s", exc)
 
@@ -384,6 +393,7 @@ class Runtime:
             businesses=self.policies.business_pks,
             notify=self.service.enqueue_notifications,
             notify_sweep=self.service.sweep_notifications,
+            reload_policies=self.policies.reload,
             purge=self._purge,
         )
 
