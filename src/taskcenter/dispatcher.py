@@ -857,7 +857,9 @@ class Dispatcher:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _give_back_unsent(self, rows: list[Mapping[str, Any]], why: str, *, delay_s: float = 0.0) -> None:
+    async def _give_back_unsent(
+        self, rows: list[Mapping[str, Any]], why: str, *, delay_s: float = 0.0
+    ) -> None:
         now = self.clock()
         due = now + timedelta(seconds=delay_s)
         try:
