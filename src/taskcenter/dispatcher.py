@@ -1,6 +1,7 @@
 """The dispatcher: claims due tasks, hands them to the sender or a processor, and writes results in batches.
 
-It only orchestrates: what an outcome means lives in ``domain``, HTTP in ``sender``, SQL in ``storage.queue``.
+It only orchestrates: what an outcome means lives in ``domain``, HTTP in ``sender``, SQL in ``storage.queue``,
+the loops beside it in ``housekeeping``, cancels of the tasks it holds in ``cancels``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
 
+from taskcenter.cancels import Cancels
 from taskcenter.config import DispatchConfig
 from taskcenter.crypto import BusinessSecretError, SecretBox, mask_headers
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
@@ -30,10 +31,11 @@ from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.traffic import State, pace
 from taskcenter.errors import PermanentFailure, StorageError, TaskCenterError
 from taskcenter.events import EventBus
+from taskcenter.housekeeping import Housekeeping
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry, run_in_thread
 from taskcenter.sender import OutboundRequest, Sender, SendResult
-from taskcenter.service import CANCEL_CHANNEL, NOTIFY_CHANNEL, Notifier, parse_cancel_payload, utcnow
+from taskcenter.service import Notifier, utcnow
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import queue
 from taskcenter.storage.database import Database
@@ -104,15 +106,6 @@ class Dispatcher:
         # A task rescued from under this dispatcher (its lease expired in a stall) and claimed again is held for
         # its new attempt; the old claim's copy is then stale (see _attempt and _after_write).
         self._held: dict[int, int] = {}
-        # Cancelled while held: in flight but perhaps not sent yet (waiting for the pacer), checked just before the
-        # request leaves (see _attempt); and taken out of the buffer unsent, their leases still to be dropped
-        # (task id -> attempt number claimed; they stay in _held, heartbeated, until that is done).
-        self._cancelled: set[int] = set()
-        self._dropped: dict[int, int] = {}
-        # Cancels told while a claim was under way, of tasks not held here (yet): the claim may have leased them
-        # before the cancel, and its rows reach _held only when it returns.
-        self._claiming = False
-        self._early: set[int] = set()
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._late: list[
@@ -131,6 +124,14 @@ class Dispatcher:
         self._asleep_until: datetime | None = None
         self.delivered = 0
         self._claimed_last = 0
+        self._cancels = Cancels(
+            self.db, self.name, self.clock, self._held, self._sending,
+            self._take_buffered, self._slot_freed, self._background,
+        )  # fmt: skip
+        # The cancels' own sets, bound here so that the per-task checks (_attempt, _sent) cost what they did:
+        # cancelled while in flight, perhaps not sent yet; taken out of the buffer unsent, leases still to drop.
+        self._cancelled = self._cancels.in_flight
+        self._dropped = self._cancels.dropped
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -146,62 +147,7 @@ class Dispatcher:
         request already sent is recorded as usual (the result keeps the task cancelled: no further try). Costs a
         dict look-up per id, and a pass over the buffer only when it holds one of them.
         """
-        held, sending = self._held, self._sending
-        buffered: set[int] = set()
-        for task_id in ids:
-            if task_id not in held:
-                if self._claiming:  # perhaps in the batch being claimed: looked at again when it is buffered
-                    self._early.add(task_id)
-                continue
-            if task_id in self._dropped:
-                continue  # dropped already (a cancel is told here and by NOTIFY, and read again by the heartbeat)
-            if task_id in sending:
-                self._cancelled.add(task_id)
-            else:  # buffered, or its attempt is done and its result not yet written (then it is not found below)
-                buffered.add(task_id)
-        if not buffered:
-            return
-        pulled: list[Mapping[str, Any]] = []
-        for business, queued in list(self._ready.items()):
-            if any(r["id"] in buffered for r in queued):
-                pulled += [r for r in queued if r["id"] in buffered]
-                kept = collections.deque(r for r in queued if r["id"] not in buffered)
-                if kept:
-                    self._ready[business] = kept
-                else:
-                    del self._ready[business]
-        if pulled:
-            self._ready_count -= len(pulled)
-            for r in pulled:
-                self._dropped[r["id"]] = r["attempts"] + 1
-            log.info("dropped %d cancelled tasks from the buffer, unsent", len(pulled))
-            self._release_dropped_soon()
-            self._slot_freed.set()  # room in the buffer for the claim loop
-
-    def _release_dropped_soon(self) -> None:
-        task = asyncio.create_task(self._release_dropped(), name="tc-release-cancelled")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _release_dropped(self) -> None:
-        """Drop the leases of cancelled tasks taken out unsent (one statement for all of them); on failure they
-        stay held and heartbeated, and the heartbeat tries again."""
-        dropped = dict(self._dropped)
-        if not dropped:
-            return
-        now = self.clock()
-        try:
-            # A task cancelled only needs its lease dropped; one retried by hand and claimed again since (a late
-            # NOTIFY) is given back due now, uncharged.
-            await queue.release(self.db, worker=self.name, now=now, deferrals=[(i, now) for i in dropped])
-        except StorageError as exc:
-            log.warning("dropping the leases of %d cancelled tasks failed, retrying: %s", len(dropped), exc)
-            return
-        for task_id, number in dropped.items():
-            if self._dropped.get(task_id) == number:
-                del self._dropped[task_id]
-            if self._held.get(task_id) == number:
-                del self._held[task_id]
+        self._cancels.told(ids)
 
     def stop(self) -> None:
         """Stop claiming; in-flight work finishes within the grace period, the rest is released."""
@@ -222,15 +168,22 @@ class Dispatcher:
         self._combine = not self.db.is_postgres
         # Read when scraped instead of set each time a slot frees up (a locked write per attempt).
         self.metrics.in_flight.set_function(self._in_flight)
-        helpers = [
-            asyncio.create_task(self._write_loop(), name="tc-writer"),
-            asyncio.create_task(self._rescue_loop(), name="tc-rescue"),
-            asyncio.create_task(self._heartbeat_loop(), name="tc-heartbeat"),
-            asyncio.create_task(self._purge_loop(), name="tc-purge"),
-            asyncio.create_task(self._sweep_loop(), name="tc-notify-sweep"),
-        ]
-        if self.db.is_postgres:
-            helpers.append(asyncio.create_task(self._listen_loop(), name="tc-listen"))
+        housekeeping = Housekeeping(
+            db=self.db,
+            config=self.config,
+            worker=self.name,
+            clock=self.clock,
+            events=self.events,
+            wake=self.wake,
+            held=self._held,
+            cancels=self._cancels,
+            notify=self.notify,
+            purge=self.purge,
+            purge_interval_s=self.purge_interval_s,
+            notify_sweep=self.notify_sweep,
+            notify_sweep_interval_s=self.notify_sweep_interval_s,
+        )
+        helpers = [asyncio.create_task(self._write_loop(), name="tc-writer"), *housekeeping.start()]
         # The task types it claims: HTTP and its processors' (tasks of other types wait for a worker that has one).
         log.info(
             "dispatcher %s started (concurrency %d; claims task types %s)",
@@ -297,6 +250,7 @@ class Dispatcher:
         capacity = cfg.concurrency + min(cfg.claim_batch, 4 * cfg.concurrency)
         # Claim in chunks: one statement per quarter batch of free room, not one per freed slot.
         low_water = max(1, min(cfg.claim_batch, cfg.concurrency) // 4)
+        cancels = self._cancels
         self._claim_parked = False
         try:
             while not self._stopping.is_set():
@@ -308,16 +262,16 @@ class Dispatcher:
                 self._wake.clear()
                 self._claimed_last = 0
                 limit = min(room, cfg.claim_batch)
-                self._claiming = True
+                cancels.claiming = True
                 try:
                     rows = await self._claim(limit)
                 except StorageError as exc:
-                    self._claiming = False
-                    self._early.clear()
+                    cancels.claiming = False
+                    cancels.early.clear()
                     log.warning("claim failed, retrying: %s", exc)
                     await self._parked(self._sleep(1.0))
                     continue
-                self._claiming = False
+                cancels.claiming = False
                 self._claimed(rows)
                 if max(self._claimed_last, len(rows)) == limit:
                     # A full batch (even if traffic control held some back): more may be due right now.
@@ -374,9 +328,8 @@ class Dispatcher:
                 queued = self._ready[row["business_pk"]] = collections.deque()
             queued.append(row)
         self._ready_count += len(rows)
-        if self._early:  # cancelled while this batch was being claimed
-            early, self._early = self._early, set()
-            self.cancelled(early)
+        if self._cancels.early:  # cancelled while this batch was being claimed
+            self._cancels.catch_up()
         self._pump(fresh=True)
 
     async def _parked(self, waiting: Awaitable[Any]) -> None:
@@ -520,7 +473,7 @@ class Dispatcher:
         if self._cancelled and row["id"] in self._cancelled:
             self._cancelled.discard(row["id"])
             self._dropped[row["id"]] = number
-            self._release_dropped_soon()
+            self._cancels.release_soon()
             return
         started = self.clock()
         request_record: dict[str, Any] | None = None
@@ -828,22 +781,28 @@ class Dispatcher:
         next claim's admission holds them past the cool-down with the host's other due tasks, no attempt charged.
         (Tasks already in flight when the circuit opens are not recalled.)
         """
-        pulled: list[Mapping[str, Any]] = []
-        for business, queued in list(self._ready.items()):
-            if any(r["host"] == host for r in queued):
-                pulled += [r for r in queued if r["host"] == host]
-                kept = collections.deque(r for r in queued if r["host"] != host)
-                if kept:
-                    self._ready[business] = kept
-                else:
-                    del self._ready[business]
+        pulled = self._take_buffered(lambda r: r["host"] == host)
         if pulled:
-            self._ready_count -= len(pulled)
             task = asyncio.create_task(
                 self._give_back_unsent(pulled, "of an open circuit"), name="tc-unbuffer"
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _take_buffered(self, which: Callable[[Mapping[str, Any]], bool]) -> list[Mapping[str, Any]]:
+        """Take the buffered (claimed, not started) tasks ``which`` picks out of the buffer, each business's rest
+        kept in claim order."""
+        pulled: list[Mapping[str, Any]] = []
+        for business, queued in list(self._ready.items()):
+            if any(which(r) for r in queued):
+                pulled += [r for r in queued if which(r)]
+                kept = collections.deque(r for r in queued if not which(r))
+                if kept:
+                    self._ready[business] = kept
+                else:
+                    del self._ready[business]
+        self._ready_count -= len(pulled)
+        return pulled
 
     def _give_back_later(self, rows: list[Mapping[str, Any]], why: str, delay_s: float = 1.0) -> None:
         """Give tasks back unsent, due again ``delay_s`` from now, in a task of its own that waits as long first
@@ -913,133 +872,6 @@ class Dispatcher:
             bus.publish("attempted", data)
             if final in ("succeeded", "failed"):
                 bus.publish(final, data)
-
-    # -- housekeeping ---------------------------------------------------------------------------------
-
-    async def _rescue_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.rescue_interval_s)
-            try:
-                rescued = await queue.rescue(self.db, now=self.clock())
-            except StorageError as exc:
-                log.warning("lease rescue failed: %s", exc)
-                continue
-            if rescued:
-                log.warning("rescued %d tasks whose lease expired", len(rescued))
-                self.wake()
-                if self.notify is not None or self.events.wants("failed"):
-                    await self._rescued_failures(rescued)
-
-    async def _rescued_failures(self, rescued: list[int]) -> None:
-        """Tasks the rescue failed (a lost worker's attempt was their last allowed one) end like any other failure:
-        their ``notify`` webhook is queued and ``failed`` listeners are called."""
-        try:
-            rows = await queue.failed_by_rescue(self.db, rescued)
-        except StorageError as exc:
-            log.warning("reading the tasks the lease rescue failed: %s", exc)
-            return
-        finished = [(row, "failed") for row in rows if row["notify"]]
-        if finished and self.notify is not None:
-            try:
-                await self.notify(finished)
-            except TaskCenterError as exc:
-                log.warning("queuing %d notifications failed: %s", len(finished), exc)
-        if self.events.wants("failed"):
-            for row in rows:
-                data = {
-                    "id": str(row["uuid"]),
-                    "business_id": row["business_id"],
-                    "attempt": row["attempts"],
-                    "status": "failed",
-                    "outcome": row["outcome"],
-                    "last_response": None,
-                }
-                self.events.publish("failed", data)
-
-    async def _purge_loop(self) -> None:
-        while self.purge is not None:
-            await asyncio.sleep(self.purge_interval_s)
-            try:
-                purged = await self.purge()
-            except TaskCenterError as exc:
-                log.warning("retention purge failed: %s", exc)
-                continue
-            if purged:
-                log.info("purged %d finished tasks past retention", purged)
-
-    async def _sweep_loop(self) -> None:
-        while self.notify_sweep is not None:
-            await asyncio.sleep(self.notify_sweep_interval_s)
-            try:
-                queued = await self.notify_sweep()
-            except TaskCenterError as exc:
-                log.warning("sweeping for lost notifications failed: %s", exc)
-                continue
-            if queued:
-                log.warning("queued %d notifications that a stopped process had not queued", queued)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.lease_s / 4)
-            if not self._held:
-                continue
-            try:
-                await queue.extend_leases(
-                    self.db,
-                    worker=self.name,
-                    ids=list(self._held),
-                    until=self.clock() + timedelta(seconds=self.config.lease_s),
-                )
-            except StorageError as exc:
-                log.warning("lease heartbeat failed: %s", exc)
-            if self._dropped:
-                await self._release_dropped()
-            await self._read_cancelled()
-
-    async def _read_cancelled(self) -> None:
-        """Drop the held tasks that were cancelled without this dispatcher being told: by another process on
-        SQLite (between writes of results), or while the LISTEN connection was down."""
-        if not self._held:
-            return
-        try:
-            cancelled = await queue.held_cancelled(self.db, worker=self.name)
-        except StorageError as exc:
-            log.warning("reading which held tasks were cancelled failed: %s", exc)
-            return
-        if cancelled:
-            self.cancelled(cancelled)
-
-    async def _listen_loop(self) -> None:
-        """LISTEN on PostgreSQL so tasks created by other processes wake this dispatcher at once, and tasks they
-        cancel leave its buffer unsent."""
-        import asyncpg
-
-        dsn = sa.make_url(self.db.url).set(drivername="postgresql").render_as_string(hide_password=False)
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(dsn)
-                await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: self.wake())
-                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
-                # Cancels made while it was not listening (starting, reconnecting) are read instead.
-                await self._read_cancelled()
-                closed = asyncio.Event()
-                conn.add_termination_listener(functools.partial(_set_event, closed))
-                await closed.wait()
-                self.wake()  # notifications may have been missed while reconnecting
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("LISTEN connection failed, polling meanwhile: %s", exc)
-                await asyncio.sleep(2)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
-
-    def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.cancelled(parse_cancel_payload(payload))
-
-
-def _set_event(event: asyncio.Event, *_args: object) -> None:
-    event.set()
 
 
 def _response_record(sent: SendResult) -> dict[str, Any] | None:
