@@ -18,13 +18,8 @@ import sqlalchemy as sa
 from taskcenter import TaskCenter
 from taskcenter.errors import InvalidTransition, StorageError
 from taskcenter.runtime import Runtime
-from taskcenter.service import (
-    CANCEL_CHANNEL,
-    NOTIFY_PAYLOAD_MAX,
-    Business,
-    cancel_payloads,
-    parse_cancel_payload,
-)
+from taskcenter.service import Business
+from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_PAYLOAD_MAX, cancel_payloads, parse_cancel_payload
 from taskcenter.storage import queue
 from taskcenter.storage.schema import tasks
 from tests.conftest import make_settings

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from taskcenter.errors import DuplicateTask, StorageError
 from taskcenter.runtime import Runtime
-from taskcenter.service import NOTIFY_CHANNEL
+from taskcenter.signals import NOTIFY_CHANNEL
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.schema import tasks
 from tests.test_api_support import PROBLEM, Api, serving, task_body

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from taskcenter.errors import StorageError
-from taskcenter.service import parse_cancel_payload
+from taskcenter.signals import parse_cancel_payload
 from taskcenter.storage import queue
 from taskcenter.storage.database import Database
 

@@ -35,7 +35,8 @@ from taskcenter.housekeeping import Housekeeping
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry, run_in_thread
 from taskcenter.sender import OutboundRequest, Sender, SendResult
-from taskcenter.service import Notifier, utcnow
+from taskcenter.service import utcnow
+from taskcenter.signals import Notifier
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import queue
 from taskcenter.storage.database import Database

@@ -24,7 +24,8 @@ from taskcenter.audit import AuditLog
 from taskcenter.domain.task import rfc3339
 from taskcenter.domain.traffic import MAX_BREAKER_WINDOW, Limits, State, refill, relaxed
 from taskcenter.errors import ValidationError
-from taskcenter.service import NOTIFY_CHANNEL, utcnow
+from taskcenter.service import utcnow
+from taskcenter.signals import NOTIFY_CHANNEL
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import host_policies, host_state, tasks
 from taskcenter.storage.traffic import release_held

@@ -18,7 +18,7 @@ from taskcenter.cancels import Cancels
 from taskcenter.config import DispatchConfig
 from taskcenter.errors import StorageError, TaskCenterError
 from taskcenter.events import EventBus
-from taskcenter.service import CANCEL_CHANNEL, NOTIFY_CHANNEL
+from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL
 from taskcenter.storage import queue
 from taskcenter.storage.database import Database
 

@@ -28,7 +28,8 @@ from taskcenter.events import EventBus, Handler
 from taskcenter.intake import PRIORITY_RANGE
 from taskcenter.processors import ProcessorFunc, ProcessorRegistry
 from taskcenter.runtime import Runtime
-from taskcenter.service import NOTIFY_CHANNEL, Business
+from taskcenter.service import Business
+from taskcenter.signals import NOTIFY_CHANNEL
 from taskcenter.storage import tasks as task_sql
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, Mailer
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import HttpConfig, Sender
-from taskcenter.service import NOTIFY_CHANNEL, Notifier, TaskService, utcnow
+from taskcenter.service import TaskService, utcnow
+from taskcenter.signals import NOTIFY_CHANNEL, Notifier
 from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage.database import Database

@@ -31,76 +31,18 @@ from taskcenter.errors import (
 )
 from taskcenter.events import EventBus
 from taskcenter.intake import Defaults, RequestMemo, changed_values, new_task_row, new_uuids
-from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, notification_email
+from taskcenter.notifications import Notifications
 from taskcenter.processors import ProcessorRegistry
+from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL, Notifier, cancel_payloads
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import businesses
 
 Clock = Callable[[], datetime]
-NOTIFY_CHANNEL = "taskcenter_tasks"
-#: NOTIFY'd with the row ids of cancelled tasks that a worker held, comma-separated (see :func:`cancel_payloads`),
-#: so that the worker drops those it has not started yet.
-CANCEL_CHANNEL = "taskcenter_cancelled"
-#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
-NOTIFY_PAYLOAD_MAX = 7999
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def cancel_payloads(ids: Sequence[int], limit: int = NOTIFY_PAYLOAD_MAX) -> list[str]:
-    """The ids as comma-separated NOTIFY payloads of at most ``limit`` bytes each (a bulk cancel may need several)."""
-    payloads: list[str] = []
-    chunk: list[str] = []
-    size = 0
-    for text in map(str, ids):
-        if chunk and size + 1 + len(text) > limit:
-            payloads.append(",".join(chunk))
-            chunk, size = [], 0
-        size += len(text) + (1 if chunk else 0)
-        chunk.append(text)
-    if chunk:
-        payloads.append(",".join(chunk))
-    return payloads
-
-
-def parse_cancel_payload(payload: str) -> list[int]:
-    """The row ids of a :data:`CANCEL_CHANNEL` payload (anything else in it is ignored)."""
-    return [int(part) for part in payload.split(",") if part.isascii() and part.isdigit()]
-
-
-class Notifier:
-    """Tells the dispatchers of this process that a task falls due soon, or that tasks one of them may hold were
-    cancelled (PostgreSQL's NOTIFY reaches the rest)."""
-
-    def __init__(self) -> None:
-        self._listeners: list[Callable[[], None]] = []
-        self._cancel_listeners: list[Callable[[Sequence[int]], None]] = []
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
-
-    def unsubscribe(self, callback: Callable[[], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
-    def wake(self) -> None:
-        for callback in self._listeners:
-            callback()
-
-    def subscribe_cancelled(self, callback: Callable[[Sequence[int]], None]) -> None:
-        self._cancel_listeners.append(callback)
-
-    def unsubscribe_cancelled(self, callback: Callable[[Sequence[int]], None]) -> None:
-        if callback in self._cancel_listeners:
-            self._cancel_listeners.remove(callback)
-
-    def cancelled(self, ids: Sequence[int]) -> None:
-        """Tasks held by a worker (leased) were cancelled: the dispatcher holding one drops it unless it started."""
-        for callback in self._cancel_listeners:
-            callback(ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +124,17 @@ class TaskService:
     group_commits: int = field(default=0, init=False)
     """How many transactions single creates were written in, failed ones included (fewer than creates under
     load)."""
+    _notifications: Notifications = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._notifications = Notifications(
+            db=self.db,
+            box=self.box,
+            default_retry=self.default_retry,
+            clock=self.clock,
+            wake=self.notifier.wake,
+            cached_codes=lambda: ((b.pk, b.code) for b in self._businesses.values()),
+        )
 
     # -- businesses -----------------------------------------------------------------------------------
 
@@ -537,132 +490,14 @@ class TaskService:
         return results
 
     async def enqueue_notifications(self, finished: Sequence[tuple[Mapping[Any, Any], str]]) -> int:
-        """For tasks that reached a final state, queue the notifications their ``notify`` asks for: a webhook to
-        ``notify.url`` and an e-mail to ``notify.email``; and mark each task notified in the same transaction.
-
-        Each notification is itself a task of the same business (same retries, traffic control; the webhook
-        signed like any delivery, the e-mail a ``taskcenter.email`` task sent by a worker with an SMTP server),
-        keyed ``notify:<task uuid>:<status>`` (the e-mail ``…:email``) so that it is created once. Notification
-        tasks carry no ``notify`` of their own, so a notification never notifies. A task whose final write
-        landed but whose notifications were never queued (the process died in between) keeps ``notified_at``
-        NULL, and :meth:`sweep_notifications` queues them later. Returns how many notifications were queued.
-        ``finished`` rows need ``id``, ``uuid``, ``business_pk``, ``business_id``, ``notify``, ``attempts`` and
-        ``outcome``; an e-mail also tells ``type``, ``method``, ``url``, ``max_attempts``, ``last_response``
-        and ``last_error`` where the row has them.
-        """
-        now = self.clock()
-        rows = await self._notification_rows(finished, now)
-        ids = [task["id"] for task, _ in finished if task.get("notify")]
-        if not rows and not ids:
-            return 0
-        async with self.db.write() as conn:
-            queued = await self._queue_notifications(conn, rows, ids, now)
-        if queued:
-            self.notifier.wake()
-        return queued
+        """For tasks that reached a final state, queue the notifications their ``notify`` asks for (see
+        :meth:`Notifications.enqueue <taskcenter.notifications.Notifications.enqueue>`)."""
+        return await self._notifications.enqueue(finished)
 
     async def sweep_notifications(self, *, grace_s: float = 30.0, limit: int = 100) -> int:
-        """Queue the notifications of tasks that finished more than ``grace_s`` ago and were never notified (their
-        process died between the final write and :meth:`enqueue_notifications`). Returns how many were queued."""
-        now = self.clock()
-        before = now - timedelta(seconds=grace_s)
-        # Nearly always nothing: look first without the write lock (SQLite's one writer) or row locks.
-        async with self.db.read() as conn:
-            if not await task_sql.unnotified(conn, finished_before=before, limit=1, lock=False):
-                return 0
-        async with self.db.write() as conn:
-            lost = await task_sql.unnotified(conn, finished_before=before, limit=limit)
-            if not lost:
-                return 0
-            rows = await self._notification_rows([(t, t["status"]) for t in lost], now)
-            queued = await self._queue_notifications(conn, rows, [t["id"] for t in lost], now)
-        if queued:
-            self.notifier.wake()
-        return queued
-
-    async def _queue_notifications(
-        self, conn: AsyncConnection, rows: list[dict[str, Any]], ids: list[int], now: datetime
-    ) -> int:
-        stored = (await conn.execute(task_sql.insert_statement(self.db.dialect, rows))).all() if rows else []
-        await task_sql.mark_notified(conn, ids, now=now)
-        if stored and self.db.is_postgres:
-            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
-        return len(stored)
-
-    async def _notification_rows(
-        self, finished: Sequence[tuple[Mapping[Any, Any], str]], now: datetime
-    ) -> list[dict[str, Any]]:
-        """The notification tasks to insert for ``finished`` (see :meth:`enqueue_notifications`)."""
-        wanted = [
-            (task, status, notify)
-            for task, status in finished
-            if (notify := task.get("notify")) and status in notify.get("on", ())
-        ]
-        if not wanted:
-            return []
-        codes = await self._business_codes({t["business_pk"] for t, _, n in wanted if n.get("email")})
-        rows = []
-        for task, status, notify in wanted:
-            key = f"notify:{task['uuid']}:{status}"
-            if notify.get("url"):
-                event = {
-                    "type": f"task.{status}",
-                    "task": {
-                        "id": str(task["uuid"]),
-                        "business_id": task["business_id"],
-                        "status": status,
-                        "attempts": task.get("attempts"),
-                        "outcome": task.get("outcome"),
-                    },
-                    "timestamp": now.isoformat().replace("+00:00", "Z"),
-                }
-                data = {
-                    "business_id": key,
-                    "url": notify["url"],
-                    "json": event,
-                    "retry": {"strategy": "exponential", "initial_delay": 5, "max_attempts": 6},
-                    "metadata": {"notification_for": str(task["uuid"])},
-                }
-                rows.append(self._notification_row(task, data, now))
-            if notify.get("email"):
-                code = codes.get(task["business_pk"], str(task["business_pk"]))
-                payload = notification_email(task, status, business_code=code, to=notify["email"], now=now)
-                data = {
-                    "business_id": f"{key}:email",
-                    "type": EMAIL_TYPE,
-                    "payload": payload,
-                    "retry": EMAIL_RETRY,
-                    "metadata": {"notification_for": str(task["uuid"])},
-                }
-                rows.append(self._notification_row(task, data, now, processors=frozenset({EMAIL_TYPE})))
-        return rows
-
-    def _notification_row(
-        self,
-        task: Mapping[Any, Any],
-        data: Mapping[str, Any],
-        now: datetime,
-        processors: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        return new_task_row(
-            data,
-            business_pk=task["business_pk"],
-            defaults=Defaults(self.default_retry),
-            box=self.box,
-            now=now,
-            processors=processors,
-        )
-
-    async def _business_codes(self, pks: set[int]) -> dict[int, str]:
-        """The codes of these businesses (one read, only when an e-mail needs them)."""
-        if not pks:
-            return {}
-        known = {b.pk: b.code for b in self._businesses.values() if b.pk in pks}
-        if len(known) < len(pks):
-            async with self.db.read() as conn:
-                query = sa.select(businesses.c.id, businesses.c.code).where(businesses.c.id.in_(sorted(pks)))
-                known.update({pk: code for pk, code in (await conn.execute(query)).all()})
-        return known
+        """Queue the notifications a stopped process never queued (see
+        :meth:`Notifications.sweep <taskcenter.notifications.Notifications.sweep>`)."""
+        return await self._notifications.sweep(grace_s=grace_s, limit=limit)
 
     def _task_from_new_row(self, business: Business, row: Mapping[str, Any]) -> Task:
         return Task.from_row({**row, "business_code": business.code}, mask_headers)
