@@ -149,7 +149,7 @@ async def probe_claims(db_url: str, *, rounds: int, batch: int) -> list[float]:
 
     Runs with nothing else on the database, so it is the statement's own cost. Empty if the queue API changed.
     """
-    from taskcenter.storage import queue
+    from taskcenter.storage import leases, queue
     from taskcenter.storage.database import Database
 
     db = Database(db_url)
@@ -163,7 +163,7 @@ async def probe_claims(db_url: str, *, rounds: int, batch: int) -> list[float]:
             except TypeError:
                 return []
             timings.append((time.perf_counter() - began) * 1000)
-            await queue.release(db, worker="bench-probe", now=now, deferrals=[(r["id"], now) for r in rows])
+            await leases.release(db, worker="bench-probe", now=now, deferrals=[(r["id"], now) for r in rows])
     finally:
         await db.close()
     return timings

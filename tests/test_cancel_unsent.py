@@ -20,7 +20,7 @@ from taskcenter.errors import InvalidTransition, StorageError
 from taskcenter.runtime import Runtime
 from taskcenter.service import Business
 from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_PAYLOAD_MAX, cancel_payloads, parse_cancel_payload
-from taskcenter.storage import queue
+from taskcenter.storage import leases
 from taskcenter.storage.schema import tasks
 from tests.conftest import make_settings
 from tests.processes import WorkerProcess
@@ -355,7 +355,7 @@ async def test_a_dropped_task_stays_leased_until_its_lease_is_given_back(
 ) -> None:
     """When giving back a dropped task's lease fails, the heartbeat keeps the lease (the rescue would charge it an
     interrupted attempt) and tries again with each beat."""
-    release = queue.release
+    release = leases.release
     failures = 0
     FAILURES = 8  # the first try and 7 heartbeats (every 0.25 s): well past the 1 s lease
 
@@ -366,7 +366,7 @@ async def test_a_dropped_task_stays_leased_until_its_lease_is_given_back(
             raise StorageError("database error: connection is closed")
         await release(*args, **kwargs)
 
-    monkeypatch.setattr(queue, "release", flaky_release)
+    monkeypatch.setattr(leases, "release", flaky_release)
     rt = Runtime(make_settings(db_url, lease_s=1.0, rescue_interval_s=0.2))
     await rt.start()
     try:

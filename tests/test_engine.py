@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from taskcenter.errors import StorageError
 from taskcenter.runtime import Runtime
-from taskcenter.storage import queue
+from taskcenter.storage import leases, queue
 from taskcenter.storage.schema import attempts as attempts_table
 from taskcenter.storage.schema import tasks as tasks_table
 from tests.conftest import make_settings
@@ -269,7 +269,7 @@ async def test_a_result_from_before_the_lease_was_rescued_does_not_land_on_the_t
     attempt in flight is rescued as interrupted and the task claimed again, here by the same dispatcher. The old
     attempt's late result must not land on the new claim (attempt numbers twice, the new send unrecorded), nor
     take the new claim's lease out of the heartbeat."""
-    heartbeat = queue.extend_leases
+    heartbeat = leases.extend_leases
     failing = True
 
     async def flaky_heartbeat(*args: Any, **kwargs: Any) -> int:
@@ -277,7 +277,7 @@ async def test_a_result_from_before_the_lease_was_rescued_does_not_land_on_the_t
             raise StorageError("database error: connection is closed")
         return await heartbeat(*args, **kwargs)
 
-    monkeypatch.setattr(queue, "extend_leases", flaky_heartbeat)
+    monkeypatch.setattr(leases, "extend_leases", flaky_heartbeat)
     hold = asyncio.Event()
     # The second attempt outlasts a lease: it needs the heartbeat that the first one's lost result must not stop.
     receiver.script("/late", Reply(status=200, hold=hold), Reply(status=200, delay_s=1.5))

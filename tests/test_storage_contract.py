@@ -23,7 +23,7 @@ from taskcenter.domain.retry import RetryPolicy
 from taskcenter.errors import DuplicateTask, InvalidTransition
 from taskcenter.intake import Defaults, new_task_row
 from taskcenter.service import Business, TaskService
-from taskcenter.storage import queue
+from taskcenter.storage import leases, queue
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import NEXT_DUE_SQL, attempts, tasks
@@ -749,7 +749,7 @@ async def test_release_puts_an_unsent_task_back_to_pending_without_charging_an_a
     task_id = await insert(db, business.pk)
     await claim(db)
     again = T0 + timedelta(seconds=30)
-    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, again)])
+    await leases.release(db, worker="w1", now=T0, deferrals=[(task_id, again)])
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 0, again)
     assert row["lease_owner"] is None
@@ -761,7 +761,7 @@ async def test_release_of_a_task_already_tried_puts_it_back_to_retrying(
 ) -> None:
     task_id = await insert(db, business.pk, status="retrying", attempts=1)
     await claim(db)
-    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
+    await leases.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"]) == ("retrying", 1)
 
@@ -769,7 +769,7 @@ async def test_release_of_a_task_already_tried_puts_it_back_to_retrying(
 async def test_release_by_another_worker_changes_nothing(db: Database, business: Business) -> None:
     task_id = await insert(db, business.pk)
     await claim(db, "w1")
-    await queue.release(db, worker="w2", now=T0, deferrals=[(task_id, T0)])
+    await leases.release(db, worker="w2", now=T0, deferrals=[(task_id, T0)])
     row = await row_of(db, task_id)
     assert (row["status"], row["lease_owner"]) == ("processing", "w1")
 
@@ -780,7 +780,7 @@ async def test_release_of_a_task_cancelled_while_held_only_drops_the_lease(
     task_id = await insert(db, business.pk)
     await claim(db)
     await service.cancel(business, task_id)
-    await queue.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
+    await leases.release(db, worker="w1", now=T0, deferrals=[(task_id, T0)])
     row = await row_of(db, task_id)
     assert (row["status"], row["lease_owner"]) == ("cancelled", None)
 
@@ -794,9 +794,9 @@ async def test_held_cancelled_names_a_worker_s_leased_tasks_that_were_cancelled(
     await claim(db, "w2")
     for task_id in (mine[0], mine[1], theirs):
         await service.cancel(business, task_id)
-    assert sorted(await queue.held_cancelled(db, worker="w1")) == sorted(mine[:2])
-    await queue.release(db, worker="w1", now=T0, deferrals=[(mine[0], T0)])
-    assert await queue.held_cancelled(db, worker="w1") == [mine[1]]
+    assert sorted(await leases.held_cancelled(db, worker="w1")) == sorted(mine[:2])
+    await leases.release(db, worker="w1", now=T0, deferrals=[(mine[0], T0)])
+    assert await leases.held_cancelled(db, worker="w1") == [mine[1]]
     # SQLite's write of results reads them in its own transaction (PostgreSQL's workers hear by NOTIFY instead).
     written = await queue.finish(db, worker="w1", now=T0, results=[result(mine[2])])
     assert written.cancelled == ([mine[1]] if not db.is_postgres else [])
@@ -811,7 +811,7 @@ async def test_extend_leases_moves_only_the_workers_own_leases(db: Database, bus
     theirs = await insert(db, business.pk)
     await claim(db, "w2")
     until = T0 + timedelta(minutes=10)
-    assert await queue.extend_leases(db, worker="w1", ids=[mine, theirs], until=until) == 1
+    assert await leases.extend_leases(db, worker="w1", ids=[mine, theirs], until=until) == 1
     assert (await row_of(db, mine))["lease_expires_at"] == until
     assert (await row_of(db, theirs))["lease_expires_at"] == T0 + timedelta(seconds=LEASE_S)
 
@@ -832,7 +832,7 @@ async def test_the_heartbeat_skips_rows_a_write_holds_instead_of_deadlocking_wit
             "UPDATE tasks SET updated_at = updated_at WHERE id = ANY($1::bigint[])", ([first, third],)
         )
         extended = await asyncio.wait_for(
-            queue.extend_leases(db, worker="w1", ids=[third, second, first], until=until), timeout=5
+            leases.extend_leases(db, worker="w1", ids=[third, second, first], until=until), timeout=5
         )
     assert extended == 1
     assert (await row_of(db, second))["lease_expires_at"] == until
@@ -845,7 +845,7 @@ async def test_rescue_of_an_expired_lease_records_an_interrupted_attempt_and_set
     task_id = await insert(db, business.pk)
     await claim(db, "lost-worker")
     later = T0 + timedelta(seconds=LEASE_S + 1)
-    assert await queue.rescue(db, now=later) == [task_id]
+    assert await leases.rescue(db, now=later) == [task_id]
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"], row["outcome"]) == ("retrying", 1, "interrupted")
     assert row["lease_owner"] is None
@@ -858,7 +858,7 @@ async def test_rescue_of_an_expired_lease_records_an_interrupted_attempt_and_set
 async def test_rescue_leaves_live_leases_alone(db: Database, business: Business) -> None:
     task_id = await insert(db, business.pk)
     await claim(db)
-    assert await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S - 1)) == []
+    assert await leases.rescue(db, now=T0 + timedelta(seconds=LEASE_S - 1)) == []
     assert (await row_of(db, task_id))["status"] == "processing"
 
 
@@ -867,7 +867,7 @@ async def test_rescue_of_the_last_attempt_fails_the_task(db: Database, business:
     task_id = await insert(db, business.pk, status="retrying", attempts=2, max_attempts=3)
     await claim(db)
     later = T0 + timedelta(seconds=LEASE_S + 1)
-    assert await queue.rescue(db, now=later) == [task_id]
+    assert await leases.rescue(db, now=later) == [task_id]
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"], row["outcome"]) == ("failed", 3, "interrupted")
     assert row["finished_at"] == later
@@ -880,7 +880,7 @@ async def test_rescue_of_a_task_cancelled_in_flight_keeps_it_cancelled(
     task_id = await insert(db, business.pk)
     await claim(db)
     await service.cancel(business, task_id)
-    assert await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1)) == [task_id]
+    assert await leases.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1)) == [task_id]
     row = await row_of(db, task_id)
     assert (row["status"], row["lease_owner"]) == ("cancelled", None)
     assert [a["outcome"] for a in await attempts_of(db, task_id)] == ["interrupted"]
@@ -889,7 +889,7 @@ async def test_rescue_of_a_task_cancelled_in_flight_keeps_it_cancelled(
 async def test_a_late_finish_after_rescue_is_lost(db: Database, business: Business) -> None:
     task_id = await insert(db, business.pk)
     await claim(db, "slow")
-    await queue.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1))
+    await leases.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1))
     written = await queue.finish(db, worker="slow", now=T0, results=[result(task_id)])
     assert written.lost == [task_id]
     assert (await row_of(db, task_id))["status"] == "retrying"

@@ -14,7 +14,7 @@ from typing import Any
 
 from taskcenter.errors import StorageError
 from taskcenter.signals import parse_cancel_payload
-from taskcenter.storage import queue
+from taskcenter.storage import leases
 from taskcenter.storage.database import Database
 
 log = logging.getLogger("taskcenter.dispatcher")
@@ -94,7 +94,7 @@ class Cancels:
         try:
             # A task cancelled only needs its lease dropped; one retried by hand and claimed again since (a late
             # NOTIFY) is given back due now, uncharged.
-            await queue.release(self.db, worker=self.worker, now=now, deferrals=[(i, now) for i in dropped])
+            await leases.release(self.db, worker=self.worker, now=now, deferrals=[(i, now) for i in dropped])
         except StorageError as exc:
             log.warning("dropping the leases of %d cancelled tasks failed, retrying: %s", len(dropped), exc)
             return
@@ -110,7 +110,7 @@ class Cancels:
         if not self.held:
             return
         try:
-            cancelled = await queue.held_cancelled(self.db, worker=self.worker)
+            cancelled = await leases.held_cancelled(self.db, worker=self.worker)
         except StorageError as exc:
             log.warning("reading which held tasks were cancelled failed: %s", exc)
             return

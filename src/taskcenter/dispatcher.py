@@ -38,7 +38,7 @@ from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import utcnow
 from taskcenter.signals import Notifier
 from taskcenter.ssrf import GuardPolicy
-from taskcenter.storage import queue
+from taskcenter.storage import leases, queue
 from taskcenter.storage.database import Database
 from taskcenter.storage.traffic import TrafficControl
 
@@ -228,7 +228,7 @@ class Dispatcher:
         unsent = [i for i in self._held if i not in recorded]
         if unsent:
             with contextlib.suppress(StorageError):
-                await queue.release(
+                await leases.release(
                     self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent]
                 )
             for i in unsent:
@@ -823,7 +823,7 @@ class Dispatcher:
         now = self.clock()
         due = now + timedelta(seconds=delay_s)
         try:
-            await queue.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], due) for r in rows])
+            await leases.release(self.db, worker=self.name, now=now, deferrals=[(r["id"], due) for r in rows])
         except StorageError as exc:  # still leased by us: send them after all rather than strand them
             log.warning("giving back %d tasks %s failed, trying them here: %s", len(rows), why, exc)
             self._claimed(rows, count=False)

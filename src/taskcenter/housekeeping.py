@@ -19,7 +19,7 @@ from taskcenter.config import DispatchConfig
 from taskcenter.errors import StorageError, TaskCenterError
 from taskcenter.events import EventBus
 from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL
-from taskcenter.storage import queue
+from taskcenter.storage import leases
 from taskcenter.storage.database import Database
 
 log = logging.getLogger("taskcenter.dispatcher")
@@ -61,7 +61,7 @@ class Housekeeping:
         while True:
             await asyncio.sleep(self.config.rescue_interval_s)
             try:
-                rescued = await queue.rescue(self.db, now=self.clock())
+                rescued = await leases.rescue(self.db, now=self.clock())
             except StorageError as exc:
                 log.warning("lease rescue failed: %s", exc)
                 continue
@@ -75,7 +75,7 @@ class Housekeeping:
         """Tasks the rescue failed (a lost worker's attempt was their last allowed one) end like any other failure:
         their ``notify`` webhook is queued and ``failed`` listeners are called."""
         try:
-            rows = await queue.failed_by_rescue(self.db, rescued)
+            rows = await leases.failed_by_rescue(self.db, rescued)
         except StorageError as exc:
             log.warning("reading the tasks the lease rescue failed: %s", exc)
             return
@@ -125,7 +125,7 @@ class Housekeeping:
             if not self.held:
                 continue
             try:
-                await queue.extend_leases(
+                await leases.extend_leases(
                     self.db,
                     worker=self.worker,
                     ids=list(self.held),
