@@ -38,6 +38,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     from taskcenter.domain.outcome import AttemptResult
     from taskcenter.runtime import Runtime
     from taskcenter.storage import queue
+    from taskcenter.storage import results as result_sql
 
     with tempfile.TemporaryDirectory() as scratch:
         rt = Runtime(
@@ -82,8 +83,14 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
         records = timed("_request_record", _request_records, dispatcher, outbound)
         timed("_record", _recorded, dispatcher, rows, records, started, attempt, response)
         results = list(dispatcher._results)
-        timed("finish encoding, SQLite", queue._sqlite_prepared, results, None)
-        timed("finish encoding, PostgreSQL", queue._postgres_finish_params, dispatcher.name, started, results)
+        timed("finish encoding, SQLite", result_sql.prepare_sqlite, results, None)
+        timed(
+            "finish encoding, PostgreSQL",
+            result_sql._postgres_finish_params,
+            dispatcher.name,
+            started,
+            results,
+        )
     return figures
 
 

@@ -24,6 +24,7 @@ from taskcenter.errors import DuplicateTask, InvalidTransition
 from taskcenter.intake import Defaults, new_task_row
 from taskcenter.service import Business, TaskService
 from taskcenter.storage import leases, queue
+from taskcenter.storage import results as result_sql
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import NEXT_DUE_SQL, attempts, tasks
@@ -95,9 +96,9 @@ def result(
     status: str = "succeeded",
     outcome: str = "success",
     next_at: datetime | None = None,
-) -> queue.Finished:
+) -> result_sql.Finished:
     finished = T0 + timedelta(seconds=1) if status in ("succeeded", "failed") else None
-    return queue.Finished(
+    return result_sql.Finished(
         task_id=task_id,
         attempt=attempt,
         status=status,
@@ -301,8 +302,8 @@ async def _claimed_by(db: Database) -> dict[int, str]:
 async def test_finish_records_the_attempt_and_moves_the_task(db: Database, business: Business) -> None:
     task_id = await insert(db, business.pk)
     await claim(db)
-    written = await queue.finish(db, worker="w1", now=T0, results=[result(task_id)])
-    assert written == queue.Written(landed=[(task_id, "succeeded")], lost=[])
+    written = await result_sql.finish(db, worker="w1", now=T0, results=[result(task_id)])
+    assert written == result_sql.Written(landed=[(task_id, "succeeded")], lost=[])
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"], row["outcome"]) == ("succeeded", 1, "success")
     assert row["lease_owner"] is None and row["lease_expires_at"] is None
@@ -331,7 +332,7 @@ async def test_finish_stores_every_json_value_as_sqlalchemy_reads_it(
         request={"method": "POST", "url": "https://api.example.com/hook", "body": value},
         response={"status_code": 200, "headers": {"X-Ünï": "v"}, "body": "ok\n\t"},
     )
-    await queue.finish(db, worker="w1", now=T0, results=[done])
+    await result_sql.finish(db, worker="w1", now=T0, results=[done])
     row = await row_of(db, task_id)
     assert row["result"] == value
     assert row["last_error"] == done.error
@@ -402,9 +403,9 @@ def test_the_sqlite_claim_reads_only_the_due_indexes(
             for statement, params in (
                 (queue._SQLITE_LEASE, ("[1]", "w", None, None)),
                 (queue._SQLITE_CLAIMED_ROWS, ("[1]",)),
-                (queue._SQLITE_HELD, ("[[1]]", "w")),
-                (queue._SQLITE_ATTEMPTS, ("[[1]]", "w")),
-                (queue._SQLITE_FINISH, ("[[1]]", "w", None)),
+                (result_sql._SQLITE_HELD, ("[[1]]", "w")),
+                (result_sql._SQLITE_ATTEMPTS, ("[[1]]", "w")),
+                (result_sql._SQLITE_FINISH, ("[[1]]", "w", None)),
             )
         ]
     finally:
@@ -552,8 +553,8 @@ async def test_the_postgres_finish_never_compares_every_held_task_with_every_res
         await conn.exec_driver_sql(_DUE_COPIES, (template,))
     held = await claim(db, limit=1500)
     assert len(held) == 1500
-    params = queue._postgres_finish_params("w1", T0, [result(i) for i in held[:500]])
-    plan = await _explain_analyze(db, queue._PG_FINISH, params)
+    params = result_sql._postgres_finish_params("w1", T0, [result(i) for i in held[:500]])
+    plan = await _explain_analyze(db, result_sql._PG_FINISH, params)
     assert _node(plan, "ModifyTable")["Actual Rows"] == 500
     assert _compared(plan) == 0, plan
 
@@ -567,12 +568,12 @@ async def test_finish_stores_times_and_json_as_sqlalchemy_reads_them(
     await claim(db)
     started = T0 + timedelta(microseconds=7)
     later = T0 + timedelta(seconds=10)
-    await queue.finish(
+    await result_sql.finish(
         db,
         worker="w1",
         now=T0,
         results=[
-            queue.Finished(
+            result_sql.Finished(
                 task_id=task_id,
                 attempt=1,
                 status="retrying",
@@ -627,7 +628,7 @@ async def test_finish_with_a_retry_sets_the_next_attempt_time(db: Database, busi
     task_id = await insert(db, business.pk)
     await claim(db)
     later = T0 + timedelta(seconds=10)
-    await queue.finish(
+    await result_sql.finish(
         db,
         worker="w1",
         now=T0,
@@ -642,8 +643,8 @@ async def test_finish_with_a_retry_sets_the_next_attempt_time(db: Database, busi
 async def test_finish_by_the_wrong_worker_writes_nothing(db: Database, business: Business) -> None:
     task_id = await insert(db, business.pk)
     await claim(db, "w1")
-    written = await queue.finish(db, worker="intruder", now=T0, results=[result(task_id)])
-    assert written == queue.Written(landed=[], lost=[task_id])
+    written = await result_sql.finish(db, worker="intruder", now=T0, results=[result(task_id)])
+    assert written == result_sql.Written(landed=[], lost=[task_id])
     row = await row_of(db, task_id)
     assert (row["status"], row["attempts"], row["lease_owner"]) == ("processing", 0, "w1")
     assert await attempts_of(db, task_id) == []
@@ -656,8 +657,8 @@ async def test_finish_of_a_batch_lands_the_held_and_reports_the_lost(
     await claim(db, "w1")
     theirs = await insert(db, business.pk)
     await claim(db, "w2")
-    written = await queue.finish(db, worker="w1", now=T0, results=[result(mine), result(theirs)])
-    assert written == queue.Written(landed=[(mine, "succeeded")], lost=[theirs])
+    written = await result_sql.finish(db, worker="w1", now=T0, results=[result(mine), result(theirs)])
+    assert written == result_sql.Written(landed=[(mine, "succeeded")], lost=[theirs])
     assert (await row_of(db, theirs))["status"] == "processing"
 
 
@@ -723,7 +724,7 @@ async def test_finish_on_a_task_cancelled_in_flight_records_the_attempt_and_keep
     await claim(db)
     cancelled = await service.cancel(business, task_id)
     assert cancelled.status == "cancelled"
-    written = await queue.finish(
+    written = await result_sql.finish(
         db,
         worker="w1",
         now=T0,
@@ -798,7 +799,7 @@ async def test_held_cancelled_names_a_worker_s_leased_tasks_that_were_cancelled(
     await leases.release(db, worker="w1", now=T0, deferrals=[(mine[0], T0)])
     assert await leases.held_cancelled(db, worker="w1") == [mine[1]]
     # SQLite's write of results reads them in its own transaction (PostgreSQL's workers hear by NOTIFY instead).
-    written = await queue.finish(db, worker="w1", now=T0, results=[result(mine[2])])
+    written = await result_sql.finish(db, worker="w1", now=T0, results=[result(mine[2])])
     assert written.cancelled == ([mine[1]] if not db.is_postgres else [])
 
 
@@ -890,7 +891,7 @@ async def test_a_late_finish_after_rescue_is_lost(db: Database, business: Busine
     task_id = await insert(db, business.pk)
     await claim(db, "slow")
     await leases.rescue(db, now=T0 + timedelta(seconds=LEASE_S + 1))
-    written = await queue.finish(db, worker="slow", now=T0, results=[result(task_id)])
+    written = await result_sql.finish(db, worker="slow", now=T0, results=[result(task_id)])
     assert written.lost == [task_id]
     assert (await row_of(db, task_id))["status"] == "retrying"
 
@@ -1051,7 +1052,7 @@ async def test_attempts_are_listed_oldest_first(db: Database, business: Business
     task_id = await insert(db, business.pk)
     for number in (1, 2):
         await claim(db, now=T0 + timedelta(minutes=number))
-        await queue.finish(
+        await result_sql.finish(
             db,
             worker="w1",
             now=T0,
@@ -1111,7 +1112,7 @@ async def test_attempt_rows_go_with_their_task(db: Database, business: Business)
     """attempts.task_id cascades: deleting a task (retention purge) deletes its attempts."""
     task_id = await insert(db, business.pk)
     await claim(db)
-    await queue.finish(db, worker="w1", now=T0, results=[result(task_id)])
+    await result_sql.finish(db, worker="w1", now=T0, results=[result(task_id)])
     async with db.write() as conn:
         await conn.execute(sa.delete(tasks).where(tasks.c.id == task_id))
     assert await _count(db, attempts) == 0

@@ -38,7 +38,7 @@ from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import utcnow
 from taskcenter.signals import Notifier
 from taskcenter.ssrf import GuardPolicy
-from taskcenter.storage import leases, queue
+from taskcenter.storage import leases, queue, results
 from taskcenter.storage.database import Database
 from taskcenter.storage.traffic import TrafficControl
 
@@ -112,7 +112,7 @@ class Dispatcher:
         self._late: list[
             Mapping[str, Any]
         ] = []  # admitted, started too late to send: to give back (see _too_late)
-        self._results: list[queue.Finished] = []
+        self._results: list[results.Finished] = []
         self._pending_events: list[_Pending] = []
         self._writing: set[int] = set()  # task ids of results taken for a write that has not returned yet
         # On SQLite the claim loop writes the waiting results in its claim's transaction (queue.finish_and_claim);
@@ -126,9 +126,15 @@ class Dispatcher:
         self.delivered = 0
         self._claimed_last = 0
         self._cancels = Cancels(
-            self.db, self.name, self.clock, self._held, self._sending,
-            self._take_buffered, self._slot_freed, self._background,
-        )  # fmt: skip
+            db=self.db,
+            worker=self.name,
+            clock=self.clock,
+            held=self._held,
+            sending=self._sending,
+            unbuffer=self._take_buffered,
+            slot_freed=self._slot_freed,
+            background=self._background,
+        )
         # The cancels' own sets, bound here so that the per-task checks (_attempt, _sent) cost what they did:
         # cancelled while in flight, perhaps not sent yet; taken out of the buffer unsent, leases still to drop.
         self._cancelled = self._cancels.in_flight
@@ -650,7 +656,7 @@ class Dispatcher:
         if decision.finished_at is not None:
             self._count(self.metrics.finished, status)
         self._results.append(
-            queue.Finished(
+            results.Finished(
                 task_id=row["id"],
                 attempt=number,
                 status=status,
@@ -690,7 +696,7 @@ class Dispatcher:
             if self._stopping.is_set() and not (self._sending or self._writing or self._results):
                 return
 
-    def _take_results(self) -> tuple[list[queue.Finished], list[_Pending]]:
+    def _take_results(self) -> tuple[list[results.Finished], list[_Pending]]:
         """The next batch of results to write, with their events, out of the queue (into ``_writing``)."""
         size = self.config.write_batch
         batch, events = self._results[:size], self._pending_events[:size]
@@ -699,7 +705,7 @@ class Dispatcher:
         self._writing.update(r.task_id for r in batch)
         return batch, events
 
-    def _give_back(self, batch: list[queue.Finished], events: list[_Pending]) -> None:
+    def _give_back(self, batch: list[results.Finished], events: list[_Pending]) -> None:
         """Return a batch whose write failed to the front of the queue, for the write loop to retry."""
         self._results[:0] = batch
         self._pending_events[:0] = events
@@ -707,7 +713,7 @@ class Dispatcher:
         self._results_ready.set()
 
     async def _after_write(
-        self, batch: list[queue.Finished], events: list[_Pending], written: queue.Written
+        self, batch: list[results.Finished], events: list[_Pending], written: results.Written
     ) -> None:
         ids = [r.task_id for r in batch]
         self._writing.difference_update(ids)
@@ -728,7 +734,7 @@ class Dispatcher:
         if self.notify is not None:
             await self._notify(batch, events, dict(written.landed))
 
-    async def _write(self, batch: list[queue.Finished]) -> queue.Written:
+    async def _write(self, batch: list[results.Finished]) -> results.Written:
         """Write a batch; on repeated failure write one by one, and give up on results that cannot be written.
 
         A result given up on keeps its lease until it expires; the rescue then records the attempt as interrupted
@@ -737,7 +743,7 @@ class Dispatcher:
         for pause in (0.2, 1.0, 3.0):
             try:
                 return self._written(
-                    await queue.finish(
+                    await results.finish(
                         self.db, worker=self.name, now=self.clock(), results=batch, breakers=self.traffic
                     ),
                 )
@@ -749,7 +755,7 @@ class Dispatcher:
         for result in batch:
             try:
                 one = self._written(
-                    await queue.finish(
+                    await results.finish(
                         self.db, worker=self.name, now=self.clock(), results=[result], breakers=self.traffic
                     ),
                 )
@@ -759,9 +765,9 @@ class Dispatcher:
                 continue
             landed += one.landed
             lost += one.lost
-        return queue.Written(landed, lost)
+        return results.Written(landed, lost)
 
-    def _written(self, written: queue.Written) -> queue.Written:
+    def _written(self, written: results.Written) -> results.Written:
         """Tell traffic control what a written batch answered (its slow-start windows) and log circuit changes;
         a circuit that opened takes its host's tasks out of the claimed buffer, and so do cancels the write read."""
         if self.traffic is not None and written.outcomes:
@@ -834,7 +840,7 @@ class Dispatcher:
         self._slot_freed.set()
 
     async def _notify(
-        self, batch: list[queue.Finished], events: list[_Pending], landed: dict[int, str]
+        self, batch: list[results.Finished], events: list[_Pending], landed: dict[int, str]
     ) -> None:
         finished = []
         errors: dict[int, str | None] | None = None
