@@ -59,6 +59,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             ]
             for start in range(0, len(items), 1000):
                 await rt.service.create_tasks(business, items[start : start + 1000])
+            await rt.policies.reload()  # the business is new since start: its signer is known after a load
             dispatcher = rt.dispatcher(concurrency=100)
             rows = await queue.claim(
                 rt.db, worker=dispatcher.name, now=datetime.now(UTC), limit=args.tasks, lease_s=600

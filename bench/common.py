@@ -235,8 +235,9 @@ class SqlCounter:
 class QueueTrace:
     """Timings of the queue's SQL calls and of the dispatcher's slot occupancy, taken inside the worker.
 
-    The queue functions are wrapped where the dispatcher looks them up (``taskcenter.storage.queue``), so the
-    source stays untouched; a function that does not exist (renamed) is simply not traced.
+    The storage functions are wrapped where the dispatcher and its housekeeping look them up (the modules
+    ``taskcenter.storage.queue``, ``.results`` and ``.leases``), so the source stays untouched; a function that
+    does not exist (renamed, moved) is simply not traced.
     """
 
     calls: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
@@ -249,22 +250,23 @@ class QueueTrace:
 
     def wrap(
         self,
-        names: Iterable[str] = (
-            "claim",
-            "finish",
-            "finish_and_claim",
-            "next_due",
-            "extend_leases",
-            "release",
-            "rescue",
+        names: Iterable[tuple[str, str]] = (
+            ("queue", "claim"),
+            ("results", "finish"),
+            ("queue", "finish_and_claim"),
+            ("queue", "next_due"),
+            ("leases", "extend_leases"),
+            ("leases", "release"),
+            ("leases", "rescue"),
         ),
     ) -> None:
-        from taskcenter.storage import queue
+        import importlib
 
-        for name in names:
-            original = getattr(queue, name, None)
+        for module_name, name in names:
+            module = importlib.import_module(f"taskcenter.storage.{module_name}")
+            original = getattr(module, name, None)
             if original is not None:
-                setattr(queue, name, self._timed(name, original))
+                setattr(module, name, self._timed(name, original))
 
     def _timed(self, name: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         record = self.calls.setdefault(name, [])

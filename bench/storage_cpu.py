@@ -104,6 +104,7 @@ async def one_round(backend: str, args: argparse.Namespace) -> Costs:
         items = [task_item(n, "http://127.0.0.1:9/hook") for n in range(args.tasks)]
         for start in range(0, len(items), 1000):
             await rt.service.create_tasks(business, items[start : start + 1000])
+        await rt.policies.reload()  # as run_dispatcher's first load: the business's signer is known
         dispatcher = rt.dispatcher(concurrency=100)
         dispatcher.traffic = None
         # As Dispatcher.run sets it: on SQLite each claim writes the waiting results in its own hop.
