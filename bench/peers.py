@@ -64,7 +64,7 @@ from bench.common import (
     task_body,
     until_stopped,
 )
-from bench.delivery import SHIPPED, Ceiling, deliver
+from bench.delivery import SHIPPED, AgainstCeiling, Ceiling, deliver
 from bench.delivery import ceiling as raw_ceiling
 
 PIP = ".venv/bin/pip install pgqueuer==1.6.0 arq==0.28.0"
@@ -78,7 +78,7 @@ ISSUE_FIGURES = {"pgqueuer": 1400.0, "arq": 600.0}
 
 
 @dataclass
-class Run:
+class Run(AgainstCeiling):
     """One system's run with the ceilings measured around it."""
 
     system: str
@@ -88,18 +88,6 @@ class Run:
     """Where the queue lives: ``PostgreSQL``, ``Redis`` or ``SQLite`` (its CPU is in the worker's threads)."""
     store_cpu_s: float
     ceilings: list[Ceiling] = field(default_factory=list)
-
-    @property
-    def ceiling(self) -> float:
-        return statistics.fmean(c.rps for c in self.ceilings)
-
-    @property
-    def ratio(self) -> float:
-        return self.delivery.arrival_rate / self.ceiling
-
-    @property
-    def ratio_done(self) -> float:
-        return self.delivery.done_rate / self.ceiling
 
     @property
     def cpu_us(self) -> float:
