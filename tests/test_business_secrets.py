@@ -111,7 +111,14 @@ async def test_one_unreadable_signing_secret_holds_only_its_business_until_rotat
             )
             assert shown.json()["attempts"] == 0 and "signing secret" in shown.json()["last_error"]
             stats = (await api.client.get("/stats", headers=OPERATOR)).json()
-            assert stats["held"] == [{"business_code": "bad", "reason": "signing_secret", "tasks": 2}]
+            assert stats["held"] == [
+                {
+                    "business_code": "bad",
+                    "reason": "signing_secret",
+                    "tasks": 2,
+                    "task_ids": regs["bad"]["ids"],
+                }
+            ]
             assert rt.policies.unsigned() == ["bad"]
 
             rotated = await api.client.put(

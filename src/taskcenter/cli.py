@@ -594,8 +594,11 @@ def stats(
         )
     for h in figures["held"]:
         # Held unsent until an operator acts (docs/operations.md, "Secret key rotation").
+        more = ", …" if h["tasks"] > len(h["task_ids"]) else ""
         lines.append(
-            f"{'held':>10}  {h['business_code']} {h['tasks']} tasks ({h['reason']}: not sent until fixed)"
+            f"{'held':>10}  {h['business_code']} {h['tasks']} tasks ({h['reason']}: not sent until fixed): "
+            + ", ".join(h["task_ids"])
+            + more
         )
     for line in lines:
         out.print(escape(line), highlight=False)

@@ -248,6 +248,18 @@ class SecretBox:
             name: self.open(value) if is_sensitive_header(name) else value for name, value in headers.items()
         }
 
+    def unopened(self, headers: Mapping[str, str]) -> list[str]:
+        """The names of the sensitive values of stored headers that `open` cannot read back (in their order):
+        what a task whose headers raised :class:`SecretKeyError` says about why (names only, never values)."""
+        names = []
+        for name, value in headers.items():
+            if is_sensitive_header(name):
+                try:
+                    self.open(value)
+                except SecretKeyError:
+                    names.append(name)
+        return names
+
     def rotate_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """Apply `rotate` to the sensitive values of stored headers.
 

@@ -24,6 +24,7 @@ from taskcenter.domain.request import (
     validate_url,
 )
 from taskcenter.domain.retry import MAX_ATTEMPTS, RetryPolicy
+from taskcenter.domain.traffic import SEALED_HEADERS_HOLD
 from taskcenter.errors import ValidationError
 from taskcenter.processors import is_builtin
 from taskcenter.ssrf import host_problem
@@ -442,6 +443,9 @@ def changed_values(
     if "delay" in data or "scheduled_at" in data:
         next_at, scheduled = _when(data, now)
         values.update(next_attempt_at=next_at, scheduled_at=scheduled)
+    elif "headers" in data and current["held_by"] == SEALED_HEADERS_HOLD:
+        # Held because its sealed header values did not open: the new ones are sealed with today's key.
+        values.update(next_attempt_at=now, held_by=None)
     if "success_codes" in data:
         values["success_codes"] = _int_list(data["success_codes"], "success_codes", 100, 599)
     if "retry_on" in data:

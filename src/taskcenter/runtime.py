@@ -29,6 +29,7 @@ from taskcenter.service import TaskService, utcnow
 from taskcenter.signals import NOTIFY_CHANNEL, Notifier
 from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
+from taskcenter.storage import leases
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import businesses, host_policies
 from taskcenter.storage.traffic import TrafficControl, held_businesses, release_held
@@ -125,6 +126,7 @@ class BusinessPolicies:
             await self._after_relaxing(old_hosts, old_limits)
         else:
             await self._release_at_start()
+            await self._release_sealed_at_start()
         self._loaded = True
 
     def _signer_of(self, row: Any, unsigned: dict[int, str]) -> SignFn | None:
@@ -185,6 +187,32 @@ class BusinessPolicies:
                 await self.pull_forward((), fixed)
         except StorageError as exc:
             log.warning("releasing the tasks held for a signing secret failed: %s", exc)
+
+    async def _release_sealed_at_start(self, page: int = 1000) -> int:
+        """Bring due the tasks an earlier process held because their sealed header values did not open, if they
+        open now (restarted with the key that sealed them back in the list); the others keep their hour. Reads
+        only the held tasks (``ix_tasks_held``), a page at a time. Returns how many moved."""
+        moved, after = 0, 0
+        try:
+            while True:
+                async with self.db.read() as conn:
+                    held = await leases.sealed_held(conn, after=after, limit=page)
+                if not held:
+                    break
+                after = held[-1][0]
+                opens = [i for i, headers in held if not self.box.unopened(headers)]
+                if opens:
+                    async with self.db.write() as conn:
+                        moved += await leases.release_sealed(conn, opens, due=self.clock())
+                        if self.db.is_postgres:
+                            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+        except StorageError as exc:  # they still come due at the end of their hold
+            log.warning("releasing the tasks held for their sealed header values failed: %s", exc)
+        if moved:
+            log.info("released %d tasks held for sealed header values that %s opens now", moved, SETTING)
+            if self.wake is not None:
+                self.wake()
+        return moved
 
     async def _after_relaxing(self, old_hosts: dict[str, Limits], old_limits: dict[int, Limits]) -> None:
         """Pull forward the tasks held under limits that were just relaxed (by any process: every dispatcher

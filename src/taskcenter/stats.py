@@ -21,11 +21,15 @@ from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.service import Business, utcnow
 from taskcenter.storage.database import Database
+from taskcenter.storage.leases import SEALED_HEADERS
 from taskcenter.storage.schema import DUE_SQL, PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
 from taskcenter.storage.traffic import BUSINESS_HOLDS, business_hold_mark
 
 #: ``ix_tasks_held``'s predicate, its columns named (the query joins businesses, which has a status too).
 _HELD_TASKS = "tasks.held_by IS NOT NULL AND tasks." + DUE_SQL
+
+#: Of each business's held tasks, how many ids ``held`` lists.
+HELD_IDS = 10
 
 PERCENTILES = (50, 90, 95, 99)
 SQLITE_SAMPLE = 100_000
@@ -155,22 +159,33 @@ class StatsService:
         ]
 
     async def _held(self, conn: AsyncConnection, pk: int | None) -> list[dict[str, Any]]:
-        """Businesses whose HTTP tasks are held unsent as a whole (``signing_secret``: their signing secret cannot
-        be decrypted), with how many tasks each holds. Read from ``ix_tasks_held``."""
-        marks = {business_hold_mark(reason): reason for reason in BUSINESS_HOLDS}
+        """Businesses with HTTP tasks held unsent until an operator acts, by reason — ``signing_secret``: the
+        business's signing secret cannot be decrypted (all its HTTP tasks are held); ``sealed_headers``: these
+        tasks' own sealed header values cannot — with how many tasks and the ids of the first ``HELD_IDS``. Read
+        from ``ix_tasks_held``."""
+        marks = {business_hold_mark(reason): reason for reason in BUSINESS_HOLDS} | {
+            SEALED_HEADERS: "sealed_headers"
+        }
         stmt = (
-            sa.select(businesses.c.code, tasks.c.held_by, sa.func.count())
+            sa.select(businesses.c.id, businesses.c.code, tasks.c.held_by, sa.func.count())
             .join(businesses, businesses.c.id == tasks.c.business_pk)
             .where(sa.text(_HELD_TASKS), tasks.c.held_by.in_(list(marks)))
-            .group_by(businesses.c.code, tasks.c.held_by)
+            .group_by(businesses.c.id, businesses.c.code, tasks.c.held_by)
             .order_by(businesses.c.code, tasks.c.held_by)
         )
         if pk is not None:
             stmt = stmt.where(tasks.c.business_pk == pk)
-        return [
-            {"business_code": code, "reason": marks[mark], "tasks": int(count)}
-            for code, mark, count in (await conn.execute(stmt)).all()
-        ]
+        held = []
+        for business_pk, code, mark, count in (await conn.execute(stmt)).all():
+            first = (
+                sa.select(tasks.c.uuid)
+                .where(sa.text(_HELD_TASKS), tasks.c.held_by == mark, tasks.c.business_pk == business_pk)
+                .order_by(tasks.c.id)
+                .limit(HELD_IDS)
+            )
+            ids = [str(u) for u in (await conn.execute(first)).scalars()]
+            held.append({"business_code": code, "reason": marks[mark], "tasks": int(count), "task_ids": ids})
+        return held
 
     async def _hosts(self, conn: AsyncConnection, pk: int | None, since: datetime) -> list[dict[str, Any]]:
         n = sa.func.count().label("n")

@@ -343,12 +343,14 @@ class ProcessorDue(BaseModel):
 
 
 class HeldBusiness(BaseModel):
-    """A business whose HTTP tasks are held unsent as a whole, and why (``signing_secret``: its signing secret
-    cannot be decrypted with TASKCENTER_SECRET_KEY)."""
+    """A business with HTTP tasks held unsent until an operator acts, and why: ``signing_secret`` (its signing
+    secret cannot be decrypted with TASKCENTER_SECRET_KEY; all its HTTP tasks are held) or ``sealed_headers``
+    (these tasks' own sealed header values cannot be)."""
 
     business_code: str
     reason: str
     tasks: int
+    task_ids: list[str] = Field(description="The ids of the first (oldest) 10 of those tasks.")
 
 
 class StatsOut(BaseModel):

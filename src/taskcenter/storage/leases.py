@@ -12,8 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskcenter.domain.traffic import SEALED_HEADERS_HOLD
 from taskcenter.storage.database import Database, sqlite_driver, sqlite_time
-from taskcenter.storage.schema import CANCELLED_HELD_SQL, attempts, tasks
+from taskcenter.storage.schema import CANCELLED_HELD_SQL, HELD_SQL, attempts, tasks
 
 # A literal predicate (not a bound parameter) so PostgreSQL's generic plans can still use the partial index.
 _LEASED = sa.text("lease_owner IS NOT NULL")
@@ -128,12 +129,94 @@ async def release(
         return
     async with db.write() as conn:
         await put_back(conn, worker, now, deferrals)
-        # A task cancelled while it was held only needs its lease dropped.
-        await conn.execute(
-            sa.update(tasks)
-            .where(tasks.c.id.in_([i for i, _ in deferrals]), tasks.c.lease_owner == worker)
-            .values(lease_owner=None, lease_expires_at=None)
+        await _drop_cancelled(conn, worker, [i for i, _ in deferrals])
+
+
+async def _drop_cancelled(conn: AsyncConnection, worker: str, ids: list[int]) -> None:
+    # A task cancelled while it was held only needs its lease dropped.
+    await conn.execute(
+        sa.update(tasks)
+        .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+
+
+SEALED_HEADERS = SEALED_HEADERS_HOLD
+"""The ``held_by`` of a task given back unsent because TASKCENTER_SECRET_KEY cannot open one of its sealed header
+values (see :func:`hold`). Found again by :func:`sealed_held` when a dispatcher starts."""
+
+
+def sealed_headers_error(names: Sequence[str]) -> str:
+    """The ``last_error`` of a task held for its sealed header values ``names`` (names only, never values)."""
+    return (
+        f"not sent: its sealed header values ({', '.join(names) or 'unknown'}) cannot be decrypted with "
+        "TASKCENTER_SECRET_KEY, and the request must not leave without them; held until the key that sealed them "
+        "is configured again or the task's headers are replaced"
+    )
+
+
+_HOLD = (
+    sa.update(tasks)
+    .where(
+        tasks.c.id == sa.bindparam("b_id"),
+        tasks.c.lease_owner == sa.bindparam("b_worker"),
+        tasks.c.status == "processing",
+    )
+    .values(
+        status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
+        next_attempt_at=sa.bindparam("b_until", type_=tasks.c.next_attempt_at.type),
+        held_by=sa.bindparam("b_held"),
+        last_error=sa.bindparam("b_error"),
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
+    )
+)
+
+
+async def hold(
+    db: Database, *, worker: str, now: datetime, until: datetime, held_by: str, errors: Mapping[int, str]
+) -> None:
+    """Give claimed tasks back unsent like :func:`release`, but held: due again at ``until``, marked ``held_by``,
+    each with its reason (``errors``, task id to text) in ``last_error``. An exception path: one row per task."""
+    if not errors:
+        return
+    params = [
+        {"b_id": i, "b_worker": worker, "b_until": until, "b_held": held_by, "b_error": e, "b_now": now}
+        for i, e in errors.items()
+    ]
+    async with db.write() as conn:
+        await conn.execute(_HOLD, params)
+        await _drop_cancelled(conn, worker, list(errors))
+
+
+async def sealed_held(conn: AsyncConnection, *, after: int, limit: int) -> list[tuple[int, dict[str, str]]]:
+    """Tasks held for their sealed header values (``SEALED_HEADERS``), ``(id, stored headers)`` by id past
+    ``after``: a page to try opening again (read from ``ix_tasks_held``)."""
+    stmt = (
+        sa.select(tasks.c.id, tasks.c.headers)
+        .where(sa.text(HELD_SQL), tasks.c.held_by == SEALED_HEADERS, tasks.c.id > after)
+        .order_by(tasks.c.id)
+        .limit(limit)
+    )
+    return [(int(i), dict(h or {})) for i, h in (await conn.execute(stmt)).all()]
+
+
+async def release_sealed(conn: AsyncConnection, ids: Sequence[int], *, due: datetime) -> int:
+    """Bring the tasks ``ids`` held for their sealed header values due at ``due`` (those still held and waiting
+    past it, whose own ``scheduled_at`` allows it); returns how many moved."""
+    result = await conn.execute(
+        sa.update(tasks)
+        .where(
+            tasks.c.id.in_(list(ids)),
+            sa.text(HELD_SQL),
+            tasks.c.held_by == SEALED_HEADERS,
+            tasks.c.next_attempt_at > due,
+            sa.or_(tasks.c.scheduled_at.is_(None), tasks.c.scheduled_at <= due),
         )
+        .values(next_attempt_at=due, updated_at=due)
+    )
+    return int(result.rowcount or 0)
 
 
 async def failed_by_rescue(db: Database, ids: Sequence[int]) -> list[Mapping[Any, Any]]:
