@@ -258,3 +258,18 @@ def test_a_malformed_key_in_the_setting_is_a_config_error_that_hides_it() -> Non
     with pytest.raises(ConfigError, match="TASKCENTER_SECRET_KEY entry 2") as caught:
         SecretBox.from_setting(f"{NEW_KEY},not-a-fernet-key")
     assert "not-a-fernet-key" not in str(caught.value)
+
+
+def test_unopened_names_the_sensitive_values_no_key_opens_in_their_order() -> None:
+    """What a held task's ``last_error`` names: the headers whose values do not open, never their values."""
+    old, new = SecretBox([Fernet.generate_key()]), SecretBox([Fernet.generate_key()])
+    stored = {
+        "X-API-Key": old.seal("k"),
+        "Authorization": old.seal("Bearer t"),
+        "Cookie": new.seal("c=1"),
+        "X-Trace": "not-sealed",
+        "X-Token": "plain:clear",
+    }
+    assert new.unopened(stored) == ["X-API-Key", "Authorization"]
+    assert SecretBox.disabled().unopened(stored) == ["X-API-Key", "Authorization", "Cookie"]
+    assert old.unopened(old.seal_headers({"Authorization": "Bearer t"})) == []
