@@ -416,15 +416,17 @@ class Database:
 
         return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
 
+    def knows(self, revision: str) -> bool:
+        """Whether ``revision`` is one of this release's migrations (one it does not know came from a newer one)."""
+        from alembic.script import ScriptDirectory
+
+        scripts = ScriptDirectory.from_config(self._alembic_config()).walk_revisions()
+        return any(script.revision == revision for script in scripts)
+
     def _refuse_unknown(self, current: str | None) -> None:
         """Refuse a schema migrated by a newer taskcenter (an older release started on it after an upgrade):
         nothing this release can run brings it to a revision it does not know."""
-        from alembic.script import ScriptDirectory
-
-        known = {
-            script.revision for script in ScriptDirectory.from_config(self._alembic_config()).walk_revisions()
-        }
-        if current is not None and current not in known:
+        if current is not None and not self.knows(current):
             raise SchemaOutOfDate(
                 f"database schema is at {current}, newer than this taskcenter knows (its newest is "
                 f"{self.head_revision()}): run the taskcenter release that migrated it, or a later one"
