@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
 from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app
+from taskcenter.cli_backup import backup, restore
 from taskcenter.cli_demo import demo
 from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
@@ -258,6 +259,8 @@ def worker(
 
 
 app.command()(demo)
+app.command()(backup)
+app.command()(restore)
 
 
 @app.command()
