@@ -68,6 +68,13 @@ async def test_a_passive_checkpoint_copies_every_frame_the_writer_left(tmp_path:
     assert copied == frames
 
 
+async def _checkpoints_after(db: Database, count: int, timeout_s: float = 30.0) -> None:
+    target = db.checkpointed + count
+    async with asyncio.timeout(timeout_s):
+        while db.checkpointed < target:
+            await asyncio.sleep(0.005)
+
+
 async def test_the_checkpointer_keeps_the_wal_from_growing_while_the_writer_writes(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     db = Database(f"sqlite:///{path}")
@@ -75,7 +82,10 @@ async def test_the_checkpointer_keeps_the_wal_from_growing_while_the_writer_writ
     try:
         for _ in range(20):
             await _write_rows(db, 500)
-            await asyncio.sleep(0.02)
+            # A checkpoint that began after this write committed (the second one to complete from now): waiting
+            # for it rather than for a fixed time keeps this test honest on a loaded machine, where a checkpoint
+            # thread starved for longer than the writer's pause once let the WAL grow to 5.4 MB.
+            await _checkpoints_after(db, 2)
         # Without checkpoints the WAL would hold all ~10,000 rows (~5 MB); with them it is reused from the start.
         assert _wal_frames(path) < 2_000_000
         _busy, frames, copied = _checkpoint(path)

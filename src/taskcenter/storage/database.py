@@ -256,6 +256,8 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
+        self.checkpointed = 0
+        """SQLite: how many checkpoints ``checkpoints`` has completed (a figure for tests and diagnostics)."""
         target = async_url(url)
         self.dialect: str = target.get_backend_name()
         common: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json_value}
@@ -389,6 +391,8 @@ class Database:
                     await conn.execute(CHECKPOINT_SQL)
                 except sqlite3.Error as exc:
                     log.warning("WAL checkpoint failed: %s", exc)
+                else:
+                    self.checkpointed += 1
         finally:
             await conn.close()
 
