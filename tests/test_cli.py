@@ -349,6 +349,30 @@ def test_missing_config_file_is_one_line(cli: Cli, tmp_path: Path) -> None:
     one_line_error(cli("task", "list", "-c", str(tmp_path / "nowhere.toml")), 2)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["business", "list"],
+        ["host", "list"],
+        ["audit", "list"],
+        ["operator", "create-key"],
+        ["config", "show"],
+    ],
+    ids=" ".join,
+)
+def test_a_config_file_that_does_not_exist_is_refused_by_every_command(
+    cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """The business, host, audit and operator commands went on with the defaults when --config named no file."""
+    line = one_line_error(cli(*command, "-c", str(tmp_path / "nowhere.toml")), 2)
+    assert "nowhere.toml" in line and "does not exist" in line
+
+
+def test_a_config_file_that_does_not_exist_is_refused_by_the_library(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"nowhere\.toml does not exist"):
+        load_settings(tmp_path / "nowhere.toml")
+
+
 def test_unreachable_database_is_one_line(cli: Cli) -> None:
     # Port 1 on loopback: nothing listens, the connection is refused at once.
     result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")

@@ -323,6 +323,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Load settings once, at the edge. Raises :class:`ValidationError` naming the bad setting."""
     from pydantic import ValidationError as PydanticValidationError
 
+    if config_file is not None and not Path(config_file).is_file():
+        # pydantic-settings reads a TOML file that is not there as an empty one: every setting its default.
+        raise ValidationError(f"config file {config_file} does not exist", field="config")
     try:
         _refuse_unknown_keys(config_file)
         if config_file is not None:
