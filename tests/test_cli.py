@@ -373,6 +373,14 @@ def test_a_config_file_that_does_not_exist_is_refused_by_the_library(tmp_path: P
         load_settings(tmp_path / "nowhere.toml")
 
 
+def test_a_refused_setting_is_said_in_our_words_not_pydantic_s(cli: Cli) -> None:
+    """``setting database_url: Value error, database_url must be …``: pydantic's prefix, the name twice."""
+    line = one_line_error(cli("task", "list", TASKCENTER_DATABASE_URL="mysql://x/y"), 2)
+    assert line == "error: setting database_url: must be a sqlite:// or postgresql:// URL"
+    line = one_line_error(cli("config", "show", TASKCENTER_SMTP_HOST="mail.example.com"), 2)
+    assert "Value error" not in line and "smtp_from" in line
+
+
 def test_unreachable_database_is_one_line(cli: Cli) -> None:
     # Port 1 on loopback: nothing listens, the connection is refused at once.
     result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")

@@ -183,11 +183,11 @@ class Settings(BaseSettings):
     @classmethod
     def _url_is_known(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql", "postgres")):
-            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
         try:
             make_url(value)
         except (ValueError, ArgumentError) as exc:  # e.g. an unclosed IPv6 bracket, a port that is no number
-            raise ValueError(f"database_url is not a valid URL: {exc}") from None
+            raise ValueError(f"is not a valid URL: {exc}") from None
         return value
 
     def dispatch(self) -> DispatchConfig:
@@ -345,7 +345,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except PydanticValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"
-        raise ValidationError(f"setting {name}: {err['msg']}", field=name) from exc
+        # Our validators' own words, without the "Value error, " pydantic puts before them.
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ValidationError(f"setting {name}: {message}", field=name) from exc
 
 
 def _refuse_unknown_keys(config_file: Path | None) -> None:
