@@ -104,6 +104,18 @@ def test_every_command_has_help(path: list[str]) -> None:
     assert "Usage:" in result.stdout and "--help" in result.stdout
 
 
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "taskcenter")
+def test_every_option_says_what_it_is_for(path: list[str]) -> None:
+    """``task create --method`` and ``--priority`` and ``task list --business`` had no help text."""
+    command = get_command(app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    bare = [
+        p.opts[0] for p in command.params if p.param_type_name == "option" and not getattr(p, "help", None)
+    ]
+    assert bare == [], f"taskcenter {' '.join(path)}: {bare} without help"
+
+
 def test_the_task_commands_the_design_names_exist() -> None:
     paths = {" ".join(p) for p in _command_paths()}
     assert {

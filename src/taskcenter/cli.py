@@ -340,13 +340,17 @@ def task_create(
     url: Annotated[str, typer.Argument(help="Where to send the request.")],
     business: Annotated[str, typer.Option("--business", "-b", help="Business system code.")],
     business_id: Annotated[str, typer.Option("--business-id", "-k", help="Your unique key for the task.")],
-    method: Annotated[str, typer.Option("--method", "-X")] = "POST",
+    method: Annotated[
+        str, typer.Option("--method", "-X", help="GET, POST, PUT, PATCH, DELETE or HEAD.")
+    ] = "POST",
     json_body: Annotated[str | None, typer.Option("--json", help="JSON body.")] = None,
     header: Annotated[
         list[str] | None, typer.Option("--header", "-H", help="'Name: value', repeatable.")
     ] = None,
     delay: Annotated[float | None, typer.Option(help="Seconds to wait before the first attempt.")] = None,
-    priority: Annotated[int | None, typer.Option()] = None,
+    priority: Annotated[
+        int | None, typer.Option(help="-1000 to 1000; higher goes first among due tasks (default 0).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--output-json", help="Print the task as JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -412,9 +416,11 @@ def task_show(
 @task_app.command("list")
 def task_list(
     status: Annotated[str | None, typer.Option(help="Comma-separated statuses.")] = None,
-    business: Annotated[str | None, typer.Option("--business", "-b")] = None,
-    host: Annotated[str | None, typer.Option(help="host:port")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    business: Annotated[
+        str | None, typer.Option("--business", "-b", help="Only this business system.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Only tasks to this host:port.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Most tasks shown.")] = 50,
     cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
     config: ConfigOpt = None,
 ) -> None:
