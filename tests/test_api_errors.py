@@ -353,3 +353,29 @@ async def test_a_bad_url_is_explained_without_internals(api: Api) -> None:
         "/tasks", json=task_body("a", url="ftp://files.example.com/x"), headers=key
     )
     assert response.json()["detail"] == "url: must be an absolute http or https URL"
+
+
+@pytest.mark.parametrize(
+    ("extra", "detail"),
+    [
+        ({"url": "ftp://files.example.com/x"}, "url: must be an absolute http or https URL"),
+        ({"method": "FROB"}, "method: must be one of GET, POST, PUT, PATCH, DELETE or HEAD"),
+        (
+            {"scheduled_at": "2030-01-31"},
+            "scheduled_at: must be an RFC 3339 date-time with a time zone, e.g. 2030-01-31T12:00:00Z "
+            "(for a number of seconds from now, use delay)",
+        ),
+    ],
+    ids=["url", "method", "scheduled_at"],
+)
+async def test_a_batch_item_is_explained_in_the_same_words_as_a_single_create(
+    api: Api, extra: dict[str, Any], detail: str
+) -> None:
+    """A batch item quoted the URL's regular expression and pydantic's ``Value error, ``."""
+    key = await api.business_key("shop")
+    single = await api.client.post("/tasks", json=task_body("a", **extra), headers=key)
+    assert single.json()["detail"] == detail
+    batch = await api.client.post("/tasks/batch", json={"tasks": [task_body("b", **extra)]}, headers=key)
+    [item] = batch.json()["results"]
+    assert item["status"] == 422 and item["error"] == detail, item
+    assert item["field"] == detail.split(":")[0]

@@ -5,7 +5,7 @@ kind, the offending field named. Also the pure ASGI middleware that refuses over
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -132,6 +132,25 @@ def _field_of(loc: Any) -> str | None:
     return ".".join(parts) or None
 
 
+#: What a field's pattern asks for, in words: pydantic would quote the regular expression.
+_PATTERNS = {
+    "url": "must be an absolute http or https URL",
+    "method": "must be one of GET, POST, PUT, PATCH, DELETE or HEAD",
+}
+
+
+def validation_message(error: Mapping[str, Any]) -> tuple[str | None, str]:
+    """One pydantic error as (dotted field, message in our words): the API's 422 and a batch item's error."""
+    field = _field_of(error.get("loc", ()))
+    message = str(error.get("msg"))
+    if error.get("type") == "value_error":  # our own validators' words, without pydantic's "Value error, "
+        message = message.removeprefix("Value error, ")
+    if error.get("type") == "string_pattern_mismatch":
+        last = (field or "").rsplit(".", 1)[-1]
+        message = _PATTERNS.get(last, "does not have the expected format")
+    return field, f"{field}: {message}" if field else message
+
+
 def _validation_problem(errors: list[Any]) -> Response:
     first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
@@ -144,13 +163,7 @@ def _validation_problem(errors: list[Any]) -> Response:
         )
     if first.get("type") == "missing" and field is None:
         return problem(422, "validation", "a JSON body is required", field="body")
-    message = str(first.get("msg"))
-    if first.get("type") == "value_error":  # our own validators' words, without pydantic's "Value error, "
-        message = message.removeprefix("Value error, ")
-    if first.get("type") == "string_pattern_mismatch":  # pydantic would quote the regular expression
-        url = field is not None and field.endswith("url")
-        message = "must be an absolute http or https URL" if url else "does not have the expected format"
-    detail = f"{field}: {message}" if field else message
+    field, detail = validation_message(first)
     return problem(422, "validation", detail, field=field or "body")
 
 

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskcenter.api.auth import ApiContext, BusinessCaller, Ctx, business_of
-from taskcenter.api.problems import JSONResponse, OrjsonRoute, from_error, problem
+from taskcenter.api.problems import JSONResponse, OrjsonRoute, from_error, problem, validation_message
 from taskcenter.api.schemas import AttemptList, BatchResult, TaskCreate, TaskOut, TaskPage, TaskUpdate
 from taskcenter.domain.states import TaskStatus
 from taskcenter.domain.task import Attempt, Task
@@ -280,10 +280,9 @@ async def create_batch(
                     (n, TaskCreate.model_validate(item).model_dump(exclude_unset=True, by_alias=True))
                 )
             except PydanticValidationError as exc:
-                error = exc.errors()[0]
-                field = ".".join(str(p) for p in error["loc"]) or None
-                results[n] = {"index": n, "status": 422,
-                              "error": f"{field}: {error['msg']}" if field else error["msg"], "field": field}  # fmt: skip
+                error = exc.errors()[0]  # located in the item: "body" there is the request's raw body field
+                field, message = validation_message({**error, "loc": ("body", *error["loc"])})
+                results[n] = {"index": n, "status": 422, "error": message, "field": field}
     if valid:
         stored = await ctx.tasks.create_tasks(
             business, [data for _, data in valid], traceparent=traceparent, public=True
