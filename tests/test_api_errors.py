@@ -379,3 +379,10 @@ async def test_a_batch_item_is_explained_in_the_same_words_as_a_single_create(
     [item] = batch.json()["results"]
     assert item["status"] == 422 and item["error"] == detail, item
     assert item["field"] == detail.split(":")[0]
+
+
+async def test_a_business_code_of_the_wrong_form_says_which_form(api: Api) -> None:
+    """``code: does not have the expected format`` left the operator guessing."""
+    response = await api.client.post("/businesses", json={"code": "Bad Code"}, headers=OPERATOR)
+    body = _problem(response, 422, "validation", "code")
+    assert body["detail"] == "code: must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit"

@@ -136,6 +136,7 @@ def _field_of(loc: Any) -> str | None:
 _PATTERNS = {
     "url": "must be an absolute http or https URL",
     "method": "must be one of GET, POST, PUT, PATCH, DELETE or HEAD",
+    "code": "must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit",
 }
 
 
