@@ -281,3 +281,15 @@ def test_policy_is_immutable() -> None:
     policy = RetryPolicy()
     with pytest.raises(AttributeError):
         policy.max_attempts = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("key", ["max_delay", "initial_delay", "interval"])
+def test_a_delay_past_thirty_days_is_refused_in_seconds_a_reader_can_read(key: str) -> None:
+    """The bound read ``between 0 and 2.592e+06``."""
+    strategy = "fixed" if key == "interval" else "exponential"
+    with pytest.raises(ValidationError) as info:
+        RetryPolicy.from_dict({"strategy": strategy, key: 99_999_999})
+    assert info.value.message == f"retry.{key} must be between 0 and 2592000 seconds (30 days)"
+    with pytest.raises(ValidationError) as info:
+        RetryPolicy.from_dict({"strategy": "intervals", "intervals": [60, 99_999_999]})
+    assert info.value.message == "retry.intervals[1] must be between 0 and 2592000 seconds (30 days)"

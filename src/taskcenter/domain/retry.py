@@ -23,8 +23,14 @@ def _number(data: Mapping[str, Any], key: str, default: float, *, lo: float, hi:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(f"{where} must be a number", field=where)
     if not lo <= value <= hi:
-        raise ValidationError(f"{where} must be between {lo:g} and {hi:g}", field=where)
+        unit = " seconds (30 days)" if hi == MAX_DELAY_S else ""
+        raise ValidationError(f"{where} must be between {_plain(lo)} and {_plain(hi)}{unit}", field=where)
     return float(value)
+
+
+def _plain(bound: float) -> str:
+    """A bound as people write it: ``2592000``, not ``:g``'s ``2.592e+06``."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _count(value: Any, *, field_: str) -> int:
