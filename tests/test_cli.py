@@ -399,6 +399,21 @@ def test_unreachable_database_is_one_line(cli: Cli) -> None:
     one_line_error(result, 1)
 
 
+def test_a_database_port_that_never_answers_fails_in_one_line_within_seconds(cli: Cli) -> None:
+    """A listener on loopback that accepts and never speaks (a wrong port, a stuck proxy): asyncpg's own 60 s
+    connect timeout held every command for over a minute, then said only ``TimeoutError``."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        result = cli("task", "list", TASKCENTER_DATABASE_URL=f"postgresql://nobody@127.0.0.1:{port}/none")
+        elapsed = time.monotonic() - started
+    line = one_line_error(result, 1)
+    assert f"127.0.0.1:{port}" in line and "did not answer within 10 s" in line, line
+    assert elapsed < 30
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

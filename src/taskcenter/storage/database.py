@@ -168,6 +168,10 @@ _ASYNCPG_NUMBERS: dict[str, tuple[type[int] | type[float], float, bool]] = {
 }
 
 
+#: Seconds to connect to PostgreSQL unless the URL's ``?timeout=`` says otherwise.
+CONNECT_TIMEOUT_S = 10.0
+
+
 def asyncpg_numbers(url: sa.URL) -> dict[str, int | float]:
     """The numeric asyncpg parameters of a PostgreSQL URL's query, as numbers (``connect_args``).
 
@@ -284,7 +288,8 @@ class Database:
                 target,
                 pool_size=pool_size,
                 max_overflow=pool_size,
-                connect_args=asyncpg_numbers(target),
+                # asyncpg waits 60 s for a server that accepts and never answers; ?timeout= overrides this.
+                connect_args={"timeout": CONNECT_TIMEOUT_S, **asyncpg_numbers(target)},
                 **common,
             )
             self.read_engine = self.write_engine
@@ -446,6 +451,13 @@ class Database:
             async with self.read_engine.connect() as conn:
                 return await conn.run_sync(_current)
         except (SQLAlchemyError, OSError) as exc:
+            if self.is_postgres and isinstance(getattr(exc, "orig", None) or exc, TimeoutError):
+                target = async_url(self.url)
+                timeout = asyncpg_numbers(target).get("timeout", CONNECT_TIMEOUT_S)
+                raise StorageError(
+                    f"cannot read the schema version: the database at {target.host}:{target.port or 5432} "
+                    f"did not answer within {timeout:g} s (the URL's ?timeout= sets how long to wait)"
+                ) from exc
             raise StorageError(f"cannot read the schema version: {_short(exc)}") from exc
 
     async def migrate(self, revision: str = "head") -> tuple[str | None, str | None]:
