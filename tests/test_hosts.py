@@ -439,6 +439,12 @@ def test_cli_pause_until_a_time_without_a_zone_reads_it_as_utc(cli: HostCli) -> 
     assert at(cli.json("show", HOST)["state"]["operator_paused_until"]) == end.replace(tzinfo=UTC)
 
 
+def test_cli_pause_with_both_a_length_and_an_end_names_the_options(cli: HostCli) -> None:
+    """It said the API's words, ``give until or seconds, not both``, for options called --until and --for."""
+    both = cli("pause", HOST, "--for", "10m", "--until", "2030-01-01T00:00:00Z")
+    assert both.exit_code == 2 and both.stderr.splitlines() == ["error: give --for or --until, not both"]
+
+
 def test_cli_list_shows_breaker_and_pause_in_a_table(cli: HostCli) -> None:
     cli.ok("set", "b.example.com:443", "--max-in-flight", "4")
     cli.ok("pause", "a.example.com:443", "--for", "1h")
@@ -456,7 +462,7 @@ def test_cli_list_shows_breaker_and_pause_in_a_table(cli: HostCli) -> None:
         (("set", HOST, "--reset", "colour"), 2, "not a policy field"),
         (("set", HOST), 1, "nothing to change"),
         (("pause", HOST, "--for", "soon"), 2, "not a duration"),
-        (("pause", HOST), 1, "give until (a time) or seconds"),
+        (("pause", HOST), 2, "give --for (e.g. 10m) or --until (a time)"),  # were the API's words
         (("pause", HOST, "--until", "yesterday"), 2, "not a time"),
         (("show", "api.example.com:" + "9" * 5000), 1, "host must be host:port"),  # past int()'s 4300 digits
     ],

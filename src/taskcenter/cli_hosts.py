@@ -240,6 +240,13 @@ def host_pause(
     config: ConfigOpt = None,
 ) -> None:
     """Hold back every task for a host (no attempt charged) for a while or until a time."""
+    if (for_ is None) == (until is None):  # the service's own words name the API's fields, not these options
+        raise _fail(
+            "give --for (e.g. 10m) or --until (a time)"
+            if for_ is None
+            else "give --for or --until, not both",
+            2,
+        )
     seconds = duration_s(for_) if for_ is not None else None
     moment = _moment(until) if until is not None else None
     view = _run(config, lambda svc: svc.pause(host, actor=_actor(), until=moment, seconds=seconds))
