@@ -393,6 +393,49 @@ def test_a_refused_setting_is_said_in_our_words_not_pydantic_s(cli: Cli) -> None
     assert "Value error" not in line and "smtp_from" in line
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["task", "list"],
+        ["task", "show", "1"],
+        ["task", "cancel", "1"],
+        ["task", "retry", "1"],
+        ["task", "create", "http://127.0.0.1:9/", "-b", "shop", "-k", "x"],
+        ["retry"],
+        ["purge", "--older-than", "1d", "--yes"],
+        ["stats"],
+        ["business", "list"],
+        ["business", "show", "shop"],
+        ["business", "disable", "shop"],
+        ["business", "rotate-key", "shop"],
+        ["audit", "list"],
+    ],
+    ids=" ".join,
+)
+def test_a_sqlite_database_that_does_not_exist_is_named_not_made_empty(
+    cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """A mistyped path made its directories and a fresh empty database: ``task list`` showed no tasks."""
+    missing = tmp_path / "typo" / "taskcenter.db"
+    line = one_line_error(cli(*command, TASKCENTER_DATABASE_URL=f"sqlite:///{missing}"), 1)
+    assert f"no database at {missing}" in line and "taskcenter migrate" in line
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["migrate"], ["business", "create", "payments"], ["operator", "create-key"]],
+    ids=" ".join,
+)
+def test_commands_that_set_up_a_sqlite_database_still_make_it(
+    cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    fresh = tmp_path / "new" / "taskcenter.db"
+    result = cli(*command, TASKCENTER_DATABASE_URL=f"sqlite:///{fresh}")
+    assert result.exit_code == 0, result.output
+    assert fresh.is_file()
+
+
 def test_unreachable_database_is_one_line(cli: Cli) -> None:
     # Port 1 on loopback: nothing listens, the connection is refused at once.
     result = cli("task", "list", TASKCENTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
-from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app
+from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app, require_database
 from taskcenter.cli_backup import backup, restore
 from taskcenter.cli_demo import demo
 from taskcenter.cli_hosts import host_app
@@ -378,7 +378,7 @@ def task_create(
     async def work(rt: Runtime) -> Task:
         return await rt.service.create_task(await rt.service.business(business), data)
 
-    _print_task(_run(_with_runtime(_settings(config), work)), as_json)
+    _print_task(_run(_with_runtime(require_database(_settings(config)), work)), as_json)
 
 
 @task_app.command("show")
@@ -394,7 +394,7 @@ def task_show(
         task = await rt.service.get_task(None, task_id)
         return task, (await rt.service.attempts(None, task_id) if attempts else [])
 
-    task, tries = _run(_with_runtime(_settings(config), work))
+    task, tries = _run(_with_runtime(require_database(_settings(config)), work))
     if as_json:
         data = task.to_dict()
         if attempts:
@@ -431,7 +431,7 @@ def task_list(
         statuses = [s.strip() for s in status.split(",")] if status else None
         return await rt.service.list_tasks(biz, status=statuses, host=host, cursor=cursor, limit=limit)
 
-    tasks, next_cursor = _run(_with_runtime(_settings(config), work))
+    tasks, next_cursor = _run(_with_runtime(require_database(_settings(config)), work))
     _print_table(_task_table(tasks))
     if next_cursor:
         out.print(f"more: --cursor {next_cursor}", highlight=False)
@@ -455,7 +455,7 @@ def task_cancel(
             )  # fmt: skip
         return cancelled
 
-    for task in _run(_with_runtime(_settings(config), work)):
+    for task in _run(_with_runtime(require_database(_settings(config)), work)):
         out.print(f"task {task.id} is {task.status}", highlight=False)
 
 
@@ -476,7 +476,8 @@ def task_retry(
     """Send a failed or cancelled task again, with a renewed attempt budget (was http-request-task:retry)."""
     task = _run(
         _with_runtime(
-            _settings(config), lambda rt: _audited(rt, "task.retry", rt.service.retry(None, task_id))
+            require_database(_settings(config)),
+            lambda rt: _audited(rt, "task.retry", rt.service.retry(None, task_id)),
         )
     )
     out.print(
@@ -523,7 +524,7 @@ def retry_bulk(
                 status=statuses, business=biz, host=host, since=after, progress=step
             )
 
-    retried, skipped = _run(_with_runtime(_settings(config), work))
+    retried, skipped = _run(_with_runtime(require_database(_settings(config)), work))
     out.print(
         f"retried {retried} tasks" + (f", skipped {skipped} (changed or live again)" if skipped else "")
     )
@@ -550,7 +551,7 @@ def purge(
             job = bar.add_task("purging", total=total)
             return await rt.service.purge(older_than_s=age, progress=lambda n: bar.advance(job, n))
 
-    out.print(f"purged {_run(_with_runtime(_settings(config), work))} finished tasks")
+    out.print(f"purged {_run(_with_runtime(require_database(_settings(config)), work))} finished tasks")
 
 
 @app.command()
@@ -572,7 +573,7 @@ def stats(
         biz = await rt.service.business(business) if business else None
         return await StatsService(rt.db, clock=rt.clock).figures(biz, window_hours=window_hours)
 
-    figures = _run(_with_runtime(_settings(config), work))
+    figures = _run(_with_runtime(require_database(_settings(config)), work))
     if as_json:
         out.print_json(json.dumps(figures))
         return

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
 from taskcenter.audit import AuditLog
 from taskcenter.businesses import BusinessService
@@ -70,15 +71,42 @@ def _actor() -> str:
         return "cli:unknown"
 
 
-def run_with_runtime(config: Path | None, work: Callable[[Runtime, Settings], Coroutine[Any, Any, T]]) -> T:
+def require_database(settings: Settings) -> Settings:
+    """Refuse a SQLite file that does not exist, for commands that only use what a database holds.
+
+    Opening it would make its directories and a fresh, empty database (embedded mode migrates itself): a
+    mistyped path then listed no tasks instead of saying it found none.
+    """
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        path = Path(url.database).expanduser()
+        if not path.exists():
+            raise _fail(
+                escape(
+                    f"no database at {path} (TASKCENTER_DATABASE_URL={settings.database_url}): check the "
+                    "path, or create it with `taskcenter migrate` (or `taskcenter serve`)"
+                )
+            )
+    return settings
+
+
+def run_with_runtime(
+    config: Path | None,
+    work: Callable[[Runtime, Settings], Coroutine[Any, Any, T]],
+    *,
+    existing: bool = False,
+) -> T:
     """Load the settings, start a runtime, run ``work``, close the runtime — for every admin command.
 
     A bad setting is one line and exit code 2; a TaskCenterError while working is one line and exit code 1.
+    With ``existing``, a SQLite database that does not exist is refused rather than made (:func:`require_database`).
     """
     try:
         settings: Settings = load_settings(config)
     except TaskCenterError as exc:
         raise _fail(escape(exc.message), 2) from None
+    if existing:
+        require_database(settings)
 
     async def main() -> T:
         rt = Runtime(settings)
@@ -94,8 +122,14 @@ def run_with_runtime(config: Path | None, work: Callable[[Runtime, Settings], Co
         raise _fail(escape(exc.message)) from None
 
 
-def _run(config: Path | None, work: Callable[[Runtime, BusinessService], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` with the business service of a fresh runtime."""
+def _run(
+    config: Path | None,
+    work: Callable[[Runtime, BusinessService], Coroutine[Any, Any, T]],
+    *,
+    existing: bool = True,
+) -> T:
+    """Run ``work`` with the business service of a fresh runtime (on an existing database unless not
+    ``existing``: registering a business or an operator key may be the first use of a SQLite file)."""
 
     async def with_service(rt: Runtime, settings: Settings) -> T:
         service = BusinessService(
@@ -104,7 +138,7 @@ def _run(config: Path | None, work: Callable[[Runtime, BusinessService], Corouti
         )  # fmt: skip
         return await work(rt, service)
 
-    return run_with_runtime(config, with_service)
+    return run_with_runtime(config, with_service, existing=existing)
 
 
 def _print_json(data: Any) -> None:
@@ -151,7 +185,7 @@ def business_create(
             data["retry"] = json.loads(retry)
         except (ValueError, RecursionError):  # RecursionError: nested too deep for the decoder
             raise _fail(ValidationError("--retry is not JSON", field="retry").message) from None
-    reg = _run(config, lambda rt, svc: svc.register(data, actor=_actor()))
+    reg = _run(config, lambda rt, svc: svc.register(data, actor=_actor()), existing=False)
     secrets = {"api_key": reg.api_key.key, "signing_secret": reg.signing_secret, "jwt_secret": reg.jwt_secret}
     if as_json:
         _print_json({"business": reg.business, **secrets})
@@ -239,7 +273,7 @@ def operator_create_key(
     name: Annotated[str | None, typer.Option(help="A label for the key.")] = None, config: ConfigOpt = None
 ) -> None:
     """Make an operator API key (shown once)."""
-    issued = _run(config, lambda rt, svc: svc.create_operator_key(actor=_actor(), name=name))
+    issued = _run(config, lambda rt, svc: svc.create_operator_key(actor=_actor(), name=name), existing=False)
     _console().print(f"operator key {issued.key_id} (shown once): {issued.key}")
 
 
