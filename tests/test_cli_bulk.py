@@ -48,6 +48,18 @@ def test_bulk_retry_refuses_statuses_that_cannot_be_retried(tmp_path: Path) -> N
     assert "only failed or cancelled" in result.stderr
 
 
+@pytest.mark.parametrize("status", ["pending", "bogus", "failed,succeeded"])
+def test_bulk_retry_refuses_a_status_in_one_line_before_any_progress_bar(tmp_path: Path, status: str) -> None:
+    """A progress bar ('retrying 0/?') was drawn above the error line."""
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    result = runner.invoke(app, ["retry", "--status", status], env=_env(db))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: --status {status}: only failed or cancelled tasks can be retried"
+    ]
+
+
 def test_purge_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     _seed(db).close()

@@ -26,6 +26,7 @@ from taskcenter.cli_backup import backup, restore
 from taskcenter.cli_demo import demo
 from taskcenter.cli_hosts import host_app
 from taskcenter.config import Settings, load_settings
+from taskcenter.domain.states import RETRYABLE_BY_HAND
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
 from taskcenter.heap import settle_heap
@@ -506,6 +507,8 @@ def retry_bulk(
 ) -> None:
     """Retry many failed (or cancelled) tasks at once, each with a renewed attempt budget."""
     statuses = [s.strip() for s in status.split(",") if s.strip()]
+    if not statuses or not set(statuses) <= RETRYABLE_BY_HAND:  # before the progress bar draws itself
+        raise _fail(f"--status {status}: only failed or cancelled tasks can be retried", 1)
     after = None
     if since is not None:
         from datetime import UTC, timedelta
