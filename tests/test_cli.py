@@ -116,6 +116,13 @@ def test_every_option_says_what_it_is_for(path: list[str]) -> None:
     assert bare == [], f"taskcenter {' '.join(path)}: {bare} without help"
 
 
+def test_rotate_key_help_names_the_setting_its_grace_period_defaults_to() -> None:
+    """It said "(default 24)", but TASKCENTER_KEY_GRACE_HOURS sets the default."""
+    result = CliRunner().invoke(app, ["business", "rotate-key", "--help"], env={"COLUMNS": "200"})
+    line = next(x for x in result.stdout.splitlines() if "--grace-hours" in x)
+    assert "TASKCENTER_KEY_GRACE_HOURS" in line and "default 24)" not in line
+
+
 def test_the_task_commands_the_design_names_exist() -> None:
     paths = {" ".join(p) for p in _command_paths()}
     assert {

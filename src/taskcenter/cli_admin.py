@@ -233,7 +233,8 @@ def business_show(
 def business_rotate_key(
     code: Annotated[str, typer.Argument(help="Business code.")],
     grace_hours: Annotated[
-        float | None, typer.Option(help="How long the old keys keep working (default 24).")
+        float | None,
+        typer.Option(help="Hours the old keys keep working (default TASKCENTER_KEY_GRACE_HOURS, 24)."),
     ] = None,
     signing_secret: Annotated[bool, typer.Option(help="Also issue a new signing secret.")] = False,
     jwt_secret: Annotated[bool, typer.Option(help="Also replace the JWT secret (at once).")] = False,
