@@ -5,17 +5,17 @@ Actors are named, never keyed: ``key:<id>``, ``operator:env``, ``jwt:<code>``, `
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskcenter.domain.task import parse_row_id, rfc3339
+from taskcenter import cursors
+from taskcenter.clock import utcnow
+from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import audit_log, businesses
@@ -36,10 +36,6 @@ ACTIONS = frozenset(
         "task.update",
     }
 )
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +67,12 @@ class AuditEntry:
 
 def encode_cursor(entry_id: int) -> str:
     """An opaque keyset cursor over the log, newest first."""
-    return base64.urlsafe_b64encode(f"a1:{entry_id}".encode()).decode().rstrip("=")
+    return cursors.encode("a1", entry_id)
 
 
 def decode_cursor(cursor: str) -> int:
     """The entry id behind a cursor; :class:`ValidationError` on anything this API did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = raw.partition(":")
-        entry_id = parse_row_id(value)
-        if prefix != "a1" or entry_id is None:
-            raise ValueError(raw)
-        return entry_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationError("cursor is not one this API returned", field="cursor") from exc
+    return cursors.decode_row_id("a1", cursor)
 
 
 @dataclass
@@ -92,7 +80,7 @@ class AuditLog:
     """Writes and reads the ``audit_log`` table."""
 
     db: Database
-    clock: Callable[[], datetime] = _utcnow
+    clock: Callable[[], datetime] = utcnow
 
     async def record(
         self,

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskcenter.audit import AuditLog
+from taskcenter.clock import utcnow
 from taskcenter.credentials import Authenticator, IssuedKey, Principal, as_mapping, new_key
 from taskcenter.crypto import SecretBox, SecretKeyError
 from taskcenter.domain.retry import RetryPolicy
@@ -27,7 +28,7 @@ from taskcenter.errors import (
     Conflict,
     ValidationError,
 )
-from taskcenter.service import Business, TaskService, utcnow
+from taskcenter.service import Business, TaskService
 from taskcenter.signing import generate_secret
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import api_keys, businesses

@@ -22,9 +22,10 @@ from typing import Any, Literal, cast
 import jwt
 import sqlalchemy as sa
 
+from taskcenter.clock import utcnow
 from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKeyError
 from taskcenter.errors import Forbidden, StorageError, Unauthenticated
-from taskcenter.service import Business, utcnow
+from taskcenter.service import Business
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import api_keys, businesses
 

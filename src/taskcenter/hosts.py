@@ -6,8 +6,6 @@ Policies live in ``host_policies`` (dispatchers reload them every few seconds); 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,11 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskcenter import cursors
 from taskcenter.audit import AuditLog
+from taskcenter.clock import utcnow
 from taskcenter.domain.task import rfc3339
 from taskcenter.domain.traffic import MAX_BREAKER_WINDOW, Limits, State, refill, relaxed
 from taskcenter.errors import ValidationError
-from taskcenter.service import utcnow
 from taskcenter.signals import NOTIFY_CHANNEL
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import host_policies, host_state, tasks
@@ -260,19 +259,15 @@ def effective_policy(row: Mapping[Any, Any] | None, defaults: Limits) -> dict[st
 
 def encode_cursor(host: str) -> str:
     """An opaque keyset cursor over hosts in name order."""
-    return base64.urlsafe_b64encode(f"h1:{host}".encode()).decode().rstrip("=")
+    return cursors.encode("h1", host)
 
 
 def decode_cursor(cursor: str) -> str:
     """The last host of the previous page; :class:`ValidationError` on anything this API did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raw = ""
-    prefix, _, host = raw.partition(":")
+    host = cursors.decode("h1", cursor)
     # No host holds a control character (task URLs refuse them), and PostgreSQL cannot compare with a NUL.
-    if prefix != "h1" or not host or any(ord(c) < 32 for c in host):
-        raise ValidationError("cursor is not one this API returned", field="cursor")
+    if not host or any(ord(c) < 32 for c in host):
+        raise cursors.refused()
     return host
 
 

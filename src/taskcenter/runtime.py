@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from taskcenter._version import __version__
+from taskcenter.clock import utcnow
 from taskcenter.config import GuardConfig, Settings
 from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKeyError
 from taskcenter.dispatcher import Dispatcher
@@ -25,7 +26,7 @@ from taskcenter.mail import EMAIL_RETRY, EMAIL_TYPE, Mailer
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.sender import HttpConfig, Sender
-from taskcenter.service import TaskService, utcnow
+from taskcenter.service import TaskService
 from taskcenter.signals import NOTIFY_CHANNEL, Notifier
 from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskcenter import cursors
+from taskcenter.clock import Clock
+from taskcenter.clock import utcnow as utcnow  # re-exported: its old home, still imported from here
 from taskcenter.crypto import SecretBox, mask_headers
 from taskcenter.domain.retry import RetryPolicy
 from taskcenter.domain.states import CANCELLABLE, EDITABLE, RETRYABLE_BY_HAND, TaskStatus
@@ -37,12 +38,6 @@ from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL, Notifier, cancel_
 from taskcenter.storage import tasks as task_sql
 from taskcenter.storage.database import Database
 from taskcenter.storage.schema import businesses
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,17 +796,9 @@ def _canonical_uuid(text: str) -> str:
 
 def encode_cursor(row_id: int) -> str:
     """An opaque keyset cursor."""
-    return base64.urlsafe_b64encode(f"t1:{row_id}".encode()).decode().rstrip("=")
+    return cursors.encode("t1", row_id)
 
 
 def decode_cursor(cursor: str) -> int:
     """The row id behind a cursor; :class:`ValidationError` on anything else."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = raw.partition(":")
-        row_id = parse_row_id(value)
-        if prefix != "t1" or row_id is None:
-            raise ValueError(raw)
-        return row_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationError("cursor is not one this API returned", field="cursor") from exc
+    return cursors.decode_row_id("t1", cursor)

@@ -16,10 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskcenter.clock import utcnow
 from taskcenter.domain.states import TaskStatus
 from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
-from taskcenter.service import Business, utcnow
+from taskcenter.service import Business
 from taskcenter.storage.database import Database
 from taskcenter.storage.leases import SEALED_HEADERS
 from taskcenter.storage.schema import DUE_SQL, PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
