@@ -350,7 +350,8 @@ async def test_groups_in_flight_one_on_sqlite_two_on_postgresql_and_creates_join
     await service.create_task(shop, task_body("warm"))
     writing = most = 0
     sizes: list[int] = []
-    insert_group = service._insert_group
+    groups = service._creation.groups
+    insert_group = groups._insert_group
 
     async def slow_insert(conn: Any, rows: list[dict[str, Any]]) -> dict[int, BaseException | None]:
         nonlocal writing, most
@@ -363,7 +364,7 @@ async def test_groups_in_flight_one_on_sqlite_two_on_postgresql_and_creates_join
         finally:
             writing -= 1
 
-    monkeypatch.setattr(service, "_insert_group", slow_insert)
+    monkeypatch.setattr(groups, "_insert_group", slow_insert)
     first = asyncio.ensure_future(service.create_task(shop, task_body("first")))
     await asyncio.sleep(0.01)  # the first group is being written
     rest = [asyncio.ensure_future(service.create_task(shop, task_body(f"r-{n}"))) for n in range(6)]
@@ -371,4 +372,4 @@ async def test_groups_in_flight_one_on_sqlite_two_on_postgresql_and_creates_join
     assert len({t.id for t in created}) == 7
     assert most == (2 if backend == "postgres" else 1)
     assert sizes == [1, 6]  # the six created together went in one group, whichever flusher took them
-    assert not service._flushers
+    assert not groups._flushers
