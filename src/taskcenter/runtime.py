@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from taskcenter import host_policy
 from taskcenter._version import __version__
 from taskcenter.clock import utcnow
 from taskcenter.config import GuardConfig, Settings
@@ -113,7 +114,7 @@ class BusinessPolicies:
                 guards[row["id"]] = self._default.merged(own)
             signers[row["id"]] = self._signer_of(row, unsigned)
         old_hosts, old_limits = self._hosts, self._limits
-        self._hosts = {r["host"]: _host_limits(r, self.host_defaults) for r in host_rows}
+        self._hosts = {r["host"]: host_policy.host_limits(r, self.host_defaults) for r in host_rows}
         self._limits = {
             r["id"]: _business_limits(
                 r["rate_limit_per_minute"], r["max_in_flight"], SIGNING_HOLD if r["id"] in unsigned else None
@@ -314,23 +315,6 @@ def _business_limits(per_minute: int, max_in_flight: int | None, held: str | Non
     rate = per_minute / 60.0
     # One second's worth of burst: a per-minute budget is not meant to be spent in one go.
     return Limits(rate_per_second=rate, burst=max(1, round(rate)), max_in_flight=max_in_flight, held=held)
-
-
-def _host_limits(row: Any, defaults: Limits) -> Limits:
-    def pick(name: str, default: Any) -> Any:
-        return row[name] if row[name] is not None else default
-
-    paused = row["paused_until"]
-    return Limits(
-        rate_per_second=pick("rate_per_second", defaults.rate_per_second),
-        burst=pick("burst", defaults.burst),
-        max_in_flight=pick("max_in_flight", defaults.max_in_flight),
-        breaker_failures=pick("breaker_failures", defaults.breaker_failures),
-        breaker_ratio=pick("breaker_ratio", defaults.breaker_ratio),
-        breaker_window=pick("breaker_window", defaults.breaker_window),
-        breaker_cooldown_s=pick("breaker_cooldown", defaults.breaker_cooldown_s),
-        paused_until=paused.timestamp() if paused is not None else 0.0,
-    )
 
 
 class Runtime:
