@@ -194,7 +194,7 @@ def test_sync_use_after_close_starts_afresh(db_url: str) -> None:
 def test_sync_context_manager_starts_and_closes(db_url: str) -> None:
     with TaskCenter(settings=make_settings(db_url), business="shop") as center:
         assert center.list_tasks() == ([], None)
-    assert center._thread is None
+    assert center._private_loop.thread is None
 
 
 @pytest.mark.timeout(30)
@@ -282,7 +282,7 @@ def test_close_lets_a_call_in_flight_on_another_thread_return(
 def test_a_call_the_stopped_loop_never_ran_raises_instead_of_waiting_for_ever(tc: TaskCenter) -> None:
     """A call submitted as close() stops the loop (a busy web app's next request) is never run."""
     task = tc.create_task("POST", URL, business_id="late")
-    loop, loop_thread = tc._loop, tc._thread
+    loop, loop_thread = tc._private_loop.loop, tc._private_loop.thread
     assert loop is not None and loop_thread is not None
     loop.call_soon_threadsafe(loop.stop)  # close() stopping the loop ...
     loop_thread.join(timeout=5)
@@ -298,7 +298,7 @@ def test_a_call_the_stopped_loop_never_ran_raises_instead_of_waiting_for_ever(tc
     caller.start()  # ... as another thread submits a call
     time.sleep(0.2)
     loop.close()
-    tc._loop = tc._thread = None
+    tc._private_loop.loop = tc._private_loop.thread = None
     caller.join(timeout=10)
     assert not caller.is_alive(), "the call waited for ever on a closed loop"
     assert len(errors) == 1 and "closed" in str(errors[0])

@@ -7,7 +7,6 @@ scripts get exactly the behaviour of the async API rather than a second implemen
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import functools
 import signal
@@ -26,6 +25,8 @@ from taskcenter.domain.task import Attempt, Task
 from taskcenter.errors import StorageError, ValidationError
 from taskcenter.events import EventBus, Handler
 from taskcenter.intake import PRIORITY_RANGE
+from taskcenter.library_args import UNSET, check_connection, int_within, task_data
+from taskcenter.private_loop import PrivateLoop
 from taskcenter.processors import ProcessorFunc, ProcessorRegistry
 from taskcenter.runtime import Runtime
 from taskcenter.service import Business
@@ -37,74 +38,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 F = TypeVar("F", bound=ProcessorFunc)
-_UNSET: Any = object()
-
-
-def _task_data(
-    method: str | None,
-    url: str | None,
-    *,
-    business_id: str,
-    type: str | None,
-    payload: Any,
-    headers: Mapping[str, str] | None,
-    json: Any,
-    form: Mapping[str, Any] | None,
-    body: str | None,
-    content_type: str | None,
-    delay: float | timedelta | None,
-    scheduled_at: datetime | None,
-    retry: RetryPolicy | Mapping[str, Any] | None,
-    timeout: float | None,
-    priority: int | None,
-    success_codes: list[int] | None,
-    retry_on: list[int] | None,
-    follow_redirects: bool,
-    notify: Mapping[str, Any] | None,
-    metadata: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    data: dict[str, Any] = {"business_id": business_id}
-    if type is not None and type != "http":
-        data.update(type=type, payload=payload)
-    else:
-        data.update(method=method or "POST", url=url)
-    optional = {
-        "headers": headers,
-        "form": form,
-        "body": body,
-        "content_type": content_type,
-        "delay": delay,
-        "scheduled_at": scheduled_at,
-        "retry": retry,
-        "timeout": timeout,
-        "priority": priority,
-        "success_codes": success_codes,
-        "retry_on": retry_on,
-        "notify": notify,
-        "metadata": metadata,
-    }
-    data.update({k: v for k, v in optional.items() if v is not None})
-    if json is not _UNSET:
-        data["json"] = json
-    if follow_redirects:
-        data["follow_redirects"] = True
-    return data
-
-
-def _check_connection(connection: object, expected: type, twin: str) -> None:
-    """A clear error for what is not a SQLAlchemy connection of the kind this call takes (an ORM session, an
-    engine, the other kind), instead of an AttributeError from inside the insert."""
-    if connection is not None and not isinstance(connection, expected):
-        raise ValidationError(
-            f"connection must be a SQLAlchemy {expected.__name__}, not {type(connection).__name__}"
-            f" (for an ORM session pass session.connection(); {twin})",
-            field="connection",
-        )
-
-
-def _int_within(value: object, low: int, high: int) -> bool:
-    """Whether ``value`` is an int (not a bool) from ``low`` to ``high``."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _close_at_exit(ref: weakref.ref[TaskCenter]) -> None:
@@ -165,13 +98,11 @@ class TaskCenter:
         self.business_limits = dict(business_limits or {})
         self._business: Business | None = None
         self._ready = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._private_loop = PrivateLoop(at_exit=functools.partial(_close_at_exit, weakref.ref(self)))
+        """Where the sync methods run the async ones."""
         self._dispatcher: Any = None
         self._worker: tuple[threading.Thread, asyncio.Event, threading.Event] | None = None
         """The thread in :meth:`run_worker`, its stop event and its done flag, while it runs."""
-        self._at_exit: Callable[[], None] | None = None
-        """Registered with atexit while the private loop runs (see :func:`_close_at_exit`)."""
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -185,44 +116,8 @@ class TaskCenter:
             )
         return self._business
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name="taskcenter-loop", daemon=True
-            )
-            self._thread.start()
-            self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
-            atexit.register(self._at_exit)
-        return self._loop
-
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        loop = self._running_loop()
-        try:
-            self._check_not_on_own_loop()
-        except RuntimeError:
-            coro.close()
-            raise
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except TimeoutError:
-                if future.done():  # the call itself raised TimeoutError
-                    raise
-                if loop.is_closed():  # submitted as close() stopped the loop: it will never run
-                    future.cancel()
-                    coro.close()
-                    raise RuntimeError("TaskCenter was closed while this call waited to run") from None
-
-    def _check_not_on_own_loop(self) -> None:
-        if threading.current_thread() is self._thread:
-            # An event handler or an async processor run by the sync worker: blocking the private loop to wait
-            # for work queued on that same loop would wait forever.
-            raise RuntimeError(
-                "TaskCenter's sync methods cannot be called from its own event loop (an event handler or an "
-                "async processor); await the async twin there (e.g. `await tc.aget_task(...)`)"
-            )
+        return self._private_loop.run(coro)
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -239,7 +134,7 @@ class TaskCenter:
         if retry is not None and not isinstance(retry, RetryPolicy):
             retry = RetryPolicy.from_dict(retry)  # its JSON form, as create_task takes it
         lo, hi = PRIORITY_RANGE
-        if isinstance(priority, bool) or not isinstance(priority, int) or not lo <= priority <= hi:
+        if not int_within(priority, lo, hi):
             raise ValidationError(f"priority must be an integer from {lo} to {hi}", field="priority")
 
         def register(func: F) -> F:
@@ -276,7 +171,7 @@ class TaskCenter:
         type: str | None = None,
         payload: Any = None,
         headers: Mapping[str, str] | None = None,
-        json: Any = _UNSET,
+        json: Any = UNSET,
         form: Mapping[str, Any] | None = None,
         body: str | None = None,
         content_type: str | None = None,
@@ -301,13 +196,13 @@ class TaskCenter:
         commits. On SQLite, start the TaskCenter (``async with``, or any call) before the caller's transaction
         takes the write lock: its first use registers the business, which is a write of its own.
         """
-        data = _task_data(
+        data = task_data(
             method, url, business_id=business_id, type=type, payload=payload, headers=headers, json=json,
             form=form, body=body, content_type=content_type, delay=delay, scheduled_at=scheduled_at,
             retry=retry, timeout=timeout, priority=priority, success_codes=success_codes, retry_on=retry_on,
             follow_redirects=follow_redirects, notify=notify, metadata=metadata,
         )  # fmt: skip
-        _check_connection(connection, AsyncConnection, "a sync Connection goes to create_task")
+        check_connection(connection, AsyncConnection, "a sync Connection goes to create_task")
         return await self.runtime.service.create_task(await self._biz(), data, connection=connection)
 
     async def aget_task(self, task_id: str | int) -> Task:
@@ -352,9 +247,9 @@ class TaskCenter:
             metrics_host: the address to serve them on (default: ``worker_metrics_host``, 127.0.0.1).
         """
         # The bounds of the concurrency setting, which this bypasses: 0 ran a worker that never sent anything.
-        if concurrency is not None and not _int_within(concurrency, 1, 10_000):
+        if concurrency is not None and not int_within(concurrency, 1, 10_000):
             raise ValidationError("concurrency must be an integer from 1 to 10000", field="concurrency")
-        if metrics_port is not None and not _int_within(metrics_port, 0, 65_535):
+        if metrics_port is not None and not int_within(metrics_port, 0, 65_535):
             raise ValidationError("metrics_port must be an integer from 0 to 65535", field="metrics_port")
         if metrics_host is not None and (not isinstance(metrics_host, str) or not metrics_host.strip()):
             raise ValidationError("metrics_host must be an address, e.g. 127.0.0.1", field="metrics_host")
@@ -419,18 +314,18 @@ class TaskCenter:
         """
         connection = kwargs.pop("connection", None)
         if connection is not None:
-            _check_connection(connection, sa.Connection, "an AsyncConnection goes to acreate_task")
+            check_connection(connection, sa.Connection, "an AsyncConnection goes to acreate_task")
             return self._create_in(connection, method, url, **kwargs)
         return self._sync(self.acreate_task(method, url, **kwargs))
 
     def _create_in(self, conn: sa.Connection, method: str | None, url: str | None, **kwargs: Any) -> Task:
         given: dict[str, Any] = {
-            "type": None, "payload": None, "headers": None, "json": _UNSET, "form": None, "body": None,
+            "type": None, "payload": None, "headers": None, "json": UNSET, "form": None, "body": None,
             "content_type": None, "delay": None, "scheduled_at": None, "retry": None, "timeout": None,
             "priority": None, "success_codes": None, "retry_on": None, "follow_redirects": False,
             "notify": None, "metadata": None, **kwargs,
         }  # fmt: skip
-        data = _task_data(method, url, **given)
+        data = task_data(method, url, **given)
         started = self._business is not None
         try:
             business, row = self._sync(self._prepare(data))
@@ -449,7 +344,7 @@ class TaskCenter:
         # The dispatcher of this process learns of it when the caller commits; it also polls.
         task = service._task_from_new_row(business, row)
         if self.events.wants("created"):
-            self._running_loop().call_soon_threadsafe(self.events.publish, "created", task.to_dict())
+            self._private_loop.running().call_soon_threadsafe(self.events.publish, "created", task.to_dict())
         return task
 
     async def _prepare(self, data: dict[str, Any]) -> tuple[Business, dict[str, Any]]:
@@ -496,7 +391,7 @@ class TaskCenter:
         when :meth:`close` is called.
         """
         stop = asyncio.Event()
-        loop = self._running_loop()
+        loop = self._private_loop.running()
         done = threading.Event()
         self._worker = (threading.current_thread(), stop, done)
 
@@ -529,26 +424,18 @@ class TaskCenter:
         are the calls other threads have in flight (cancelled after a few seconds), which would otherwise wait
         for ever on the stopped loop.
         """
-        self._check_not_on_own_loop()
+        self._private_loop.check_not_on_it()
         worker = self._worker
-        if worker is not None and worker[0] is not threading.current_thread() and self._loop is not None:
+        loop = self._private_loop.loop
+        if worker is not None and worker[0] is not threading.current_thread() and loop is not None:
             _thread, stop, done = worker
-            self._loop.call_soon_threadsafe(stop.set)
+            loop.call_soon_threadsafe(stop.set)
             done.wait()  # run_worker closes on its way out
-        if self._loop is not None:
-            loop, thread = self._loop, self._thread
+        if self._private_loop.loop is not None:
             try:
                 self._sync(self._aclose_after_calls())
             finally:
-                loop.call_soon_threadsafe(loop.stop)
-                if thread is not None:
-                    thread.join(timeout=5)
-                if not loop.is_running():
-                    loop.close()
-                self._loop = self._thread = None
-                if self._at_exit is not None:
-                    atexit.unregister(self._at_exit)
-                    self._at_exit = None
+                self._private_loop.stop()
 
     async def _aclose_after_calls(self) -> None:
         current = asyncio.current_task()
