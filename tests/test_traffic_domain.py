@@ -25,7 +25,9 @@ from taskcenter.domain.traffic import (
     pace,
     record,
     refill,
+    refunded,
     relaxed,
+    respent,
     send_tolerance,
 )
 
@@ -164,6 +166,73 @@ def test_sends_within_their_allowance_stay_within_burst_plus_rate_times_elapsed(
             in_window = bisect.bisect_right(sends, end) - i
             # A token short by up to a thousandth counts as whole (see _WHOLE_TOKEN), and times are floats.
             slack = rate * send_tolerance(limits) + 1e-3 * in_window + 1e-6
+            assert in_window <= burst + rate * (end - start) + slack
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    steps=st.lists(
+        st.tuples(
+            st.one_of(
+                st.integers(min_value=0, max_value=12).map(float), st.floats(min_value=0.0, max_value=12.0)
+            ),
+            st.integers(min_value=0, max_value=40),
+            # None: the step's sends leave within their allowance; else all of them start this many tokens'
+            # worth after their admission, too late, and are spent again then (if no admission came between);
+            # if the flag is set, they are late again after that, and go back with their tokens refunded
+            st.one_of(st.none(), st.tuples(st.floats(min_value=0.0, max_value=12.0), st.booleans())),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    lateness=st.lists(
+        st.one_of(st.sampled_from([0.0, 1.0]), st.floats(min_value=0.0, max_value=1.0)),
+        min_size=1,
+        max_size=50,
+    ),
+)
+# The tight cases: spent again just before the next admission, which meets the next token at once.
+@example(rate=5.0, burst=1, steps=[(0.0, 1, (0.9, False)), (1.2, 1, None)], lateness=[0.0])
+@example(rate=5.0, burst=1, steps=[(0.0, 1, (0.9, False)), (1.2, 1, None)], lateness=[1.0, 0.0])
+@example(rate=50.0, burst=10, steps=[(0.0, 10, (3.0, False)), (15.6, 10, None)], lateness=[0.0])
+@example(rate=5.0, burst=1, steps=[(0.0, 1, None), (1.0, 1, (0.5, True)), (1.3, 1, None)], lateness=[0.0])
+def test_sends_spent_again_when_late_stay_within_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, steps: list[tuple[float, int, tuple[float, bool] | None]], lateness: list[float]
+) -> None:
+    """Requests that start too late for their tokens are spent again when they start (``respent``) if no admission
+    came in between, and leave within the tolerance of that; else they are given back unsent. Late again after
+    that, they go back with their tokens refunded (``refunded``). Either way no window of sends holds more than the
+    bucket allows but for the tolerance's worth of the rate, as for sends on time."""
+    limits = Limits(rate_per_second=rate, burst=burst)
+    tolerance = send_tolerance(limits)
+    state, now = FRESH, 1000.0
+    sends: list[float] = []
+    for k, (tokens_worth, count, late) in enumerate(steps):
+        now += tokens_worth / rate
+        verdicts, state = admit_one_host(count, state, limits, now)
+        go = [v for v in verdicts.values() if v.defer_until is None]
+        if late is None:
+            for v in go:
+                assert v.send_within_s is not None
+                sends.append(now + v.send_within_s * lateness[len(sends) % len(lateness)])
+            continue
+        late_s, again = late
+        started = now + max(v.send_within_s or 0.0 for v in go) + late_s / rate if go else now
+        following = now + steps[k + 1][0] / rate if k + 1 < len(steps) else math.inf
+        if started > following:
+            continue  # the next admission wrote the bucket first: they go back unsent
+        state = respent(state, limits, started, len(go))
+        if again:
+            state = refunded(state, len(go))
+            continue
+        sends += [started + tolerance * lateness[len(sends) % len(lateness)] for _ in go]
+    sends.sort()
+    for i, start in enumerate(sends):
+        for end in sends[i:]:
+            in_window = bisect.bisect_right(sends, end) - i
+            slack = rate * tolerance + 1e-3 * in_window + 1e-6
             assert in_window <= burst + rate * (end - start) + slack
 
 
@@ -407,7 +476,8 @@ def test_a_held_business_sends_no_http_task_and_spends_no_token_while_its_proces
     )
     assert verdicts[1] == verdicts[2] == Verdict(1000.0 + BUSINESS_HOLD_S, "signing_secret")
     # Both go on a token from a full bucket (business 7's, h:80's): no delay allowed beyond the send tolerance.
-    assert verdicts[3] == Verdict(None, send_within_s=send_tolerance(held))
+    tolerance = send_tolerance(held)
+    assert verdicts[3] == Verdict(None, send_within_s=tolerance, business_within_s=tolerance)
     assert verdicts[4] == Verdict(None, send_within_s=send_tolerance(host))
     assert hosts["h:80"].tokens == 9.0 and businesses[7].tokens == 9.0  # only the processor task spent one
 

@@ -189,6 +189,9 @@ class Verdict:
     below full allows one token's time more, so a backlog's tasks (spent from a near-empty bucket) may leave
     up to ``(burst - 1) / rate`` late; :func:`send_tolerance` more for the latency of the claim and the start.
     The smaller of the host's and the business's. ``None``: neither bucket limits the rate."""
+    business_within_s: float | None = None
+    """The business bucket's own part of ``send_within_s`` (``None``: the business has no rate limit). A task
+    whose host token is spent again later (see :func:`respent`) still owes its business token this deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +288,7 @@ def admit(
             verdicts[c.task_id] = Verdict(due + _SLOT_SLACK_S, "business_rate")
             continue
         within: float | None = None
+        slack: float | None = None
         if hl.rate_per_second is not None:
             within = _send_within(hs.tokens - host_spent[c.host], hl, hl.rate_per_second)
             host_spent[c.host] += 1
@@ -298,12 +302,35 @@ def admit(
         biz_busy[c.business] += 1
         if c.host in room:
             room[c.host] -= 1
-        verdicts[c.task_id] = Verdict(None) if within is None else Verdict(None, None, within)
+        verdicts[c.task_id] = Verdict(None) if within is None else Verdict(None, None, within, slack)
     for h in list(host_spent):
         host_state[h] = _spend(host_state[h], host_spent, h)
     for b in list(biz_spent):
         biz_state[b] = _spend(biz_state[b], biz_spent, b)
     return verdicts, host_state, biz_state
+
+
+def respent(state: State, limits: Limits, now: float, spent: int) -> State:
+    """The bucket as if the ``spent`` tokens its last admission spent were spent at ``now`` instead: refilled to
+    ``now``, but to no more than ``burst - spent``.
+
+    For requests that started too late for their tokens (see ``Verdict.send_within_s``), and only while nothing
+    has been admitted on the bucket since (the stored state is still the one that admission left, ``k - spent``
+    tokens). No request has then gone out on the refill they waited through, and the bucket holds exactly what it
+    would hold had they been admitted at ``now``: ``min(burst, k + earned) - spent``. They may leave within the
+    tolerance of ``now`` (:func:`send_tolerance`; the rest of their allowance is not renewed), their tokens used
+    instead of wasted. With a burst of 1 the refill is forfeited whole: the token is spent from a full bucket again.
+    """
+    refilled = refill(state, limits, now)
+    return _with_tokens(refilled, min(refilled.tokens, limits.capacity - spent), refilled.refilled_at)
+
+
+def refunded(state: State, spent: int) -> State:
+    """The bucket with the ``spent`` tokens of its last admission (or of :func:`respent`) given back: what it held
+    before them. For requests that went back to the queue unsent, and only while nothing has been admitted on the
+    bucket since: it then holds no more than it would had they never been admitted (that bucket would also have
+    kept any refill :func:`respent` forfeited)."""
+    return _with_tokens(state, state.tokens + spent, state.refilled_at)
 
 
 def _send_within(tokens: float, limits: Limits, rate: float) -> float:
