@@ -227,6 +227,34 @@ async def test_host_rate_holds_when_two_dispatchers_stall_after_one_admitted_the
     assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 1)}
 
 
+async def test_a_burst_of_one_host_still_sends_when_every_start_is_late(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """2/s with a burst of 1, and the loop stalls 0.2 s after every admission that lets a task go: each task
+    starts too late for its token (50 ms), every time. Given back, each would waste its token and come back to the
+    same stall, and none would ever leave. Nothing was admitted on the host meanwhile, so each is spent again as it
+    starts and goes, one token per task, and the receiver still sees no more than the rate."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    await set_host_policy(runtime, host_of(receiver), rate_per_second=2, burst=1)
+    ids = await make_tasks(runtime, biz, receiver.url("/slow-start"), 5, "s")
+    async with running(runtime, concurrency=20) as dispatcher:
+        assert dispatcher.traffic is not None
+        admit = dispatcher.traffic.admit
+
+        async def admit_then_stall(*args: Any) -> Any:
+            verdict = await admit(*args)
+            if verdict[0]:
+                time.sleep(0.2)  # blocks the event loop: a busy loop, a slow commit
+            return verdict
+
+        dispatcher.traffic.admit = admit_then_stall  # type: ignore[method-assign,assignment]
+        await receiver.wait_for(5, "/slow-start", timeout=20)
+        rows = await all_finished(runtime, ids, timeout=10)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 1)}
+    assert dispatcher.traffic.deferred["late_respent"] >= 1, dispatcher.traffic.deferred
+    assert_within_rate(arrivals(receiver, "/slow-start"), 2, 1, first_slack=0.0)
+
+
 async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(
     runtime: Runtime, receiver: Receiver
 ) -> None:

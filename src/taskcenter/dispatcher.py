@@ -11,6 +11,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import random
 import socket
@@ -28,7 +29,7 @@ from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKey
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
 from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
-from taskcenter.domain.traffic import BUSINESS_HOLD_S, State, pace
+from taskcenter.domain.traffic import BUSINESS_HOLD_S, State, pace, send_tolerance
 from taskcenter.errors import PermanentFailure, StorageError, TaskCenterError
 from taskcenter.events import EventBus
 from taskcenter.housekeeping import Housekeeping
@@ -40,7 +41,7 @@ from taskcenter.signals import Notifier
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import leases, queue, results
 from taskcenter.storage.database import Database
-from taskcenter.storage.traffic import TrafficControl
+from taskcenter.storage.traffic import Spend, TrafficControl
 
 log = logging.getLogger("taskcenter.dispatcher")
 MAX_STORED_REQUEST_BODY = 65536
@@ -111,9 +112,8 @@ class Dispatcher:
         self._held: dict[int, int] = {}
         self._counters: dict[tuple[int, str], Any] = {}
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
-        self._late: list[
-            Mapping[str, Any]
-        ] = []  # admitted, started too late to send: to give back (see _too_late)
+        # Admitted, started too late to send: to spend again or give back (see _too_late).
+        self._late: list[tuple[Mapping[str, Any], _Late | None]] = []
         # Claimed, their sealed header values do not open: to give back held (see _cannot_open), and the log's state.
         self._unopened: dict[int, tuple[Mapping[str, Any], list[str]]] = {}
         self._unopened_logged = -SEALED_LOG_EVERY_S
@@ -411,13 +411,17 @@ class Dispatcher:
     def _start(self, row: Mapping[str, Any], fresh: bool = False) -> None:
         task_id = row["id"]
         send_by = None
+        spend: tuple[Spend, float] | None = None
         if self.traffic is not None:
             within = self.traffic.send_within.pop(task_id, None)
             if within is not None:
                 # Counted from its admission when it starts straight from its claim; a task that waited in the
                 # buffer for a slot is counted from now (see _too_late).
-                send_by = (within[0] if fresh else time.monotonic()) + within[1]
-        task = asyncio.create_task(self._attempt(row, send_by), name=f"tc-task-{task_id}")
+                start = within[0] if fresh else time.monotonic()
+                send_by = start + within[1]
+                if within[2] is not None:  # its host's spend, and until when its business token allows
+                    spend = within[2], math.inf if within[3] is None else start + within[3]
+        task = asyncio.create_task(self._attempt(row, send_by, spend), name=f"tc-task-{task_id}")
         self._sending[task_id] = task
         task.add_done_callback(functools.partial(self._sent, task_id))
 
@@ -449,12 +453,24 @@ class Dispatcher:
             self.traffic.deferred["host_pace"] += 1
             await asyncio.sleep(wait)
 
-    def _too_late(self, row: Mapping[str, Any]) -> None:
-        """Give back, unsent, a task that starts later than its token allows (``send_by``, see
+    def _too_late(
+        self, row: Mapping[str, Any], spend: tuple[Spend, float] | None
+    ) -> asyncio.Future[float | None] | None:
+        """A task that starts later than its token allows (``send_by``, see
         ``domain.traffic.Verdict.send_within_s``): the claim's commit or the start stalled (a loaded machine, a
         long GC pause), and meanwhile the host's bucket refilled as if it had gone; another dispatcher may be
-        sending that refill right now. Given back due now, it is admitted again on a token of its own, no attempt
-        charged. The tasks of one stall go back in one statement.
+        sending that refill right now. The tasks of one stall are dealt with together, after this loop turn:
+
+        - if every task its host's admission let go is late, nothing was admitted on the host since (its row still
+          holds what that admission wrote) and its business token still allows it, its host tokens are spent
+          again as of now (``TrafficControl.respend``): it goes after all, within the host's tolerance of that
+          (the returned future gives the new deadline), instead of wasting its token — for a host with a burst
+          of 1, a token per late task, the host's whole rate while every start is late;
+        - else it is given back unsent: due now, admitted again on a token of its own, no attempt charged, the
+          tasks of one stall in one statement (the future, if any, gives None). If every task of its host's
+          spend goes back so (its business token ran out, or it was spent again and is late again), the tokens go
+          back to the bucket first, if nothing was admitted on the host since (``TrafficControl.refund``): a loop
+          too slow for the tolerance then costs the host no tokens.
 
         A task that waited in this dispatcher's buffer for a slot is counted from when it got the slot, not from
         its admission: while every slot is busy, requests leave as answers free slots, which the send-time pacer
@@ -462,22 +478,66 @@ class Dispatcher:
         """
         assert self.traffic is not None
         self.traffic.deferred["late"] += 1
-        self._late.append(row)
+        late: _Late | None = None
+        if spend is not None and not self._stopping.is_set():
+            spend[0].late += 1
+            late = _Late(spend[0], spend[1], asyncio.get_running_loop().create_future())
+        self._late.append((row, late))
         if len(self._late) == 1:  # the others of the clump start in this loop turn, before this task runs
             task = asyncio.create_task(self._give_back_late(), name="tc-late")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        return late.deadline if late is not None and not late.spend.respent else None
 
     async def _give_back_late(self) -> None:
-        rows, self._late = self._late, []
-        await self._give_back_unsent(rows, "started too late for their tokens")
+        clump, self._late = self._late, []
+        assert self.traffic is not None
+        now = time.monotonic()
+        # The host spends whose every task is late: spent again while their business tokens allow them to go,
+        # else (or if they were spent again already) refunded.
+        whole = {
+            late.spend for _row, late in clump if late is not None and late.spend.late == late.spend.tasks
+        }
+        again = {late.spend for _row, late in clump if late is not None and late.business_by > now} & whole
+        respent: set[Spend] = set()
+        try:
+            refund = [spend for spend in whole if spend.respent or spend not in again]
+            if refund:
+                await self.traffic.refund(self.db, refund)
+            if again - set(refund):
+                # The tolerance counts from the time the tokens are spent again, as from an admission's.
+                at, now = self.clock(), time.monotonic()
+                respent = set(await self.traffic.respend(self.db, list(again - set(refund)), at))
+        except StorageError as exc:
+            log.warning("spending again or refunding the tokens of %d late tasks failed: %s", len(whole), exc)
+        finally:  # whatever happened, each late task learns whether it goes (else it would keep its slot)
+            back = []
+            for row, late in clump:
+                if late is not None and late.spend in respent:
+                    tolerance = send_tolerance(self.traffic.host_limits(late.spend.host))
+                    late.deadline.set_result(min(now + tolerance, late.business_by))
+                    self.traffic.deferred["late_respent"] += 1
+                    continue
+                if late is not None and not late.deadline.done():
+                    late.deadline.set_result(None)
+                back.append(row)
+        if back:
+            await self._give_back_unsent(back, "started too late for their tokens")
 
-    async def _attempt(self, row: Mapping[str, Any], send_by: float | None = None) -> None:
+    async def _attempt(
+        self, row: Mapping[str, Any], send_by: float | None = None, spend: tuple[Spend, float] | None = None
+    ) -> None:
         number = row["attempts"] + 1
         if send_by is not None and time.monotonic() > send_by:
-            if self._held.get(row["id"]) == number:
-                self._too_late(row)
-            return
+            if self._held.get(row["id"]) != number:
+                return
+            respent = self._too_late(row, spend)
+            send_by = await respent if respent is not None else None
+            if send_by is None:
+                return  # given back
+            if time.monotonic() > send_by:  # late again: given back (its tokens refunded if they can be)
+                self._too_late(row, spend)
+                return
         if self.traffic is not None and row["type"] == "http":
             await self._pace(row["host"])
         if self._held.get(row["id"]) != number:
@@ -949,6 +1009,16 @@ class Dispatcher:
             bus.publish("attempted", data)
             if final in ("succeeded", "failed"):
                 bus.publish(final, data)
+
+
+@dataclass(slots=True)
+class _Late:
+    """A late task that may be spent again (see ``Dispatcher._too_late``): its host's spend, until when its
+    business token allows it (``time.monotonic()``), and where its new deadline is told (``None``: given back)."""
+
+    spend: Spend
+    business_by: float
+    deadline: asyncio.Future[float | None]
 
 
 def _response_record(sent: SendResult) -> dict[str, Any] | None:

@@ -35,9 +35,11 @@ from taskcenter.domain.traffic import (
     admit,
     negligible,
     record,
+    refunded,
+    respent,
 )
 from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
-from taskcenter.storage.database import sqlite_driver
+from taskcenter.storage.database import Database, sqlite_driver
 from taskcenter.storage.schema import DUE_SQL, HELD_SQL, UTCDateTime, business_state, host_state, tasks
 
 log = logging.getLogger("taskcenter.traffic")
@@ -132,6 +134,47 @@ _UPDATE_BUSINESS = (
     .where(business_state.c.business_pk == sa.bindparam("b_pk"))
     .values(tokens=sa.bindparam("v_tokens"), refilled_at=sa.bindparam("v_refilled_at"))
 )
+
+
+#: Spends a host's tokens again (see :meth:`TrafficControl.respend`), or refunds them (:meth:`TrafficControl.refund`):
+#: only if the row is still as the admission (or the spending again) left it.
+_RESPEND_HOST = (
+    sa.update(host_state)
+    .where(
+        host_state.c.host == sa.bindparam("b_host"),
+        host_state.c.tokens == sa.bindparam("b_tokens"),
+        host_state.c.refilled_at == sa.bindparam("b_refilled_at"),
+    )
+    .values(tokens=sa.bindparam("v_tokens"), refilled_at=sa.bindparam("v_refilled_at"))
+)
+
+_REFUND_HOST = (
+    sa.update(host_state)
+    .where(
+        host_state.c.host == sa.bindparam("b_host"),
+        host_state.c.tokens == sa.bindparam("b_tokens"),
+        host_state.c.refilled_at == sa.bindparam("b_refilled_at"),
+    )
+    .values(tokens=sa.bindparam("v_tokens"))
+)
+
+
+@dataclass(eq=False, slots=True)
+class Spend:
+    """The host tokens one admission spent: what it wrote to the host's row, and on how many tasks.
+
+    If every one of those tasks starts too late for its token, and the row still holds what this admission wrote
+    (nothing was admitted on the host since, by any dispatcher), they may be spent again as they start instead of
+    given back (see ``domain.traffic.respent``)."""
+
+    host: str
+    tokens: float
+    refilled_at: float
+    tasks: int
+    late: int = 0
+    """Of the tasks, those that started too late (the dispatcher counts them)."""
+    respent: bool = False
+    """Spent again once already: tasks late again after that are given back, the tokens refunded if they can be."""
 
 
 def _host_params(host: str, s: State) -> dict[str, Any]:
@@ -356,10 +399,12 @@ class TrafficControl:
     booked_hosts: dict[str, float] = field(default_factory=dict)
     """Per host, the last token this dispatcher promised to a held task (see ``domain.traffic.book``)."""
     booked_businesses: dict[int, float] = field(default_factory=dict)
-    send_within: dict[int, tuple[float, float]] = field(default_factory=dict)
-    """Tasks admitted on a token, until they start: when they were admitted (``time.monotonic()``) and how long
-    after that they may still leave (``domain.traffic.Verdict.send_within_s``). The dispatcher takes each out as it
-    starts the task, and gives back instead of sending a task that starts too late."""
+    send_within: dict[int, tuple[float, float, Spend | None, float | None]] = field(default_factory=dict)
+    """Tasks admitted on a token, until they start: when they were admitted (``time.monotonic()``), how long
+    after that they may still leave (``domain.traffic.Verdict.send_within_s``), the host :class:`Spend` that
+    let them go (``None`` if the host has no rate limit, or its row was not written) and how long the business's
+    token allows (``Verdict.business_within_s``). The dispatcher takes each out as it starts the task; a task that
+    starts too late is spent again (:meth:`respend`) or given back instead of sent."""
     promised: dict[int, tuple[str, float]] = field(default_factory=dict)
     """Tasks this dispatcher held for a token: which bucket (``host``/``business``) and when it is due."""
     slow_window: int = 10
@@ -483,13 +528,26 @@ class TrafficControl:
         if len(self.send_within) > _MAX_PROMISES:
             # Tasks admitted and then never started (given back unsent, or left at shutdown) never come back.
             self.send_within = {i: w for i, w in self.send_within.items() if w[0] > decided - 60.0}
+        # Per host whose row this admission wrote: the tokens it spent there, for the tasks that may start late.
+        spends = {
+            p["b_host"]: Spend(p["b_host"], p["v_tokens"], p["v_refilled_at"], 0)
+            for p in changed_h
+            if host_lim[p["b_host"]].rate_per_second is not None
+        }
+        # A business whose spend was not written (negligible) is owed no deadline should its tokens be spent
+        # again: the row never held that spend, and a late request overstates it no more than one on time did.
+        written_b = {p["b_pk"] for p in changed_b} if changed_b else set()
         go = []
         for r in rows:
             v = verdicts[r["id"]]
             if v.defer_until is None:
                 go.append(r)
                 if v.send_within_s is not None:
-                    self.send_within[r["id"]] = (decided, v.send_within_s)
+                    spend = spends.get(r["host"]) if spends else None
+                    if spend is not None:
+                        spend.tasks += 1
+                    business = v.business_within_s if r["business_pk"] in written_b else None
+                    self.send_within[r["id"]] = (decided, v.send_within_s, spend, business)
         if self.slow_window:
             for r in go:
                 if not r["host"].startswith("processor:"):
@@ -515,6 +573,62 @@ class TrafficControl:
             await self._put_back_held(conn, held, ts, now)
         self._hold_rest(conn.engine, rows, verdicts, ts)
         return go, later
+
+    async def respend(self, db: Database, spends: Sequence[Spend], now: datetime) -> list[Spend]:
+        """Spend again, as of ``now``, the host tokens of admissions whose tasks all started too late for them;
+        those whose row no longer holds what the admission wrote are left as they are. Returns the spends done.
+
+        The bucket is left as if they were admitted now (see ``domain.traffic.respent``): nothing was admitted on
+        the host since, so no request left on the refill they waited through, and the late tasks may go now instead
+        of wasting their tokens (for a host with a burst of 1, a token each) and going round the queue. One
+        statement per spend, in one transaction: this runs only for tasks that started late.
+        """
+        ts = now.timestamp()
+        done = []
+        async with db.write() as conn:
+            for spend in spends:
+                moved = respent(
+                    State(spend.tokens, spend.refilled_at), self.host_limits(spend.host), ts, spend.tasks
+                )
+                if moved.refilled_at <= spend.refilled_at:
+                    continue  # the clock went back, or the host lost its rate limit: the row would not tell
+                params = {
+                    "b_host": spend.host,
+                    "b_tokens": spend.tokens,
+                    "b_refilled_at": spend.refilled_at,
+                    "v_tokens": moved.tokens,
+                    "v_refilled_at": moved.refilled_at,
+                }
+                if (await conn.execute(_RESPEND_HOST, params)).rowcount == 1:
+                    spend.tokens, spend.refilled_at = moved.tokens, moved.refilled_at
+                    spend.late, spend.respent = 0, True
+                    done.append(spend)
+        return done
+
+    async def refund(self, db: Database, spends: Sequence[Spend]) -> list[Spend]:
+        """Give back to their hosts' buckets the tokens of spends whose tasks, spent again (:meth:`respend`), all
+        started too late again and go back to the queue unsent; those whose row no longer holds what the spending
+        again wrote are left as they are. Returns the spends refunded.
+
+        Nothing left on those tokens, and nothing was admitted on the host since: the bucket then holds what it
+        held before the admission, which is no more than it would hold had the tasks never been admitted (that
+        would have kept the refill the spending again forfeited).
+        """
+        done = []
+        async with db.write() as conn:
+            for spend in spends:
+                back = refunded(State(spend.tokens, spend.refilled_at), spend.tasks)
+                params = {
+                    "b_host": spend.host,
+                    "b_tokens": spend.tokens,
+                    "b_refilled_at": spend.refilled_at,
+                    "v_tokens": back.tokens,
+                }
+                if (await conn.execute(_REFUND_HOST, params)).rowcount == 1:
+                    spend.tokens = back.tokens
+                    spend.tasks = 0  # nothing of it is left to refund or spend again
+                    done.append(spend)
+        return done
 
     @staticmethod
     async def _put_back_held(
