@@ -255,6 +255,52 @@ async def test_a_burst_of_one_host_still_sends_when_every_start_is_late(
     assert_within_rate(arrivals(receiver, "/slow-start"), 2, 1, first_slack=0.0)
 
 
+async def test_late_tokens_are_spent_again_or_refunded_only_while_nothing_was_admitted_on_the_host_since(
+    runtime: Runtime, receiver: Receiver
+) -> None:
+    """The host's row is compared and set: spending again, then refunding, works on the values the admission (then
+    the spending again) left; once another admission has written the row, neither touches it."""
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=FAST)
+    host = host_of(receiver)
+    await set_host_policy(runtime, host, rate_per_second=5, burst=1)
+    await runtime.policies.load()
+    await make_tasks(runtime, biz, receiver.url("/cas"), 2, "c")
+    dispatcher = runtime.dispatcher()
+    traffic = dispatcher.traffic
+    assert traffic is not None
+    rows = await dispatcher._claim(10)
+    assert len(rows) == 1, "one token, one task"
+    spend = traffic.send_within[rows[0]["id"]][2]
+    assert spend is not None and spend.tasks == 1
+    admitted = await host_row(runtime, host)
+    assert admitted is not None and admitted["tokens"] == pytest.approx(0.0, abs=1e-3)
+
+    later = utcnow() + timedelta(seconds=0.1)
+    assert await traffic.respend(runtime.db, [spend], later) == [spend]
+    row = await host_row(runtime, host)
+    assert row is not None
+    assert (row["tokens"], row["refilled_at"]) == (admitted["tokens"], later.timestamp()), (
+        "the refill forfeited"
+    )
+    assert await traffic.refund(runtime.db, [spend]) == [spend]
+    row = await host_row(runtime, host)
+    assert row is not None and row["tokens"] == pytest.approx(1.0, abs=1e-3)
+
+    async with (
+        runtime.db.write() as conn
+    ):  # another dispatcher admits on the host: its refill moves the row on
+        await conn.execute(
+            sa.update(host_state)
+            .where(host_state.c.host == host)
+            .values(refilled_at=later.timestamp() + 0.05)
+        )
+    before = await host_row(runtime, host)
+    spend.tasks = 1  # as if its task were late again (the refund above used it up)
+    assert await traffic.respend(runtime.db, [spend], utcnow() + timedelta(seconds=0.2)) == []
+    assert await traffic.refund(runtime.db, [spend]) == []
+    assert await host_row(runtime, host) == before
+
+
 async def test_a_held_backlog_waits_once_instead_of_circling_the_claim_loop(
     runtime: Runtime, receiver: Receiver
 ) -> None:
