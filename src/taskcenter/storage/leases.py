@@ -155,23 +155,26 @@ def sealed_headers_error(names: Sequence[str]) -> str:
     )
 
 
-_HOLD = (
-    sa.update(tasks)
-    .where(
-        tasks.c.id == sa.bindparam("b_id"),
-        tasks.c.lease_owner == sa.bindparam("b_worker"),
-        tasks.c.status == "processing",
+def put_back_held(*where: sa.ColumnElement[bool]) -> sa.Update:
+    """The tasks in ``processing`` that ``where`` picks, given back unsent and held: status back to pending (or
+    retrying), due at ``b_until``, ``held_by`` and ``last_error`` from ``b_held`` and ``b_error``, lease dropped.
+    Shared by the hold of a task (:func:`hold`) and admission's hold of a business (``storage.traffic``)."""
+    return (
+        sa.update(tasks)
+        .where(*where, tasks.c.status == "processing")
+        .values(
+            status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
+            next_attempt_at=sa.bindparam("b_until", type_=tasks.c.next_attempt_at.type),
+            held_by=sa.bindparam("b_held"),
+            last_error=sa.bindparam("b_error"),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
+        )
     )
-    .values(
-        status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
-        next_attempt_at=sa.bindparam("b_until", type_=tasks.c.next_attempt_at.type),
-        held_by=sa.bindparam("b_held"),
-        last_error=sa.bindparam("b_error"),
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
-    )
-)
+
+
+_HOLD = put_back_held(tasks.c.id == sa.bindparam("b_id"), tasks.c.lease_owner == sa.bindparam("b_worker"))
 
 
 async def hold(

@@ -40,6 +40,7 @@ from taskcenter.domain.traffic import (
 )
 from taskcenter.domain.traffic import HOST_FAILURES as _FAILURES
 from taskcenter.storage.database import Database, sqlite_driver
+from taskcenter.storage.leases import put_back_held
 from taskcenter.storage.schema import DUE_SQL, HELD_SQL, UTCDateTime, business_state, host_state, tasks
 
 log = logging.getLogger("taskcenter.traffic")
@@ -68,19 +69,7 @@ BUSINESS_HOLDS = {
     ),
 }
 _HELD_PREFIX = "business:"
-_PUT_BACK_HELD = (
-    sa.update(tasks)
-    .where(tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)), tasks.c.status == "processing")
-    .values(
-        status=sa.case((tasks.c.attempts == 0, "pending"), else_="retrying"),
-        next_attempt_at=sa.bindparam("b_until", type_=tasks.c.next_attempt_at.type),
-        held_by=sa.bindparam("b_held"),
-        last_error=sa.bindparam("b_error"),
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=sa.bindparam("b_now", type_=tasks.c.updated_at.type),
-    )
-)
+_PUT_BACK_HELD = put_back_held(tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)))
 
 
 def business_hold_mark(reason: str) -> str:
