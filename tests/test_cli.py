@@ -638,3 +638,26 @@ def test_typer_app_is_the_console_script_entry() -> None:
     from taskcenter import cli as cli_module
 
     assert isinstance(cli_module.app, typer.Typer) and callable(cli_module.main)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["audit", "list", "--since", "yesterday"], "'--since'"),
+        (["task", "list", "--limit", "0"], "'--limit'"),
+        (["task", "show"], "'task_id'"),
+        (["task", "frobnicate"], "'frobnicate'"),
+        (["--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line_naming_what_is_wrong(args: list[str], names: str) -> None:
+    """Before, Click's usage errors printed a usage line, a hint and a boxed panel (five lines and more)."""
+    line = one_line_error(CliRunner().invoke(app, args), 2)
+    assert names in line
+    assert "--help'" in line  # where to look next
+
+
+def test_no_arguments_still_prints_the_help() -> None:
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    assert "Usage: taskcenter" in result.output and "serve" in result.output

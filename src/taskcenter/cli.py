@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
 import tomllib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -18,6 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
+
+# Typer carries its own copy of Click, whose exceptions a command line raises (typer is pinned in the lock file).
+from typer._click import exceptions as click_errors
+from typer.core import TyperGroup
 
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
@@ -35,7 +40,47 @@ from taskcenter.runtime import Runtime
 from taskcenter.stats import StatsService
 
 T = TypeVar("T")
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command: a mistyped command, option or value is one ``error:`` line and exit 2, like every other
+    failure here, not Click's boxed usage panel (help asked for by giving no arguments is still printed)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        main = functools.partial(
+            super().main, args, prog_name, complete_var, windows_expand_args=windows_expand_args
+        )
+        if not standalone_mode:
+            return main(standalone_mode=False, **extra)
+        try:
+            code = main(standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError:
+            return main(standalone_mode=True, **extra)
+        except click_errors.UsageError as exc:
+            see = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            raise _exit_with(f"{exc.format_message()}{see}", exc.exit_code) from None
+        except click_errors.ClickException as exc:
+            raise _exit_with(exc.format_message(), exc.exit_code) from None
+        except typer.Abort:
+            raise _exit_with("aborted", 1) from None
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_with(message: str, code: int) -> SystemExit:
+    _fail(message, code)
+    return SystemExit(code)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="taskcenter",
     help="Reliable, scheduled, throttled delivery of outbound HTTP requests.",
     no_args_is_help=True,
