@@ -25,7 +25,7 @@ import orjson
 
 from taskcenter.cancels import Cancels
 from taskcenter.config import DispatchConfig
-from taskcenter.crypto import SETTING, BusinessSecretError, SecretBox, SecretKeyError, mask_headers
+from taskcenter.crypto import BusinessSecretError, SecretBox, SecretKeyError, mask_headers
 from taskcenter.domain.outcome import AttemptResult, Outcome, classify, decide
 from taskcenter.domain.request import delivery_headers
 from taskcenter.domain.retry import RetryPolicy
@@ -35,6 +35,7 @@ from taskcenter.events import EventBus
 from taskcenter.housekeeping import Housekeeping
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry, run_in_thread
+from taskcenter.sealed import SealedHolds
 from taskcenter.sender import OutboundRequest, Sender, SendResult
 from taskcenter.service import utcnow
 from taskcenter.signals import Notifier
@@ -45,8 +46,6 @@ from taskcenter.storage.traffic import Spend, TrafficControl
 
 log = logging.getLogger("taskcenter.dispatcher")
 MAX_STORED_REQUEST_BODY = 65536
-SEALED_LOG_EVERY_S = 300.0
-"""How often a dispatcher logs the error about tasks held for sealed header values it cannot open, at most."""
 _NEVER = datetime.max.replace(tzinfo=UTC)
 
 _Pending = tuple[Mapping[str, Any], int, str, str, dict[str, Any] | None, int | None]
@@ -114,10 +113,6 @@ class Dispatcher:
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         # Admitted, started too late to send: to spend again or give back (see _too_late).
         self._late: list[tuple[Mapping[str, Any], _Late | None]] = []
-        # Claimed, their sealed header values do not open: to give back held (see _cannot_open), and the log's state.
-        self._unopened: dict[int, tuple[Mapping[str, Any], list[str]]] = {}
-        self._unopened_logged = -SEALED_LOG_EVERY_S
-        self._unopened_unlogged = 0
         self._results: list[results.Finished] = []
         self._pending_events: list[_Pending] = []
         self._writing: set[int] = set()  # task ids of results taken for a write that has not returned yet
@@ -139,6 +134,12 @@ class Dispatcher:
             sending=self._sending,
             unbuffer=self._take_buffered,
             slot_freed=self._slot_freed,
+            background=self._background,
+        )
+        # Claimed, their sealed header values do not open: given back held (see sealed.py).
+        self._sealed = SealedHolds(
+            box=self.box,
+            give_back=lambda rows, why, hold: self._give_back_unsent(rows, why, hold=hold),
             background=self._background,
         )
         # The cancels' own sets, bound here so that the per-task checks (_attempt, _sent) cost what they did:
@@ -564,7 +565,7 @@ class Dispatcher:
                         return
                     outbound = signed
                 except SecretKeyError:
-                    self._cannot_open(row)  # never sent with a header missing or still sealed
+                    self._sealed.cannot_open(row)  # never sent with a header missing or still sealed
                     return
                 request_record = self._request_record(outbound)
                 sent = await self.sender.send(outbound)
@@ -589,56 +590,6 @@ class Dispatcher:
             attempt = AttemptResult(error_kind="network_error", error=f"internal error: {exc!r}"[:500])
             response, duration = None, None
         self._record(row, number, started, attempt, request_record, response, duration, result_value)
-
-    def _cannot_open(self, row: Mapping[str, Any]) -> None:
-        """Give back, unsent and held, a task whose sealed header values the configured keys cannot open (the key
-        that sealed them dropped too early, a row restored from another installation, a corrupt value): no attempt
-        is charged, for nothing was sent, and a fix on taskcenter's side (the key back in the list) lets it go.
-        Due again in an hour, marked ``held_by = 'task:sealed_headers'``, so that a dispatcher that starts
-        with the key back finds it at once (see ``runtime.BusinessPolicies``). The tasks of one batch that fail
-        alike go back in one statement, a second later (at most so often should the give-back fail)."""
-        self._unopened[row["id"]] = (row, self.box.unopened(row["headers"] or {}))
-        if len(self._unopened) == 1:  # the others of the batch fail in the second it waits
-            task = asyncio.create_task(self._hold_unopened(), name="tc-hold-sealed")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _hold_unopened(self, delay_s: float = 1.0) -> None:
-        await asyncio.sleep(delay_s)
-        unopened, self._unopened = self._unopened, {}
-        rows = [row for row, _ in unopened.values()]
-        errors = {i: leases.sealed_headers_error(names) for i, (_, names) in unopened.items()}
-        hold = (leases.SEALED_HEADERS, errors)
-        if await self._give_back_unsent(rows, "whose sealed header values do not open", hold=hold):
-            self._report_unopened(unopened)
-
-    def _report_unopened(self, unopened: Mapping[int, tuple[Mapping[str, Any], list[str]]]) -> None:
-        """An error naming the tasks just held and their headers, at most every ``SEALED_LOG_EVERY_S`` (those held
-        meanwhile are counted in the next one; each held task comes back once an hour, and ``held`` in the
-        figures counts them all)."""
-        now = time.monotonic()
-        if self._unopened_logged + SEALED_LOG_EVERY_S > now:
-            self._unopened_unlogged += len(unopened)
-            return
-        ids = [str(row["uuid"]) for row, _ in unopened.values()]
-        names = sorted({n for _, found in unopened.values() for n in found})
-        more = f" and {len(ids) - 10} more" if len(ids) > 10 else ""
-        since = (
-            f" ({self._unopened_unlogged} more held since the last report)" if self._unopened_unlogged else ""
-        )
-        self._unopened_logged, self._unopened_unlogged = now, 0
-        log.error(
-            "%s %s%s held unsent: sealed header values (%s) cannot be decrypted with %s (a key missing from the "
-            "list, or a corrupt value); no attempt charged, due again in %d minutes, until the key that sealed "
-            "them is configured again (a dispatcher that starts with it sends them) or the headers are replaced%s",
-            "task" if len(ids) == 1 else "tasks",
-            ", ".join(ids[:10]),
-            more,
-            ", ".join(names) or "unknown",
-            SETTING,
-            BUSINESS_HOLD_S // 60,
-            since,
-        )
 
     async def _outbound_after_reload(self, row: Mapping[str, Any], number: int) -> OutboundRequest | None:
         """The request of a task whose business's signer refused, built again once the business policies are
