@@ -387,6 +387,22 @@ def test_a_config_file_that_does_not_exist_is_refused_by_every_command(
     assert "nowhere.toml" in line and "does not exist" in line
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["business", "list"], ["host", "list"], ["audit", "list"], ["task", "list"], ["backup", "copy.db"]],
+    ids=" ".join,
+)
+def test_a_config_file_that_is_not_text_is_one_line_for_every_command(
+    cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """The business, host and audit commands printed a UnicodeDecodeError traceback for a config file that is not
+    UTF-8; the task and backup commands each caught it themselves."""
+    config = tmp_path / "binary.toml"
+    config.write_bytes(b"\xff\xfe\x00not text")
+    line = one_line_error(cli(*command, "-c", str(config)), 2)
+    assert "binary.toml" in line and "cannot be read" in line
+
+
 def test_a_config_file_that_does_not_exist_is_refused_by_the_library(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"nowhere\.toml does not exist"):
         load_settings(tmp_path / "nowhere.toml")

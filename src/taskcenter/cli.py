@@ -8,7 +8,6 @@ import functools
 import json
 import signal
 import sys
-import tomllib
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,11 +25,19 @@ from typer.core import TyperGroup
 
 from taskcenter._version import __version__
 from taskcenter.audit import AuditLog
-from taskcenter.cli_admin import _actor, audit_app, business_app, duration_s, operator_app, require_database
+from taskcenter.cli_admin import (
+    _actor,
+    audit_app,
+    business_app,
+    duration_s,
+    operator_app,
+    require_database,
+    settings_or_exit,
+)
 from taskcenter.cli_backup import backup, restore
 from taskcenter.cli_demo import demo
 from taskcenter.cli_hosts import host_app
-from taskcenter.config import Settings, load_settings
+from taskcenter.config import Settings
 from taskcenter.domain.states import RETRYABLE_BY_HAND
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
@@ -113,17 +120,6 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
-    if config is not None and not config.is_file():
-        raise _fail(f"config file {config} does not exist", 2)
-    try:
-        return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
-    except TaskCenterError as exc:
-        raise _fail(exc.message, 2) from None
-    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"config file {config or 'taskcenter.toml'} cannot be read: {exc}", 2) from None
-
-
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when available; TaskCenterError becomes one line and exit code 1."""
     try:
@@ -192,7 +188,7 @@ def serve(
     config: ConfigOpt = None,
 ) -> None:
     """Run the REST API and (unless --no-worker) the dispatcher in one process."""
-    settings = _settings(config, host=host, port=port, concurrency=concurrency)
+    settings = settings_or_exit(config, host=host, port=port, concurrency=concurrency)
     setup_logging(settings.log_level, settings.log_format)
     _run(_serve(settings, with_worker=not no_worker))
 
@@ -276,7 +272,7 @@ def worker(
     config: ConfigOpt = None,
 ) -> None:
     """Run a dispatcher only (scale out: any number of these on one PostgreSQL database)."""
-    settings = _settings(
+    settings = settings_or_exit(
         config,
         concurrency=concurrency,
         worker_metrics_port=metrics_port,
@@ -312,7 +308,7 @@ app.command()(restore)
 @app.command()
 def migrate(config: ConfigOpt = None) -> None:
     """Bring the database schema up to date."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
 
     async def work() -> tuple[str | None, str | None]:
         rt = Runtime(settings)
@@ -424,7 +420,7 @@ def task_create(
     async def work(rt: Runtime) -> Task:
         return await rt.service.create_task(await rt.service.business(business), data)
 
-    _print_task(_run(_with_runtime(require_database(_settings(config)), work)), as_json)
+    _print_task(_run(_with_runtime(require_database(settings_or_exit(config)), work)), as_json)
 
 
 @task_app.command("show")
@@ -440,7 +436,7 @@ def task_show(
         task = await rt.service.get_task(None, task_id)
         return task, (await rt.service.attempts(None, task_id) if attempts else [])
 
-    task, tries = _run(_with_runtime(require_database(_settings(config)), work))
+    task, tries = _run(_with_runtime(require_database(settings_or_exit(config)), work))
     if as_json:
         data = task.to_dict()
         if attempts:
@@ -477,7 +473,7 @@ def task_list(
         statuses = [s.strip() for s in status.split(",")] if status else None
         return await rt.service.list_tasks(biz, status=statuses, host=host, cursor=cursor, limit=limit)
 
-    tasks, next_cursor = _run(_with_runtime(require_database(_settings(config)), work))
+    tasks, next_cursor = _run(_with_runtime(require_database(settings_or_exit(config)), work))
     _print_table(_task_table(tasks))
     if next_cursor:
         out.print(f"more: --cursor {next_cursor}", highlight=False)
@@ -501,7 +497,7 @@ def task_cancel(
             )  # fmt: skip
         return cancelled
 
-    for task in _run(_with_runtime(require_database(_settings(config)), work)):
+    for task in _run(_with_runtime(require_database(settings_or_exit(config)), work)):
         out.print(f"task {task.id} is {task.status}", highlight=False)
 
 
@@ -522,7 +518,7 @@ def task_retry(
     """Send a failed or cancelled task again, with a renewed attempt budget (was http-request-task:retry)."""
     task = _run(
         _with_runtime(
-            require_database(_settings(config)),
+            require_database(settings_or_exit(config)),
             lambda rt: _audited(rt, "task.retry", rt.service.retry(None, task_id)),
         )
     )
@@ -572,7 +568,7 @@ def retry_bulk(
                 status=statuses, business=biz, host=host, since=after, progress=step
             )
 
-    retried, skipped = _run(_with_runtime(require_database(_settings(config)), work))
+    retried, skipped = _run(_with_runtime(require_database(settings_or_exit(config)), work))
     out.print(
         f"retried {retried} tasks" + (f", skipped {skipped} (changed or live again)" if skipped else "")
     )
@@ -599,7 +595,9 @@ def purge(
             job = bar.add_task("purging", total=total)
             return await rt.service.purge(older_than_s=age, progress=lambda n: bar.advance(job, n))
 
-    out.print(f"purged {_run(_with_runtime(require_database(_settings(config)), work))} finished tasks")
+    out.print(
+        f"purged {_run(_with_runtime(require_database(settings_or_exit(config)), work))} finished tasks"
+    )
 
 
 @app.command()
@@ -621,7 +619,7 @@ def stats(
         biz = await rt.service.business(business) if business else None
         return await StatsService(rt.db, clock=rt.clock).figures(biz, window_hours=window_hours)
 
-    figures = _run(_with_runtime(require_database(_settings(config)), work))
+    figures = _run(_with_runtime(require_database(settings_or_exit(config)), work))
     if as_json:
         out.print_json(json.dumps(figures))
         return
@@ -670,7 +668,7 @@ def stats(
 @config_app.command("show")
 def config_show(config: ConfigOpt = None) -> None:
     """Print the effective settings, secrets masked."""
-    out.print_json(json.dumps(_settings(config).masked(), default=str))
+    out.print_json(json.dumps(settings_or_exit(config).masked(), default=str))
 
 
 def main() -> None:

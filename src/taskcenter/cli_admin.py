@@ -90,6 +90,15 @@ def require_database(settings: Settings) -> Settings:
     return settings
 
 
+def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
+    """The settings a command runs with (overrides that are None left out); a bad setting or config file is one
+    line and exit code 2."""
+    try:
+        return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except TaskCenterError as exc:
+        raise _fail(escape(" ".join(exc.message.split())), 2) from None
+
+
 def run_with_runtime(
     config: Path | None,
     work: Callable[[Runtime, Settings], Coroutine[Any, Any, T]],
@@ -101,10 +110,7 @@ def run_with_runtime(
     A bad setting is one line and exit code 2; a TaskCenterError while working is one line and exit code 1.
     With ``existing``, a SQLite database that does not exist is refused rather than made (:func:`require_database`).
     """
-    try:
-        settings: Settings = load_settings(config)
-    except TaskCenterError as exc:
-        raise _fail(escape(exc.message), 2) from None
+    settings = settings_or_exit(config)
     if existing:
         require_database(settings)
 

@@ -338,6 +338,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except tomllib.TOMLDecodeError as exc:
         name = config_file or "taskcenter.toml"
         raise ValidationError(f"config file {name} is not valid TOML: {exc}", field="config") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not text
+        name = config_file or "taskcenter.toml"
+        raise ValidationError(f"config file {name} cannot be read: {exc}", field="config") from exc
     except SettingsError as exc:  # e.g. TASKCENTER_DEFAULT_RETRY that is not JSON
         cause = exc.__cause__
         field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "settings"
