@@ -23,8 +23,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from taskcenter.cli_admin import ConfigOpt, _console
-from taskcenter.config import load_settings
+from taskcenter.cli_admin import ConfigOpt, _console, settings_or_exit
 from taskcenter.errors import TaskCenterError
 from taskcenter.storage.database import Database
 
@@ -49,14 +48,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _database_url(config: Path | None) -> str:
-    if config is not None and not config.is_file():
-        raise _fail(f"config file {config} does not exist", 2)
+    return settings_or_exit(config).database_url
+
+
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    """A refusal or a taskcenter error is one line and exit code 1; Ctrl-C is exit code 130."""
     try:
-        return load_settings(config).database_url
+        yield
+    except Refused as exc:
+        raise _fail(str(exc)) from None
     except TaskCenterError as exc:
-        raise _fail(exc.message, 2) from None
-    except (ValueError, OSError) as exc:  # an unreadable or malformed taskcenter.toml
-        raise _fail(f"config file {config or 'taskcenter.toml'} cannot be read: {exc}", 2) from None
+        raise _fail(exc.message) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def _sqlite_path(url: sa.URL) -> Path:
@@ -374,17 +379,11 @@ def backup(
     """Copy the database while serve and workers keep running: consistent, then checked."""
     url = _database_url(config)
     started = time.monotonic()
-    try:
+    with _one_line():
         if sa.make_url(url).get_backend_name() == "sqlite":
             line = backup_sqlite(_sqlite_path(sa.make_url(url)), dest, force=force)
         else:
             line = backup_postgres(url, dest, force=force)
-    except Refused as exc:
-        raise _fail(str(exc)) from None
-    except TaskCenterError as exc:
-        raise _fail(exc.message) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
     _console().print(f"{escape(line)} in {time.monotonic() - started:.1f} s")
 
 
@@ -408,12 +407,6 @@ def restore(
             raise Refused(f"{question.rstrip('?')}: not asked without a terminal, pass --yes")
         return typer.confirm(question, err=True)
 
-    try:
+    with _one_line():
         line = restore_sqlite(src, url, confirm=confirm)
-    except Refused as exc:
-        raise _fail(str(exc)) from None
-    except TaskCenterError as exc:
-        raise _fail(exc.message) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
     _console().print(escape(line))

@@ -127,25 +127,15 @@ _UPDATE_BUSINESS = (
 
 #: Spends a host's tokens again (see :meth:`TrafficControl.respend`), or refunds them (:meth:`TrafficControl.refund`):
 #: only if the row is still as the admission (or the spending again) left it.
-_RESPEND_HOST = (
-    sa.update(host_state)
-    .where(
-        host_state.c.host == sa.bindparam("b_host"),
-        host_state.c.tokens == sa.bindparam("b_tokens"),
-        host_state.c.refilled_at == sa.bindparam("b_refilled_at"),
-    )
-    .values(tokens=sa.bindparam("v_tokens"), refilled_at=sa.bindparam("v_refilled_at"))
+_HOST_AS_LEFT = sa.update(host_state).where(
+    host_state.c.host == sa.bindparam("b_host"),
+    host_state.c.tokens == sa.bindparam("b_tokens"),
+    host_state.c.refilled_at == sa.bindparam("b_refilled_at"),
 )
-
-_REFUND_HOST = (
-    sa.update(host_state)
-    .where(
-        host_state.c.host == sa.bindparam("b_host"),
-        host_state.c.tokens == sa.bindparam("b_tokens"),
-        host_state.c.refilled_at == sa.bindparam("b_refilled_at"),
-    )
-    .values(tokens=sa.bindparam("v_tokens"))
+_RESPEND_HOST = _HOST_AS_LEFT.values(
+    tokens=sa.bindparam("v_tokens"), refilled_at=sa.bindparam("v_refilled_at")
 )
+_REFUND_HOST = _HOST_AS_LEFT.values(tokens=sa.bindparam("v_tokens"))
 
 
 @dataclass(eq=False, slots=True)
