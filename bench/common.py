@@ -761,6 +761,11 @@ class Delivery:
     """One-minute load average before and after: how busy the shared machine was."""
     machine: MachineCPU | None = None
     """The whole machine's CPU from the worker's start to the last task succeeded."""
+    main_thread_cpu_s: float = 0.0
+    """The worker's main thread alone (the event loop, where every request and all of taskcenter's own Python
+    runs): the thread one process cannot spread over cores, so its CPU per task bounds the worker."""
+    main_thread_queued_s: float | None = None
+    """How long the main thread was ready to run but waited for a core (Linux schedstat; None elsewhere)."""
     sql: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
 
@@ -805,12 +810,16 @@ async def deliver_backlog(
         experiments=experiments,
     )
     worker_cpu0 = cpu_seconds(worker.pid)  # start-up (imports, schema check) is not delivery
+    main0, queued0 = main_thread_cpu_seconds(worker.pid), main_thread_queued_seconds(worker.pid)
     machine0 = MachineCPU.mark()
     spies = await attach_profilers(fleet, worker.pid, profile) if profile else []
     stats = await receiver.wait_ok(count, timeout=timeout)
     done_t = await wait_status_count(db_url, "succeeded", count, timeout=timeout)
     machine = MachineCPU.since(machine0)
     worker_cpu = cpu_seconds(worker.pid) - worker_cpu0
+    main_cpu = main_thread_cpu_seconds(worker.pid) - main0
+    queued1 = main_thread_queued_seconds(worker.pid)
+    queued = queued1 - queued0 if queued0 is not None and queued1 is not None else None
     receiver_cpu = cpu_seconds(receiver.child.pid) - rec0
     pg_cpu = postgres_cpu_since(pg0, pg_name) if pg_name else 0.0
     load1 = os.getloadavg()[0]
@@ -830,6 +839,8 @@ async def deliver_backlog(
         postgres_cpu_s=pg_cpu,
         load=(load0, load1),
         machine=machine,
+        main_thread_cpu_s=main_cpu,
+        main_thread_queued_s=queued,
         sql=stopped.get("sql", {}),
         trace=stopped.get("trace", {}),
     )
@@ -1140,6 +1151,24 @@ def cpu_seconds(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return float(times.user + times.system)
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread so far (Linux: its thread id is the pid; 0 if gone)."""
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return 0.0
+    return next((float(t.user_time + t.system_time) for t in threads if t.id == pid), 0.0)
+
+
+def main_thread_queued_seconds(pid: int) -> float | None:
+    """Seconds a process's main thread has spent runnable but waiting for a core (Linux ``schedstat``), or None."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def postgres_backends(database: str) -> dict[int, float]:
