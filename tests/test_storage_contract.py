@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from multidict import istr
 
 from taskcenter.crypto import SecretBox
 from taskcenter.domain.retry import RetryPolicy
@@ -26,7 +27,7 @@ from taskcenter.service import Business, TaskService
 from taskcenter.storage import leases, queue
 from taskcenter.storage import results as result_sql
 from taskcenter.storage import tasks as task_sql
-from taskcenter.storage.database import Database
+from taskcenter.storage.database import Database, json_text
 from taskcenter.storage.schema import NEXT_DUE_SQL, attempts, tasks
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -329,7 +330,13 @@ async def test_finish_stores_every_json_value_as_sqlalchemy_reads_it(
         result(task_id),
         result=value,
         error='boom \u2013 "quoted"',
-        request={"method": "POST", "url": "https://api.example.com/hook", "body": value},
+        # Header names come from multidict as istr, a str subclass.
+        request={
+            "method": "POST",
+            "url": "https://api.example.com/hook",
+            "headers": {istr("X-Ä"): "v"},
+            "body": value,
+        },
         response={"status_code": 200, "headers": {"X-Ünï": "v"}, "body": "ok\n\t"},
     )
     await result_sql.finish(db, worker="w1", now=T0, results=[done])
@@ -343,6 +350,23 @@ async def test_finish_stores_every_json_value_as_sqlalchemy_reads_it(
         done.response,
         done.error,
     )
+    if not db.is_postgres:
+        # SQLite keeps the JSON text as written: the driver's path must store what SQLAlchemy's would, byte for
+        # byte (ünïcode unescaped, no spaces), since both write these columns.
+        async with db.read() as conn:
+            stored = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT a.request, a.response, t.result, t.last_response FROM attempts a"
+                        " JOIN tasks t ON t.id = a.task_id WHERE t.id = :i"
+                    ),
+                    {"i": task_id},
+                )
+            ).one()
+        expected = (done.request, done.response, value, {**done.response, "duration_ms": 12})
+        assert tuple(stored) == tuple(
+            v if isinstance(v, int | float) and not isinstance(v, bool) else json_text(v) for v in expected
+        )
     assert attempt["started_at"] == T0
 
 
