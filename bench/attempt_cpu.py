@@ -78,12 +78,12 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
         return done
 
     for _ in range(args.rounds):
-        dispatcher._results.clear()
-        dispatcher._pending_events.clear()
+        dispatcher._recorder.waiting.clear()
+        dispatcher._recorder.waiting_events.clear()
         outbound = timed("_outbound", _outbounds, dispatcher, rows)
         records = timed("_request_record", _request_records, dispatcher, outbound)
         timed("_record", _recorded, dispatcher, rows, records, started, attempt, response)
-        results = list(dispatcher._results)
+        results = list(dispatcher._recorder.waiting)
         timed("finish encoding, SQLite", result_sql.prepare_sqlite, results, None)
         timed(
             "finish encoding, PostgreSQL",

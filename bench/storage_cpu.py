@@ -108,7 +108,7 @@ async def one_round(backend: str, args: argparse.Namespace) -> Costs:
         dispatcher = rt.dispatcher(concurrency=100)
         dispatcher.traffic = None
         # As Dispatcher.run sets it: on SQLite each claim writes the waiting results in its own hop.
-        dispatcher._combine = not rt.db.is_postgres
+        dispatcher._recorder.combine = not rt.db.is_postgres
         meter = Meter(sa.make_url(url).database if rt.db.is_postgres else None)
         attempt = AttemptResult(200, RESPONSE_HEADERS)
         response = {"status_code": 200, "headers": RESPONSE_HEADERS, "body": "ok", "truncated": False}
@@ -131,9 +131,9 @@ async def one_round(backend: str, args: argparse.Namespace) -> Costs:
             costs.add("build and record the attempts", 0.0, time.thread_time() - main0)
             if rt.db.is_postgres:  # the write loop's turn: one statement per batch
                 db0, main0 = meter.database(), time.thread_time()
-                batch, events = dispatcher._take_results()
-                written = await dispatcher._write(batch)
-                await dispatcher._after_write(batch, events, written)
+                batch, events = dispatcher._recorder.take()
+                written = await dispatcher._recorder.write(batch)
+                await dispatcher._recorder.after_write(batch, events, written)
                 main1 = time.thread_time()
                 costs.add("finish", meter.database_since(db0), main1 - main0)
         if costs.tasks != args.tasks:

@@ -24,16 +24,16 @@ def sample(rt: Runtime, name: str, **labels: str) -> float | None:
 
 
 def test_policy_cache_tells_apart_what_the_policy_parser_tells_apart() -> None:
-    dispatcher = Dispatcher(db=cast(Any, None), sender=cast(Any, None))
+    parse = Dispatcher(db=cast(Any, None), sender=cast(Any, None))._recorder.policy
     fixed = {"strategy": "fixed", "interval": 1, "max_attempts": 3}
-    policy = dispatcher._policy(fixed)
-    assert dispatcher._policy({"max_attempts": 3, "interval": 1, "strategy": "fixed"}) is policy  # key order
+    policy = parse(fixed)
+    assert parse({"max_attempts": 3, "interval": 1, "strategy": "fixed"}) is policy  # key order
     # Equal in Python (3 == 3.0 == True is not far) but not the same stored policy: each is judged on its own.
     for odd in (3.0, True):
         with pytest.raises(ValidationError):
-            dispatcher._policy({**fixed, "max_attempts": odd})
-    assert dispatcher._policy({**fixed, "interval": 1.0}).interval == 1.0
-    assert dispatcher._policy({**fixed, "interval": 2}).interval == 2.0
+            parse({**fixed, "max_attempts": odd})
+    assert parse({**fixed, "interval": 1.0}).interval == 1.0
+    assert parse({**fixed, "interval": 2}).interval == 2.0
 
 
 async def test_metrics_count_attempts_outcomes_and_slots_in_use(runtime: Runtime, receiver: Receiver) -> None:

@@ -11,14 +11,16 @@ import contextvars
 import functools
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from taskcenter.domain.outcome import AttemptResult
 from taskcenter.domain.retry import RetryPolicy
-from taskcenter.errors import ProcessorError, ValidationError
+from taskcenter.errors import PermanentFailure, ProcessorError, ValidationError
 
 ProcessorFunc = Callable[[Any], Awaitable[Any] | Any]
 #: Task types of this prefix are taskcenter's own (e.g. ``taskcenter.email``): registered by the runtime, run by
@@ -146,6 +148,45 @@ class ProcessorRegistry:
 
     def get(self, name: str) -> Processor | None:
         return self._by_name.get(name)
+
+    async def attempt(self, row: Mapping[str, Any]) -> tuple[AttemptResult, Any, int]:
+        """Run a claimed task's processor once, within the task's timeout: the attempt's result, the value the
+        processor returned (``None`` unless it succeeded) and how long it ran, in ms.
+
+        A cancellation of the attempt itself (shutdown) propagates: the dispatcher records it as interrupted.
+        """
+        processor = self._by_name.get(row["type"])
+        t0 = time.perf_counter()
+        if processor is None:
+            return (
+                AttemptResult(
+                    error_kind="permanent_failure", error=f"no processor registered for {row['type']!r}"
+                ),
+                None,
+                0,
+            )
+        try:
+            if processor.is_async:
+                value = await asyncio.wait_for(processor.func(row["payload"]), timeout=row["timeout"])
+            else:
+                value = await asyncio.wait_for(
+                    run_in_thread(processor.func, row["payload"]), timeout=row["timeout"]
+                )
+            return AttemptResult(status_code=200), value, int((time.perf_counter() - t0) * 1000)
+        except PermanentFailure as exc:
+            kind, text = "permanent_failure", str(exc)
+        except TimeoutError:
+            kind, text = "timeout", f"processor took longer than {row['timeout']:g} s"
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this attempt was cancelled (shutdown): the dispatcher records it as interrupted
+            # Raised by the processor itself (e.g. awaiting something cancelled): an ordinary failure, not a
+            # shutdown, which would retry it at once and without end.
+            kind, text = "processor_error", f"CancelledError: {exc}".rstrip(": ")
+        except Exception as exc:
+            kind, text = "processor_error", f"{type(exc).__name__}: {exc}"
+        return AttemptResult(error_kind=kind, error=text[:2000]), None, int((time.perf_counter() - t0) * 1000)
 
     def names(self) -> frozenset[str]:
         """Every task type this process can run, taskcenter's own included."""
