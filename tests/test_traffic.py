@@ -21,11 +21,11 @@ import sqlalchemy as sa
 
 from taskcenter.runtime import Runtime
 from taskcenter.service import Business, utcnow
+from taskcenter.storage.holds import hold_due, release_held
 from taskcenter.storage.schema import attempts as attempts_table
 from taskcenter.storage.schema import businesses as businesses_table
 from taskcenter.storage.schema import host_policies, host_state
 from taskcenter.storage.schema import tasks as tasks_table
-from taskcenter.storage.traffic import hold_due, release_held
 from tests.conftest import make_settings
 from tests.receiver import Receiver, Reply
 from tests.test_delivery import running

@@ -29,8 +29,8 @@ from taskcenter.host_policy import effective_policy, host_limits, pause_end, val
 from taskcenter.host_policy import parse_host as parse_host  # re-exported (tests)
 from taskcenter.signals import NOTIFY_CHANNEL
 from taskcenter.storage.database import Database
+from taskcenter.storage.holds import release_held
 from taskcenter.storage.schema import host_policies, host_state, tasks
-from taskcenter.storage.traffic import release_held
 
 log = logging.getLogger("taskcenter.hosts")
 

@@ -33,8 +33,9 @@ from taskcenter.signing import Signer, signature_headers
 from taskcenter.ssrf import GuardPolicy
 from taskcenter.storage import leases
 from taskcenter.storage.database import Database
+from taskcenter.storage.holds import held_businesses, release_held
 from taskcenter.storage.schema import businesses, host_policies
-from taskcenter.storage.traffic import TrafficControl, held_businesses, release_held
+from taskcenter.storage.traffic import TrafficControl
 
 log = logging.getLogger("taskcenter")
 USER_AGENT = f"taskcenter/{__version__}"
@@ -236,7 +237,7 @@ class BusinessPolicies:
 
     async def pull_forward(self, hosts: Sequence[str], businesses: Sequence[int] = ()) -> int:
         """Bring the tasks traffic control holds for these hosts and businesses due again, paced by their
-        current rate (see ``storage.traffic.release_held``); wakes the dispatchers. Returns how many moved."""
+        current rate (see ``storage.holds.release_held``); wakes the dispatchers. Returns how many moved."""
         now = self.clock()
         moved = 0
         async with self.db.write() as conn:

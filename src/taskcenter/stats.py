@@ -22,9 +22,9 @@ from taskcenter.domain.task import rfc3339
 from taskcenter.errors import ValidationError
 from taskcenter.service import Business
 from taskcenter.storage.database import Database
+from taskcenter.storage.holds import BUSINESS_HOLDS, business_hold_mark
 from taskcenter.storage.leases import SEALED_HEADERS
 from taskcenter.storage.schema import DUE_SQL, PROCESSOR_NEXT_DUE_SQL, attempts, businesses, tasks
-from taskcenter.storage.traffic import BUSINESS_HOLDS, business_hold_mark
 
 #: ``ix_tasks_held``'s predicate, its columns named (the query joins businesses, which has a status too).
 _HELD_TASKS = "tasks.held_by IS NOT NULL AND tasks." + DUE_SQL

@@ -390,7 +390,7 @@ def _host_gate(state: State, limits: Limits, now: float) -> Verdict | None:
         return Verdict(state.open_until, "circuit_open")
     if state.breaker == "half_open" and state.probe_until > now:
         # One probe at a time. The others wait for its answer: a success pulls them forward as it closes the
-        # circuit (see storage.traffic.release_held), a failure opens it for another cool-down, so they need not
+        # circuit (see storage.holds.release_held), a failure opens it for another cool-down, so they need not
         # look again before one cool-down (or the probe's deadline) is over.
         return Verdict(min(state.probe_until, now + limits.breaker_cooldown_s), "circuit_half_open")
     return None

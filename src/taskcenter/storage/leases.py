@@ -158,7 +158,7 @@ def sealed_headers_error(names: Sequence[str]) -> str:
 def put_back_held(*where: sa.ColumnElement[bool]) -> sa.Update:
     """The tasks in ``processing`` that ``where`` picks, given back unsent and held: status back to pending (or
     retrying), due at ``b_until``, ``held_by`` and ``last_error`` from ``b_held`` and ``b_error``, lease dropped.
-    Shared by the hold of a task (:func:`hold`) and admission's hold of a business (``storage.traffic``)."""
+    Shared by the hold of a task (:func:`hold`) and admission's hold of a business (``storage.holds``)."""
     return (
         sa.update(tasks)
         .where(*where, tasks.c.status == "processing")
