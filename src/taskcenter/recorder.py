@@ -1,5 +1,5 @@
 """A dispatcher's results: each attempt's outcome decided and queued, the queue written in batches, and what a
-written batch tells others — lifecycle events, notifications of finished tasks, the host windows and breakers.
+written batch tells others: traffic control's slow-start windows, lifecycle events, notifications of finished tasks.
 
 The dispatcher owns one. :meth:`Recorder.record` runs once per attempt (the hot path); the rest once per batch.
 """
@@ -80,6 +80,7 @@ class Recorder:
     the write loop writes them only while the claim loop is parked (waiting for room or for the next due task).
     Set by ``Dispatcher.run``."""
     claim_parked: bool = True
+    """Whether the claim loop is waiting (for room or for the next due task): the write loop writes meanwhile."""
     asleep_until: datetime | None = None
     """While the claim loop sleeps until the next due task: when it means to look again. A result written meanwhile
     may schedule a retry before that (its task was in flight, so not due, when the sleep began)."""
