@@ -165,6 +165,63 @@ async def test_list_filters_by_status_host_business_id_and_creation_time(api: Ap
     assert await _ids(api, key, created_before=future) == ["c", "b", "a"]
 
 
+async def test_the_host_filter_without_a_port_matches_every_port_of_that_host(api: Api) -> None:
+    """Before, ``host=api.example.com`` silently matched nothing: hosts are stored as ``host:port``."""
+    key = await api.business_key("shop")
+    await api.create(key, "https", url="https://api.example.com/hook")
+    await api.create(key, "http", url="http://api.example.com/hook")
+    await api.create(key, "alt", url="https://api.example.com:8443/hook")
+    await api.create(key, "sub", url="https://sub.api.example.com/hook")
+    await api.create(key, "longer", url="https://api.example.com.evil.example/hook")
+    await api.create(key, "v6", url="http://[2001:db8::1]:8080/hook")
+    await api.create(key, "under", url="https://a_b.example/hook")
+    await api.create(key, "like", url="https://axb.example/hook")
+    assert await _ids(api, key, host="api.example.com") == ["alt", "http", "https"]
+    assert await _ids(api, key, host="API.Example.COM:443") == ["https"]
+    assert await _ids(api, key, host="api.example.com:80") == ["http"]
+    assert await _ids(api, key, host="[2001:db8::1]") == ["v6"]
+    assert await _ids(api, key, host="2001:db8::1") == ["v6"]
+    assert await _ids(api, key, host="[2001:db8::1]:8080") == ["v6"]
+    assert await _ids(api, key, host="[2001:db8::1]:80") == []
+    assert await _ids(api, key, host="a_b.example") == ["under"]  # "_" is no LIKE wildcard here
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["", " ", "api.example.com ", "api example.com", "http://api.example.com", "https://api.example.com/x",
+     "api.example.com/x", "user@api.example.com", "api.example.com:", "api.example.com:0",
+     "api.example.com:65536", "api.example.com:https", ":443", "[::1", "[zz::1]:80", "-a.example", "a..b"],
+)  # fmt: skip
+async def test_a_host_filter_no_task_can_have_is_a_422_saying_what_is_expected(api: Api, host: str) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.get("/tasks", params={"host": host}, headers=key)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["field"] == "host" and "host:port" in body["detail"], body
+
+
+async def test_a_url_given_as_the_host_filter_is_answered_with_the_host_to_give(api: Api) -> None:
+    key = await api.business_key("shop")
+    response = await api.client.get("/tasks", params={"host": "https://api.example.com/hook"}, headers=key)
+    assert response.status_code == 422
+    assert "api.example.com:443" in response.json()["detail"]
+
+
+async def test_the_host_filter_names_a_processor_task_type_as_its_tasks_carry_it(api: Api) -> None:
+    """``processor:<type>`` (as the stats list it) still matches exactly, and is no port of a host "processor"."""
+    key = await api.business_key("shop")
+    api.runtime.processors.register("Make Server", lambda payload: payload)
+    made = await api.client.post(
+        "/tasks", json={"business_id": "proc", "type": "Make Server", "payload": {}}, headers=key
+    )
+    assert made.status_code == 201, made.text
+    await api.create(key, "http", url="http://processor/hook")
+    assert await _ids(api, key, host="processor:Make Server") == ["proc"]
+    assert await _ids(api, key, host="processor") == ["http"]
+    assert await _ids(api, key, host="processor:80") == ["http"]
+
+
 async def test_patch_changes_a_pending_task_and_put_is_accepted_too(api: Api) -> None:
     key = await api.business_key("shop")
     task = await api.create(key, "a")

@@ -226,6 +226,19 @@ def test_task_list_filters_by_host(cli: Cli) -> None:
     assert "a" not in cli.ok("task", "list", "--host", "example.com:443").split()
 
 
+def test_task_list_filters_by_a_host_without_a_port(cli: Cli) -> None:
+    """Before, ``--host 127.0.0.1`` listed nothing: hosts are stored as host:port."""
+    create(cli, "a")
+    assert "127.0.0.1:9" in cli.ok("task", "list", "--host", "127.0.0.1")
+    assert "127.0.0.1:9" not in cli.ok("task", "list", "--host", "127.0.0.2")
+
+
+@pytest.mark.parametrize("host", ["", "http://127.0.0.1:9/hook", "127.0.0.1:x"])
+def test_task_list_by_a_host_no_task_can_have_is_one_line(cli: Cli, host: str) -> None:
+    line = one_line_error(cli("task", "list", "--host", host), 1)
+    assert "host:port" in line
+
+
 def test_task_list_pages_with_a_cursor(cli: Cli) -> None:
     rows = [create(cli, f"k{i}")["row_id"] for i in range(3)]
     first = cli.ok("task", "list", "--limit", "2")

@@ -60,6 +60,35 @@ def test_bulk_retry_refuses_a_status_in_one_line_before_any_progress_bar(tmp_pat
     ]
 
 
+def test_bulk_retry_by_a_host_without_a_port_retries_that_host_s_tasks_on_every_port(tmp_path: Path) -> None:
+    """Before, ``--host hooks.example.com`` matched nothing (hosts are stored as host:port) and said so."""
+    db = tmp_path / "t.db"
+    tc = _seed(db)
+    other = tc.create_task("POST", "https://other.example.com/x", business_id="other", delay=3600)
+    tc.cancel(other.id)
+    result = runner.invoke(
+        app, ["retry", "--status", "cancelled", "--host", "hooks.example.com"], env=_env(db)
+    )
+    assert result.exit_code == 0, result.output
+    assert "retried 12 tasks" in result.stdout
+    assert tc.get_task(other.id).status == "cancelled"
+    tc.close()
+
+
+@pytest.mark.parametrize("host", ["", "https://hooks.example.com/x", "hooks example.com"])
+def test_bulk_retry_refuses_a_host_in_one_line_before_any_progress_bar(tmp_path: Path, host: str) -> None:
+    """An empty ``--host`` (an unset shell variable) must not mean "every host"."""
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    result = runner.invoke(app, ["retry", "--status", "cancelled", "--host", host], env=_env(db))
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: host must be host or host:port"), lines
+    with TaskCenter(f"sqlite:///{db}", business="shop") as tc:
+        assert tc.list_tasks(status=["pending"])[0][0].business_id == "live"
+        assert len(tc.list_tasks(status=["pending"])[0]) == 1
+
+
 def test_purge_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     _seed(db).close()

@@ -42,6 +42,7 @@ from taskcenter.domain.states import RETRYABLE_BY_HAND
 from taskcenter.domain.task import Task, rfc3339
 from taskcenter.errors import TaskCenterError
 from taskcenter.heap import settle_heap
+from taskcenter.intake import host_filter
 from taskcenter.logs import setup_logging
 from taskcenter.runtime import Runtime
 from taskcenter.stats import StatsService
@@ -461,7 +462,9 @@ def task_list(
     business: Annotated[
         str | None, typer.Option("--business", "-b", help="Only this business system.")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Only tasks to this host:port.")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Only tasks to this host:port, or to every port of a host.")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="Most tasks shown.")] = 50,
     cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
     config: ConfigOpt = None,
@@ -539,7 +542,9 @@ def _progress() -> Any:
 @app.command("retry")
 def retry_bulk(
     status: Annotated[str, typer.Option(help="failed, cancelled, or both comma-separated.")] = "failed",
-    host: Annotated[str | None, typer.Option(help="Only tasks to this host:port.")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Only tasks to this host:port, or to every port of a host.")
+    ] = None,
     business: Annotated[
         str | None, typer.Option("--business", "-b", help="Only this business system.")
     ] = None,
@@ -550,6 +555,11 @@ def retry_bulk(
     statuses = [s.strip() for s in status.split(",") if s.strip()]
     if not statuses or not set(statuses) <= RETRYABLE_BY_HAND:  # before the progress bar draws itself
         raise _fail(f"--status {status}: only failed or cancelled tasks can be retried", 1)
+    if host is not None:
+        try:
+            host_filter(host)  # likewise; and an empty one (an unset variable) must not mean every host
+        except TaskCenterError as exc:
+            raise _fail(exc.message, 1) from None
     after = None
     if since is not None:
         from datetime import UTC, timedelta

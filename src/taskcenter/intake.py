@@ -249,6 +249,57 @@ def _check_host(target: str, field: str) -> None:
         raise ValidationError(f"{field}: {problem}", field=field)
 
 
+_HOST_FILTER_HELP = (
+    "host must be host or host:port as tasks carry it: api.example.com (every port), api.example.com:443, "
+    "[2001:db8::1]:8443, or processor:<type>"
+)
+
+
+def host_filter(value: Any) -> tuple[str, bool]:
+    """Read a task list's ``host`` filter: ``(host:port, True)`` names one target exactly, ``(host, False)``
+    every port of one host (``api.example.com`` finds tasks to ``api.example.com:443``, ``:80`` and ``:8443``).
+
+    Case does not matter, an IPv6 address may come with or without brackets, and ``processor:<type>`` names a
+    processor task type's tasks (as the stats list them). Stored hosts are compared as they are, so an IPv6
+    address must be spelled as its tasks' URLs spell it.
+
+    Raises:
+        ValidationError: naming ``host`` when no task can carry it: empty, spaces, a URL, a bad port or name.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(f"{_HOST_FILTER_HELP}; got {type(value).__name__}", field="host")
+    if value.startswith("processor:") and len(value) > len("processor:") and not _CONTROL.search(value):
+        return value, True
+    if "://" in value:
+        try:
+            target = target_host(validate_url(value, "host"))
+        except ValidationError:
+            raise ValidationError(f"{_HOST_FILTER_HELP}, not a URL", field="host") from None
+        name = target.rpartition(":")[0]
+        raise ValidationError(
+            f"host must be host or host:port, not a URL: give {target} (or {name} for every port)",
+            field="host",
+        )
+    text = value.lower()
+    name, port = text, None
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":") or ":" not in name:
+            name = ""  # refused below
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:  # more colons without brackets: a bare IPv6 address, every port
+        name, _, port = text.partition(":")
+    if port is not None:
+        # At most 5 digits before int(): a port of thousands of them is past int()'s limit (a ValueError).
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+            raise ValidationError(f"{_HOST_FILTER_HELP}; got {value[:80]!r}", field="host")
+        port = str(int(port))
+    if not name or host_problem(name) is not None:
+        raise ValidationError(f"{_HOST_FILTER_HELP}; got {value[:80]!r}", field="host")
+    host = f"[{name}]" if ":" in name else name
+    return (f"{host}:{port}", True) if port is not None else (host, False)
+
+
 def _check_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
     if allowed.issuperset(data):
         return

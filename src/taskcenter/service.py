@@ -29,7 +29,7 @@ from taskcenter.errors import (
     ValidationError,
 )
 from taskcenter.events import EventBus
-from taskcenter.intake import Defaults, RequestMemo, changed_values
+from taskcenter.intake import Defaults, RequestMemo, changed_values, host_filter
 from taskcenter.notifications import Notifications
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL, Notifier, cancel_payloads
@@ -256,7 +256,10 @@ class TaskService:
         cursor: str | None = None,
         limit: int = 50,
     ) -> tuple[list[Task], str | None]:
-        """Newest first; returns the page and the cursor of the next page (``None`` at the end)."""
+        """Newest first; returns the page and the cursor of the next page (``None`` at the end).
+
+        ``host`` is ``host:port`` for one target or a host name for every port of it (:func:`host_filter`).
+        """
         if not 1 <= limit <= 500:
             raise ValidationError("limit must be between 1 and 500", field="limit")
         if isinstance(status, str):  # a str is a Sequence[str] too: one status, not its letters
@@ -265,12 +268,14 @@ class TaskService:
             if s not in TaskStatus.__members__.values():
                 raise ValidationError(f"status {s!r} is not a task status", field="status")
         before = decode_cursor(cursor) if cursor else None
+        target, exact = host_filter(host) if host is not None else (None, True)
         async with self.db.read() as conn:
             rows = await task_sql.list_tasks(
                 conn,
                 business_pk=business.pk if business else None,
                 status=status,
-                host=host,
+                host=target,
+                any_port=not exact,
                 business_id=business_id,
                 created_after=created_after,
                 created_before=created_before,

@@ -313,7 +313,14 @@ async def list_tasks(
             max_length=200,
         ),
     ] = None,
-    host: Annotated[str | None, Query(description="Target host:port.", max_length=300)] = None,
+    host: Annotated[
+        str | None,
+        Query(
+            description="Target host:port, or a host for every port of it.",
+            examples=["api.example.com:443"],
+            max_length=300,
+        ),
+    ] = None,
     business_id: Annotated[str | None, Query(max_length=255)] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
@@ -332,7 +339,7 @@ async def list_tasks(
     page, next_cursor = await ctx.tasks.list_tasks(
         business_of(caller),
         status=statuses,
-        host=query_text(host, "host"),
+        host=host,  # checked by the service: an empty or malformed one is a 422, not "no filter"
         business_id=query_text(business_id, "business_id"),
         created_after=utc(created_after, "created_after"),
         created_before=utc(created_before, "created_before"),

@@ -391,19 +391,26 @@ async def list_tasks(
     business_pk: int | None = None,
     status: Sequence[str] | None = None,
     host: str | None = None,
+    any_port: bool = False,
     business_id: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     before_id: int | None = None,
     limit: int = 50,
 ) -> list[sa.RowMapping]:
-    """Newest first by row id; ``before_id`` is the keyset cursor, stable under concurrent inserts."""
+    """Newest first by row id; ``before_id`` is the keyset cursor, stable under concurrent inserts.
+
+    ``host`` is a ``host:port`` matched exactly, or with ``any_port`` a host name matched on every port.
+    """
     stmt = _select_task()
     if business_pk is not None:
         stmt = stmt.where(tasks.c.business_pk == business_pk)
     if status:
         stmt = stmt.where(tasks.c.status.in_(list(status)))
-    if host:
+    if host and any_port:
+        # http tasks only: a processor task's "processor:<type>" is no port of a host named "processor".
+        stmt = stmt.where(tasks.c.host.startswith(f"{host}:", autoescape=True), tasks.c.type == "http")
+    elif host:
         stmt = stmt.where(tasks.c.host == host)
     if business_id:
         stmt = stmt.where(tasks.c.business_id == business_id)
