@@ -563,6 +563,61 @@ def test_main_turns_a_setting_error_into_one_line(cli: Cli, capsys: pytest.Captu
     ]
 
 
+# -- output read by a reader that stops early ----------------------------------------------------------------
+
+
+def _piped(cli: Cli, *args: str, read_lines: int = 0) -> tuple[int, list[str], str]:
+    """Run ``taskcenter *args`` as a real process writing into a pipe whose reader reads ``read_lines`` lines
+    and closes its end (``| head -1``; 0 is ``| true``, closed before anything is written). Returns the exit
+    status, the lines read and stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
+    proc = subprocess.Popen(
+        [TASKCENTER, *args], env={**env, **cli.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    lines = [proc.stdout.readline().decode() for _ in range(read_lines)]
+    proc.stdout.close()
+    try:
+        stderr = proc.stderr.read().decode()
+        return proc.wait(timeout=60), lines, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["host", "show", "127.0.0.1:9"],
+        ["task", "list"],
+        ["task", "show", "1", "--output-json"],
+        ["business", "list", "--json"],
+        ["config", "show"],
+        ["--help"],
+    ],
+    ids=" ".join,
+)
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly_with_status_0(
+    cli: Cli, args: list[str]
+) -> None:
+    """Before, ``taskcenter host show … | head -1`` exited 1 (Rich's reaction to the broken pipe)."""
+    create(cli, "a")
+    code, _, stderr = _piped(cli, *args)
+    assert (code, stderr) == (0, "")
+
+
+def test_head_1_gets_the_first_line_and_the_command_exits_0_without_a_traceback(cli: Cli) -> None:
+    """The writer is cut off mid-output: the table is larger than the pipe's 64 KiB buffer, so the reader closes
+    while it is being written, and the ``more: --cursor`` line after it meets the closed pipe."""
+    with cli.center() as tc:
+        for n in range(300):
+            tc.create_task("POST", f"http://127.0.0.1:9/{'x' * 300}", business_id=f"k{n}", delay=3600)
+    code, lines, stderr = _piped(cli, "task", "list", "--limit", "200", read_lines=1)
+    assert lines[0].split()[:2] == ["id", "┃"]
+    assert (code, stderr) == (0, "")
+
+
 # -- a real worker process --------------------------------------------------------------------------------
 
 

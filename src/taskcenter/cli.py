@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -681,10 +682,54 @@ def config_show(config: ConfigOpt = None) -> None:
     out.print_json(json.dumps(settings_or_exit(config).masked(), default=str))
 
 
+class _Stdout:
+    """``sys.stdout`` for the ``taskcenter`` script: a reader that stops early (``| head -1``) ends the command.
+
+    Rich catches a broken pipe itself and exits 1, as if the command had failed; every writer (Rich's consoles,
+    Typer's help, a plain print) writes through ``sys.stdout``, so this one place turns it into status 0 with no
+    traceback, as ripgrep and bat do. The reader has what it wanted: 141 (killed by SIGPIPE, as ``cat`` is) would
+    fail ``set -o pipefail`` scripts at random, only when the output outran the reader. What the command did
+    (cancel, retry) is done; only the rest of its output is dropped.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            raise self._gone() from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise self._gone() from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _gone(self) -> SystemExit:
+        # What the stream still buffers goes to /dev/null, or the interpreter's last flush would print
+        # "Exception ignored … BrokenPipeError" on its way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        return SystemExit(0)
+
+
 def main() -> None:
     """Entry point of the ``taskcenter`` script."""
+    stdout = sys.stdout
+    if stdout is not None:  # None when started with stdout closed (>&-)
+        sys.stdout = _Stdout(stdout)
     try:
         app()
     except TaskCenterError as exc:  # e.g. a bad setting found while loading
         _fail(exc.message, 1)
         sys.exit(1)
+    finally:
+        sys.stdout = stdout
