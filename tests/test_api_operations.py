@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import prometheus_client
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -59,6 +60,23 @@ async def test_metrics_are_in_prometheus_text_format(api: Api) -> None:
     response = await api.client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert "# TYPE taskcenter_attempts_total counter" in response.text
+
+
+async def test_metrics_carry_no_created_series_and_leave_the_process_wide_setting_alone(api: Api) -> None:
+    """Before, every counter and histogram came with an undocumented ``*_created`` series (a timestamp per
+    label set). They are dropped from taskcenter's own page only: an application embedding the library keeps
+    prometheus-client's setting for its own metrics."""
+    key = await api.business_key("shop")
+    await api.create(key, "a")
+    text = (await api.client.get("/metrics")).text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert "taskcenter_tasks_created_total" in names and "taskcenter_attempt_duration_seconds_count" in names
+    assert [name for name in names if name.endswith("_created")] == []
+    assert "# TYPE taskcenter_tasks_created_total counter" in text  # that name is no created series
+
+    theirs = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("app_jobs", "An application's own counter.", registry=theirs).inc()
+    assert "app_jobs_created " in prometheus_client.generate_latest(theirs).decode()
 
 
 async def test_the_queue_gauge_drops_to_zero_when_a_status_empties(api: Api) -> None:

@@ -119,6 +119,8 @@ async def test_a_worker_process_serves_its_delivery_counters_and_health_then_rel
             assert got[("taskcenter_in_flight", ())] == 0
             # The queue gauge is serve's to export: a worker's scrape runs no count over the table.
             assert not [key for key in got if key[0] == "taskcenter_tasks"]
+            # No prometheus-client creation timestamps beside the counters and the histogram.
+            assert not [key for key in got if key[0].endswith("_created")]
             _status, content_type, _text = await fetch(session, base + "/metrics")
             assert content_type.startswith("text/plain")
     finally:
