@@ -222,6 +222,50 @@ async def test_the_host_filter_names_a_processor_task_type_as_its_tasks_carry_it
     assert await _ids(api, key, host="processor:80") == ["http"]
 
 
+BIG = "123456789012345678901234567890"  # past 64 bits: orjson reads it as the float 1.2345678901234568e+29
+LOW = "-9223372036854775809"  # one below -2**63, 19 digits
+
+
+async def test_json_integers_beyond_64_bits_are_sent_exactly_not_as_floats(api: Api) -> None:
+    """Before, ``{"n": 123456789012345678901234567890}`` was stored and sent as ``{"n":1.2345678901234568e+29}``:
+    a receiver got another number, silently. Every way in: the fast create, the route (another content type),
+    a batch item and a PATCH."""
+    key = await api.business_key("shop")
+    raw = '{"business_id": "%s", "url": "https://api.example.com/hook", "json": {"n": %s, "m": [%s]}}'
+    want = f'{{"n":{BIG},"m":[{LOW}]}}'
+    bodies = []
+    for n, content_type in enumerate(["application/json", "application/merge-patch+json"]):
+        created = await api.client.post(
+            "/tasks", content=raw % (f"big-{n}", BIG, LOW), headers={**key, "content-type": content_type}
+        )
+        assert created.status_code == 201, created.text
+        bodies.append(created.json()["request"]["body"])
+    batch = '{"tasks": [%s]}' % (raw % ("big-batch", BIG, LOW))
+    stored = await api.client.post(
+        "/tasks/batch", content=batch, headers={**key, "content-type": "application/json"}
+    )
+    bodies.append(stored.json()["results"][0]["task"]["request"]["body"])
+    task = await api.create(key, "big-patch")
+    patched = await api.client.patch(
+        f"/tasks/{task['id']}", content=f'{{"json": {{"n": {BIG}, "m": [{LOW}]}}}}',
+        headers={**key, "content-type": "application/json"},
+    )  # fmt: skip
+    assert patched.status_code == 200, patched.text
+    bodies.append(patched.json()["request"]["body"])
+    assert bodies == [want] * 4
+
+
+async def test_an_integer_beyond_64_bits_in_metadata_is_a_422_naming_it(api: Api) -> None:
+    """Metadata is kept as JSON and answered back, where such a number cannot go: refused, not rounded."""
+    key = await api.business_key("shop")
+    raw = f'{{"business_id": "m", "url": "https://api.example.com/hook", "metadata": {{"n": {BIG}}}}}'
+    response = await api.client.post(
+        "/tasks", content=raw, headers={**key, "content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "metadata" and "beyond 64 bits" in response.json()["detail"]
+
+
 async def test_patch_changes_a_pending_task_and_put_is_accepted_too(api: Api) -> None:
     key = await api.business_key("shop")
     task = await api.create(key, "a")

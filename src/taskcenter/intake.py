@@ -88,6 +88,11 @@ def _json_object(value: Any, field: str, limit: int) -> Any:
     try:
         dumped = orjson.dumps(value)
     except TypeError as exc:
+        if "64-bit" in str(exc):  # kept as JSON and answered back, where such an integer cannot go exactly
+            raise ValidationError(
+                f"{field} holds an integer beyond 64 bits, which cannot be kept exactly; send it as a string",
+                field=field,
+            ) from exc
         raise ValidationError(f"{field} is not JSON-serialisable: {exc}", field=field) from exc
     if len(dumped) > limit:
         raise ValidationError(f"{field} is larger than {limit} bytes", field=field)

@@ -4,7 +4,9 @@ kind, the offending field named. Also the pure ASGI middleware that refuses over
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -59,11 +61,33 @@ class JSONResponse(StarletteJSONResponse):
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
 
 
+#: 19 digits in a row: the shortest integer outside orjson's 64 bits (below -2**63 = -9223372036854775808).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def loads(raw: bytes) -> Any:
+    """A request body's JSON: orjson (several times faster, and it refuses lone surrogates that the databases
+    could not store), except that an integer beyond 64 bits stays exact.
+
+    orjson reads such an integer as a float, silently changing it (``123456789012345678901234567890`` became
+    ``1.2345678901234568e+29`` in the body sent to the receiver). A body with 19 digits in a row is read again
+    by the standard library, which keeps every integer; the task's JSON body is encoded by it too, so the number
+    is sent as given, and fields kept as JSON (``metadata``, ``payload``) refuse it in words (intake). Raises
+    ``orjson.JSONDecodeError`` (a ``json.JSONDecodeError``) as orjson does.
+    """
+    data = orjson.loads(raw)
+    if _LONG_DIGITS.search(raw) is None:
+        return data
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # past its limits (4300 digits, depth): orjson's reading stands
+        return data
+
+
 class _OrjsonRequest(Request):
     async def json(self) -> Any:
-        # orjson is faster, and it refuses lone surrogates that the databases could not store.
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
+            self._json = loads(await self.body())
         return self._json
 
 

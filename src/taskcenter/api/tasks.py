@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskcenter.api.auth import ApiContext, BusinessCaller, Ctx, business_of
-from taskcenter.api.problems import JSONResponse, OrjsonRoute, from_error, problem, validation_message
+from taskcenter.api.problems import JSONResponse, OrjsonRoute, from_error, loads, problem, validation_message
 from taskcenter.api.schemas import AttemptList, BatchResult, TaskCreate, TaskOut, TaskPage, TaskUpdate
 from taskcenter.domain.states import TaskStatus
 from taskcenter.domain.task import Attempt, Task
@@ -155,7 +155,7 @@ class FastCreate:
         # Whatever goes wrong before the create starts (including the unexpected, e.g. nesting too deep) is the
         # route's to answer: it repeats the step and maps the error as it always does.
         try:
-            body = _TASK_CREATE.validate_python(orjson.loads(raw), from_attributes=True)
+            body = _TASK_CREATE.validate_python(loads(raw), from_attributes=True)
         except Exception:
             return None
         try:
@@ -227,7 +227,7 @@ _BATCH_BODY = {
 
 def _batch_items(raw: bytes) -> list[Any]:
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RequestValidationError(
             [
