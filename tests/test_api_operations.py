@@ -224,3 +224,18 @@ async def test_openapi_and_docs_are_served(api: Api) -> None:
         assert path in paths, path
     docs = await api.client.get("http://testserver/docs")
     assert docs.status_code == 200 and "/api/v1/openapi.json" in docs.text
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/audit?action=task.cancel&action=task.retry",
+        "/hosts?limit=1&limit=2",
+        "/stats?window_hours=1&window_hours=2",
+    ],
+)
+async def test_an_operator_list_parameter_given_twice_is_a_422_naming_it(api: Api, query: str) -> None:
+    response = await api.client.get(query, headers=OPERATOR)
+    assert response.status_code == 422, response.text
+    name = query.split("?")[1].split("=")[0]
+    assert response.json()["field"] == name and "more than once" in response.json()["detail"]

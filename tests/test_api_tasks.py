@@ -222,6 +222,30 @@ async def test_the_host_filter_names_a_processor_task_type_as_its_tasks_carry_it
     assert await _ids(api, key, host="processor:80") == ["http"]
 
 
+async def test_status_given_twice_lists_both_like_a_comma(api: Api) -> None:
+    """Before, ``?status=pending&status=cancelled`` silently listed only the cancelled tasks."""
+    key = await api.business_key("shop")
+    await api.create(key, "a")
+    c = await api.create(key, "c")
+    await api.client.delete(f"/tasks/{c['id']}", headers=key)
+    assert await _ids(api, key, status=["pending", "cancelled"]) == ["c", "a"]
+    assert await _ids(api, key, status=["pending,cancelled", "pending"]) == ["c", "a"]
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [("limit", ["1", "2"]), ("host", ["a.example.com", "b.example.com"]), ("business_id", ["a", "b"]),
+     ("cursor", ["dDE6MQ", "dDE6Mg"]), ("created_after", ["2026-01-01T00:00:00Z"] * 2),
+     ("created_before", ["2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"])],
+)  # fmt: skip
+async def test_a_list_filter_given_twice_is_a_422_naming_it(api: Api, name: str, values: list[str]) -> None:
+    """Before, the last one silently won: ``?host=a.example.com&host=b.example.com`` listed b's tasks only."""
+    key = await api.business_key("shop")
+    response = await api.client.get("/tasks", params={name: values}, headers=key)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == name and "more than once" in response.json()["detail"]
+
+
 BIG = "123456789012345678901234567890"  # past 64 bits: orjson reads it as the float 1.2345678901234568e+29
 LOW = "-9223372036854775809"  # one below -2**63, 19 digits
 

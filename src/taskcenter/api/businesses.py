@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from starlette.responses import Response
 
 from taskcenter.api.auth import Caller, Ctx, Operator, own_business
-from taskcenter.api.problems import JSONResponse, OrjsonRoute
+from taskcenter.api.problems import JSONResponse, OrjsonRoute, once_each
 from taskcenter.api.schemas import (
     BusinessCreate,
     BusinessList,
@@ -104,7 +104,12 @@ async def rotate(
     )
 
 
-@router.get("/{code}/stats", response_model=StatsOut, summary="A business system's figures")
+@router.get(
+    "/{code}/stats",
+    response_model=StatsOut,
+    summary="A business system's figures",
+    dependencies=[Depends(once_each())],
+)
 async def stats(
     code: str, ctx: Ctx, caller: Caller, window_hours: Annotated[float, Query(gt=0, le=2160)] = 24.0
 ) -> Response:

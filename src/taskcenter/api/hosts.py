@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from taskcenter.api.auth import Ctx, Operator
-from taskcenter.api.problems import JSONResponse, OrjsonRoute
+from taskcenter.api.problems import JSONResponse, OrjsonRoute, once_each
 from taskcenter.hosts import MAX_PAUSE_S, POLICY_FIELDS, HostService
 
 router = APIRouter(prefix="/hosts", tags=["hosts"], route_class=OrjsonRoute)
@@ -143,7 +143,12 @@ def _service(ctx: Ctx) -> HostService:
 Hosts = Annotated[HostService, Depends(_service)]
 
 
-@router.get("", response_model=HostList, summary="List hosts with a policy or a state (operator)")
+@router.get(
+    "",
+    response_model=HostList,
+    summary="List hosts with a policy or a state (operator)",
+    dependencies=[Depends(once_each())],
+)
 async def list_hosts(
     hosts: Hosts,
     caller: Operator,

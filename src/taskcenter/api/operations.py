@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
 from taskcenter.api.auth import Ctx, Operator
-from taskcenter.api.problems import JSONResponse, OrjsonRoute
+from taskcenter.api.problems import JSONResponse, OrjsonRoute, once_each
 from taskcenter.api.schemas import AuditPage, Health, StatsOut
 from taskcenter.api.tasks import query_text, utc
 from taskcenter.domain.states import TaskStatus
@@ -57,7 +57,12 @@ async def metrics(ctx: Ctx) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/stats", response_model=StatsOut, summary="System-wide figures (operator)")
+@router.get(
+    "/stats",
+    response_model=StatsOut,
+    summary="System-wide figures (operator)",
+    dependencies=[Depends(once_each())],
+)
 async def system_stats(
     ctx: Ctx, caller: Operator, window_hours: Annotated[float, Query(gt=0, le=2160)] = 24.0
 ) -> Response:
@@ -65,7 +70,12 @@ async def system_stats(
     return JSONResponse(await ctx.stats.figures(None, window_hours=window_hours))
 
 
-@router.get("/audit", response_model=AuditPage, summary="The audit log (operator)")
+@router.get(
+    "/audit",
+    response_model=AuditPage,
+    summary="The audit log (operator)",
+    dependencies=[Depends(once_each())],
+)
 async def audit(
     ctx: Ctx,
     caller: Operator,

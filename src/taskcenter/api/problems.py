@@ -103,6 +103,20 @@ class OrjsonRoute(APIRoute):
         return parse_with_orjson
 
 
+def once_each(*, many: frozenset[str] = frozenset()) -> Callable[[Request], None]:
+    """A route dependency: a query parameter given twice (``?limit=10&limit=20``) is a 422 naming it, since which
+    one was meant is a guess (FastAPI silently takes the last); the names in ``many`` may repeat."""
+
+    def check(request: Request) -> None:
+        seen: set[str] = set()
+        for name, _ in request.query_params.multi_items():
+            if name in seen and name not in many:
+                raise ValidationError(f"{name[:40]} is given more than once; give it once", field=name[:40])
+            seen.add(name)
+
+    return check
+
+
 def problem(
     status: int, slug: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:

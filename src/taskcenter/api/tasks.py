@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import TypeAdapter
@@ -18,7 +18,15 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskcenter.api.auth import ApiContext, BusinessCaller, Ctx, business_of
-from taskcenter.api.problems import JSONResponse, OrjsonRoute, from_error, loads, problem, validation_message
+from taskcenter.api.problems import (
+    JSONResponse,
+    OrjsonRoute,
+    from_error,
+    loads,
+    once_each,
+    problem,
+    validation_message,
+)
 from taskcenter.api.schemas import AttemptList, BatchResult, TaskCreate, TaskOut, TaskPage, TaskUpdate
 from taskcenter.domain.states import TaskStatus
 from taskcenter.domain.task import Attempt, Task
@@ -301,14 +309,20 @@ async def create_batch(
     return JSONResponse({"created": created, "failed": len(results) - created, "results": results})
 
 
-@router.get("", response_model=TaskPage, summary="List tasks, newest first")
+@router.get(
+    "",
+    response_model=TaskPage,
+    summary="List tasks, newest first",
+    dependencies=[Depends(once_each(many=frozenset({"status"})))],
+)
 async def list_tasks(
+    request: Request,
     ctx: Ctx,
     caller: BusinessCaller,
     status: Annotated[
         str | None,
         Query(
-            description="One status or several, comma-separated.",
+            description="One status or several, comma-separated (or the parameter repeated).",
             examples=["failed,cancelled"],
             max_length=200,
         ),
@@ -330,6 +344,8 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Response:
     """Cursor-paginated and stable under concurrent inserts (a keyset on the row id, newest first)."""
+    if status is not None:  # ?status=a&status=b adds up like ?status=a,b (FastAPI gives only the last)
+        status = ",".join(request.query_params.getlist("status"))
     statuses = [s.strip() for s in status.split(",") if s.strip()] if status else None
     for s in statuses or ():
         if s not in _STATUSES:
