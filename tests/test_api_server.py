@@ -114,3 +114,31 @@ async def test_a_request_uvicorn_cannot_parse_is_answered_with_problem_json(db_u
                 assert (await client.get("/health")).status_code == 200
     finally:
         await runtime.close()
+
+
+async def test_a_request_head_past_64_kib_is_answered_431_and_never_read_whole(db_url: str) -> None:
+    """Before, uvicorn's httptools parser read a head of any size: a 20 MB header line was buffered and
+    served (200), and one that never ended held its memory for as long as the client liked."""
+    runtime = Runtime(make_settings(db_url))
+    await runtime.start()
+    try:
+        async with uvicorn_server(runtime) as base:
+            whole = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 1_000_000 + b"\r\n\r\n"
+            endless = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 300_000  # no end of head
+            one_read = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n"
+            for request in (whole, endless, one_read):
+                head, _, body = (await _raw_exchange(base, request)).partition(b"\r\n\r\n")
+                lines = head.decode().lower().split("\r\n")
+                assert lines[0] == "http/1.1 431 request header fields too large", lines
+                assert "content-type: application/problem+json" in lines and "connection: close" in lines
+                problem = orjson.loads(body)
+                assert problem["type"] == "https://taskcenter.dev/problems/header-too-large"
+                assert problem["status"] == 431 and "64 KiB" in problem["detail"]
+            async with httpx.AsyncClient(base_url=base) as client:  # a head under the limit is served
+                big = {"X-Big": "x" * 60_000}
+                assert (await client.get("/health", headers=big)).status_code == 200
+                body = {"business_id": "b", "url": "https://api.example.com/x", "body": "y" * 500_000}
+                response = await client.post("/tasks", json=body, headers={**big, **bearer("tc_none")})
+                assert response.status_code == 401  # the body (in many reads after the head) is no head
+    finally:
+        await runtime.close()
