@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 
 from taskcenter.api import create_app
-from taskcenter.api.server import uvicorn_config
+from taskcenter.api.server import ProblemHttpProtocol, uvicorn_config
 from taskcenter.runtime import Runtime
 from tests.conftest import make_settings
 from tests.receiver import Receiver
@@ -140,5 +141,42 @@ async def test_a_request_head_past_64_kib_is_answered_431_and_never_read_whole(d
                 body = {"business_id": "b", "url": "https://api.example.com/x", "body": "y" * 500_000}
                 response = await client.post("/tasks", json=body, headers={**big, **bearer("tc_none")})
                 assert response.status_code == 401  # the body (in many reads after the head) is no head
+    finally:
+        await runtime.close()
+
+
+async def test_a_request_that_does_not_arrive_whole_in_time_is_answered_408_and_closed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a connection that sent nothing, half a head or half its declared body was held open for ever,
+    and the request's handler waited for the rest of the body for ever."""
+    monkeypatch.setattr(ProblemHttpProtocol, "read_timeout_s", 0.5)
+    runtime = Runtime(make_settings(db_url))
+    await runtime.start()
+    try:
+        async with uvicorn_server(runtime) as base:
+            silent = b""
+            half_head = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n"
+            half_body = (
+                b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Authorization: Bearer tc_none\r\nContent-Length: 100\r\n\r\n{"business_id"'
+            )
+            for request in (silent, half_head, half_body):
+                started = asyncio.get_running_loop().time()
+                answer = await _raw_exchange(base, request)
+                assert asyncio.get_running_loop().time() - started < 5, request
+                if request == silent:
+                    assert answer == b""  # nothing to answer: closed
+                    continue
+                head, _, body = answer.partition(b"\r\n\r\n")
+                lines = head.decode().lower().split("\r\n")
+                assert lines[0] == "http/1.1 408 request timeout", (request, answer)
+                assert "content-type: application/problem+json" in lines and "connection: close" in lines
+                problem = orjson.loads(body)
+                assert problem["type"] == "https://taskcenter.dev/problems/request-timeout"
+            async with httpx.AsyncClient(base_url=base) as client:  # a request that arrives in time is served
+                assert (await client.get("/health")).status_code == 200
+                await asyncio.sleep(0.7)  # and an idle keep-alive connection is uvicorn's to close (5 s)
+                assert (await client.get("/health")).status_code == 200
     finally:
         await runtime.close()

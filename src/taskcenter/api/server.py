@@ -3,6 +3,7 @@ with problem+json like every other error, not uvicorn's plain text; and a reques
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -22,6 +23,14 @@ _HEAD_TOO_LARGE = orjson.dumps(
         "title": "Request header fields too large",
         "status": 431,
         "detail": "the request line and headers are larger than 64 KiB",
+    }
+)
+_TIMED_OUT = orjson.dumps(
+    {
+        "type": PROBLEM_BASE + "request-timeout",
+        "title": "Request timeout",
+        "status": 408,
+        "detail": "the request did not arrive whole within 60 s",
     }
 )
 _MALFORMED = orjson.dumps(
@@ -48,10 +57,47 @@ class ProblemHttpProtocol(HttpToolsProtocol):
     ``on_headers_complete`` — are counted (a body never is), and a complete head is measured.
     """
 
+    read_timeout_s = 60.0
+    """How long a request may take to arrive whole (head and body), from its first byte, or from the opening
+    of a connection for its first request: then 408 and close. uvicorn has no such limit, so a client that
+    stalls (half a head, half its declared body, nothing at all) held the connection and the handler waiting
+    for the body for ever. Idle keep-alive connections between requests are uvicorn's (5 s)."""
+
     _head_open = False
     _head_bytes = 0
     _too_large = False
     _answered = False
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn annotates it as Transport
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
+
+    def on_message_complete(self) -> None:
+        self._stop_read_timer()
+        super().on_message_complete()
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing() or self._answered:
+            return
+        if (self.cycle is None and not self._head_open) or (
+            self.cycle is not None and self.cycle.response_started
+        ):
+            # Not a byte of a request (nothing to answer), or the application has answered already.
+            self.transport.close()
+            return
+        # A handler waiting for the body gets a disconnect when the connection closes, after the answer.
+        self._answer(b"HTTP/1.1 408 Request Timeout\r\n", _TIMED_OUT)
 
     def data_received(self, data: bytes) -> None:
         if self._answered:  # the rest of a refused request, read only so that the answer is not reset away
@@ -68,6 +114,8 @@ class ProblemHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_open = True
+        if self._read_timer is None:  # the next request on a kept-alive connection
+            self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 
     def on_headers_complete(self) -> None:
         self._head_open = False
