@@ -361,6 +361,19 @@ async def test_batch_stores_the_valid_items_and_reports_every_item(api: Api) -> 
     assert sorted(await _ids(api, key)) == ["b0", "b6", "taken"]
 
 
+async def test_a_batch_item_that_is_no_object_is_reported_in_our_words(api: Api) -> None:
+    """Before, such an item's error was pydantic's "Input should be a valid dictionary or instance of
+    TaskCreate" (a class name the caller never saw)."""
+    key = await api.business_key("shop")
+    items = [None, 1, "x", [], task_body("ok")]
+    response = await api.client.post("/tasks/batch", json={"tasks": items}, headers=key)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [422, 422, 422, 422, 201]
+    for r in results[:4]:
+        assert r["error"] == "each task must be a JSON object" and r["field"] is None, r
+
+
 async def test_a_batch_answers_each_stored_task_exactly_as_a_single_create_does(api: Api) -> None:
     """The batch builds its tasks' public form straight from the rows; key for key, it is task_json's."""
     service = api.runtime.service

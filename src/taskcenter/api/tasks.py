@@ -283,6 +283,14 @@ async def create_batch(
         ]
     except PydanticValidationError:
         for n, item in enumerate(items):  # item by item, to report each invalid one on its own
+            if not isinstance(item, dict):  # pydantic would name its model class ("instance of TaskCreate")
+                results[n] = {
+                    "index": n,
+                    "status": 422,
+                    "error": "each task must be a JSON object",
+                    "field": None,
+                }
+                continue
             try:
                 valid.append(
                     (n, TaskCreate.model_validate(item).model_dump(exclude_unset=True, by_alias=True))
