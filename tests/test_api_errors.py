@@ -101,6 +101,17 @@ async def test_invalid_create_requests_are_422_naming_the_field(
     assert await _stored(api) == 0
 
 
+@pytest.mark.parametrize("value", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+async def test_a_scheduled_at_with_no_utc_time_says_so_once(api: Api, value: str) -> None:
+    """It said "scheduled_at: scheduled_at is out of range"."""
+    key = await api.business_key("shop")
+    body = _problem(
+        await api.client.post("/tasks", json=task_body("a", scheduled_at=value), headers=key),
+        422, "validation", "scheduled_at",
+    )  # fmt: skip
+    assert body["detail"] == "scheduled_at: out of range (in UTC it falls before year 1 or after 9999)"
+
+
 @pytest.mark.parametrize(
     "value", [1700000000, 1700000000.5, "1700000000", 0, "2030-01-31", "20300131T120000Z", True, [], {}]
 )

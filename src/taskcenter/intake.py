@@ -132,7 +132,10 @@ def _when(data: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime | 
         try:
             at = at.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC form
-            raise ValidationError("scheduled_at is out of range", field="scheduled_at") from exc
+            raise ValidationError(
+                "scheduled_at is out of range (in UTC it falls before year 1 or after 9999)",
+                field="scheduled_at",
+            ) from exc
         if at - now > timedelta(seconds=MAX_DELAY_S):
             raise ValidationError("scheduled_at is more than a year ahead", field="scheduled_at")
         return max(at, now), at

@@ -89,7 +89,7 @@ class _TaskFields(_In):
         try:
             return value.astimezone(UTC)
         except (OverflowError, ValueError) as exc:
-            raise ValueError("scheduled_at is out of range") from exc
+            raise ValueError("out of range (in UTC it falls before year 1 or after 9999)") from exc
 
     @field_validator("url")
     @classmethod
