@@ -74,6 +74,8 @@ async def test_a_lone_surrogate_is_malformed_json(api: Api) -> None:
         ({"business_id": "a", "url": "javascript:alert(1)"}, "url"),
         ({"business_id": "a", "url": "https://"}, "url"),
         ({"business_id": "a", "url": "https://user:pw@a.example.com/"}, "url"),
+        ({"business_id": "a", "url": "https://@a.example.com/"}, "url"),  # empty credentials were let through
+        ({"business_id": "a", "url": "https://:@a.example.com/"}, "url"),
         ({"business_id": "a", "url": "https://./"}, "url"),
         ({"business_id": "a", "url": "http://.."}, "url"),
         ({"business_id": "a", "url": "http://-/"}, "url"),

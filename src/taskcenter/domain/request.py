@@ -93,7 +93,7 @@ def validate_url(url: Any, field: str = "url") -> str:
         raise ValidationError(f"{field} has a host name longer than 253 characters", field=field)
     if port == 0:
         raise ValidationError(f"{field} has port 0", field=field)
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # empty ones too (https://@host/): what is checked must be what is sent
         raise ValidationError(f"{field} must not carry credentials; use a header", field=field)
     return url
 
