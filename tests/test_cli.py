@@ -239,6 +239,13 @@ def test_task_list_by_a_host_no_task_can_have_is_one_line(cli: Cli, host: str) -
     assert "host:port" in line
 
 
+@pytest.mark.parametrize("command", [["task", "list"], ["stats"], ["audit", "list"]])
+def test_an_empty_business_is_one_line_not_every_business(cli: Cli, command: list[str]) -> None:
+    """Before, ``--business ""`` (an unset variable) silently meant every business."""
+    line = one_line_error(cli(*command, "--business", ""), 1)
+    assert line == "error: no business system ''"
+
+
 def test_task_list_pages_with_a_cursor(cli: Cli) -> None:
     rows = [create(cli, f"k{i}")["row_id"] for i in range(3)]
     first = cli.ok("task", "list", "--limit", "2")

@@ -89,6 +89,17 @@ def test_bulk_retry_refuses_a_host_in_one_line_before_any_progress_bar(tmp_path:
         assert len(tc.list_tasks(status=["pending"])[0]) == 1
 
 
+def test_bulk_retry_by_an_empty_business_is_refused_not_taken_for_every_business(tmp_path: Path) -> None:
+    """Before, ``taskcenter retry --business "$UNSET"`` retried the failed tasks of every business."""
+    db = tmp_path / "t.db"
+    _seed(db).close()
+    result = runner.invoke(app, ["retry", "--status", "cancelled", "--business", ""], env=_env(db))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["error: no business system ''"]
+    with TaskCenter(f"sqlite:///{db}", business="shop") as tc:
+        assert len(tc.list_tasks(status=["cancelled"], limit=100)[0]) == 12
+
+
 def test_purge_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     _seed(db).close()

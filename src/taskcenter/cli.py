@@ -473,7 +473,7 @@ def task_list(
     """List tasks, newest first."""
 
     async def work(rt: Runtime) -> tuple[list[Task], str | None]:
-        biz = await rt.service.business(business) if business else None
+        biz = await rt.service.business(business) if business is not None else None
         statuses = [s.strip() for s in status.split(",")] if status else None
         return await rt.service.list_tasks(biz, status=statuses, host=host, cursor=cursor, limit=limit)
 
@@ -568,7 +568,7 @@ def retry_bulk(
         after = datetime.now(UTC) - timedelta(seconds=duration_s(since))
 
     async def work(rt: Runtime) -> tuple[int, int]:
-        biz = await rt.service.business(business) if business else None
+        biz = await rt.service.business(business) if business is not None else None
         with _progress() as bar:
             job = bar.add_task("retrying", total=None)
 
@@ -627,7 +627,7 @@ def stats(
     """Counts by status, success rate, attempt latency p50/p90/p95/p99 and the busiest hosts."""
 
     async def work(rt: Runtime) -> dict[str, Any]:
-        biz = await rt.service.business(business) if business else None
+        biz = await rt.service.business(business) if business is not None else None
         return await StatsService(rt.db, clock=rt.clock).figures(biz, window_hours=window_hours)
 
     figures = _run(_with_runtime(require_database(settings_or_exit(config)), work))

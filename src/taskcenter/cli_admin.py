@@ -304,7 +304,7 @@ def audit_list(
         raise _fail("--since is out of range", 2) from None
 
     async def work(rt: Runtime, svc: BusinessService) -> list[dict[str, Any]]:
-        pk = (await svc.business(business)).pk if business else None
+        pk = (await svc.business(business)).pk if business is not None else None
         entries, _ = await svc.audit.list_entries(
             business_pk=pk, action=action, actor=actor, since=when, limit=limit
         )
