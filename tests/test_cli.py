@@ -625,6 +625,26 @@ def test_head_1_gets_the_first_line_and_the_command_exits_0_without_a_traceback(
     assert (code, stderr) == (0, "")
 
 
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_command_started_with_a_standard_stream_closed_runs_and_does_not_abort(
+    cli: Cli, closed: int
+) -> None:
+    """Before, ``taskcenter task list >&-`` aborted (SIGABRT, a core dump): the database file took the free
+    descriptor 1, and the event loop (uvloop) asserts that it never closes one of 0, 1 and 2."""
+    create(cli, "a")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKCENTER_")}
+    done = subprocess.run(
+        [TASKCENTER, "task", "list"],
+        env={**env, **cli.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if closed != 1 else None,
+        stderr=subprocess.PIPE if closed != 2 else None,
+        preexec_fn=lambda: os.close(closed),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 # -- a real worker process --------------------------------------------------------------------------------
 
 

@@ -721,8 +721,24 @@ class _Stdout:
         return SystemExit(0)
 
 
+def _open_standard_descriptors() -> None:
+    """Put /dev/null on any of descriptors 0, 1 and 2 the script was started without (``>&-``, ``<&-``).
+
+    Otherwise the next file opened (the SQLite database, a socket) takes that number, and uvloop aborts the
+    process (SIGABRT) when it closes it: it asserts that it never closes one of 0, 1 and 2.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if opened != fd:  # pragma: no cover - only if a lower one closed meanwhile
+                os.close(opened)
+
+
 def main() -> None:
     """Entry point of the ``taskcenter`` script."""
+    _open_standard_descriptors()
     stdout = sys.stdout
     if stdout is not None:  # None when started with stdout closed (>&-)
         sys.stdout = _Stdout(stdout)
