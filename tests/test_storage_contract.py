@@ -920,6 +920,30 @@ async def test_a_late_finish_after_rescue_is_lost(db: Database, business: Busine
     assert (await row_of(db, task_id))["status"] == "retrying"
 
 
+async def test_a_stale_result_written_with_the_new_claims_one_is_not_recorded(
+    db: Database, business: Business
+) -> None:
+    """A worker stalled past its lease (its attempt 1 rescued as interrupted) claims the task again and writes the
+    stale attempt's result in one batch with the new attempt's: only attempt 2 lands. (PostgreSQL recorded the
+    stale one as well, a second attempt 1 — seen in tests/test_chaos.py after a SIGSTOP.)"""
+    task_id = await insert(db, business.pk)
+    await claim(db, "stalled")
+    later = T0 + timedelta(seconds=LEASE_S + 1)
+    assert await leases.rescue(db, now=later) == [task_id]
+    assert await claim(db, "stalled", now=later) == [task_id]
+    stale = result(task_id, attempt=1, status="failed", outcome="client_error")
+    written = await result_sql.finish(
+        db, worker="stalled", now=later, results=[stale, result(task_id, attempt=2)]
+    )
+    assert written.landed == [(task_id, "succeeded")]
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["outcome"]) == ("succeeded", 2, "success")
+    assert [(a["number"], a["outcome"]) for a in await attempts_of(db, task_id)] == [
+        (1, "interrupted"),
+        (2, "success"),
+    ]
+
+
 # -- live business_id uniqueness --------------------------------------------------------------------------
 
 

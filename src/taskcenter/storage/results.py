@@ -107,6 +107,9 @@ WHERE tasks.id = r_id AND tasks.lease_owner = ?2 AND tasks.status IN ('processin
 # PostgreSQL: the whole batch in one statement of one array per field — tasks moved, attempts inserted for the
 # tasks moved, (id, status as written) returned — so one round trip and one executor start per batch, not two
 # per result. JSON travels as text[] cast by the server (the driver's jsonb codec is a Python call per value).
+# An attempt is inserted only for the result that moved its task (same id and attempt number): a batch may hold
+# two results of one task — a stale attempt cut off by a rescue, and the attempt of the same worker's claim of
+# it since (a stall past its lease) — and the stale one must not be recorded beside the interrupted one.
 _PG_FINISH = """WITH r (id, attempt, status, outcome, started, duration, next_at, finished, request, response,
         last_response, error, result) AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[], $6::int[],
@@ -130,11 +133,11 @@ _PG_FINISH = """WITH r (id, attempt, status, outcome, started, duration, next_at
     FROM r
     WHERE t.id = r.id AND t.lease_owner = $14 AND t.status IN ('processing', 'cancelled')
         AND t.attempts = r.attempt - 1
-    RETURNING t.id, t.status
+    RETURNING t.id, t.status, t.attempts
 ), logged AS (
     INSERT INTO attempts (task_id, number, started_at, duration_ms, request, response, outcome, error, worker)
     SELECT r.id, r.attempt, r.started, r.duration, r.request, r.response, r.outcome, r.error, $14
-    FROM r JOIN done ON done.id = r.id
+    FROM r JOIN done ON done.id = r.id AND done.attempts = r.attempt
 )
 SELECT id, status FROM done"""
 
