@@ -637,9 +637,10 @@ def check(
     )
 
     # Stale sends: an attempt that arrived after the rescue that recorded it interrupted. A killed worker sends
-    # nothing after its kill; a stalled one, continued, still sends what it had claimed and started before its
-    # heartbeat tells it otherwise (a dispatcher does not look at its lease before sending: a known gap, left as
-    # it is here): only those are allowed.
+    # nothing after its kill; a stalled one, continued, gives back unsent what it had claimed once its leases may
+    # have run out (it looks just before each request: tests/test_engine.py, the stalled worker), but a request
+    # already on its way when the stall hit (past that look: a connection being opened) still goes: only those
+    # are allowed.
     stale = [
         (a, recorded[(a.task, a.attempt)])
         for a in arrivals

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import signal
 from datetime import UTC, datetime
 from typing import Any
 
@@ -306,3 +308,55 @@ async def test_a_result_from_before_the_lease_was_rescued_does_not_land_on_the_t
         assert [r.headers["X-Task-Attempt"] for r in receiver.requests_for("/late")] == ["1", "2"]
     finally:
         await rt.close()
+
+
+async def test_a_worker_stalled_past_its_leases_sends_none_of_the_tasks_rescued_meanwhile(
+    runtime: Runtime, receiver: Receiver, db_url: str
+) -> None:
+    """A worker frozen longer than its lease (SIGSTOP here; a paused VM or a swap storm in life): the rescue records
+    its claimed tasks interrupted, another worker may take them, a cancel may end them. Woken, it must not send the
+    ones it had claimed and not yet started. Before, it sent all three (attempt 1, already recorded interrupted),
+    the cancelled one too, after its cancel had returned (found by tests/test_chaos.py)."""
+    hold = asyncio.Event()
+    receiver.set_default(Reply(status=200, hold=hold), "/stall")
+    biz = await runtime.service.ensure_business("shop", rate_limit_per_minute=600_000)
+    # Retried an hour after the rescue: nothing else sends them within the test.
+    items = [
+        {
+            "business_id": f"s{i}",
+            "url": receiver.url("/stall"),
+            "retry": {"strategy": "intervals", "intervals": [3600]},
+        }
+        for i in range(4)
+    ]
+    await runtime.service.create_tasks(biz, items)
+    # One slot: the first task goes (and is held by the receiver), the other three wait in the worker's buffer.
+    proc = WorkerProcess(db_url, concurrency=1, lease_s=2, rescue_interval_s=300)
+    try:
+        await receiver.wait_for(1, "/stall", timeout=20)
+        await asyncio.sleep(0.3)
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.5)  # past the lease
+            rescued = await leases.rescue(runtime.db, now=datetime.now(UTC))
+            assert len(rescued) == 4
+            cancelled = await runtime.service.get_by_business_id(biz, "s3")
+            await runtime.service.cancel(biz, cancelled.id)
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        hold.set()  # the request in flight at the stall is answered; its slot frees up
+        await asyncio.sleep(2.0)
+        sent = [
+            (r.headers["X-Task-Id"], r.headers["X-Task-Attempt"]) for r in receiver.requests_for("/stall")
+        ]
+        assert len(sent) == 1, sent
+        assert cancelled.id not in {task_id for task_id, _ in sent}
+        assert proc.alive(), proc.output()
+    finally:
+        hold.set()
+        proc.kill()
+    for n in range(4):
+        task = await runtime.service.get_by_business_id(biz, f"s{n}")
+        assert task.status in ("retrying", "cancelled"), (n, task.status)
+        tries = await runtime.service.attempts(biz, task.id)
+        assert [a.outcome for a in tries] == ["interrupted"], (n, [a.outcome for a in tries])

@@ -31,7 +31,7 @@ from taskcenter.domain.traffic import State, pace
 from taskcenter.errors import StorageError
 from taskcenter.events import EventBus
 from taskcenter.giveback import GiveBacks
-from taskcenter.housekeeping import Housekeeping
+from taskcenter.housekeeping import LEASE_SURE, Housekeeping
 from taskcenter.metrics import Metrics
 from taskcenter.processors import ProcessorRegistry
 from taskcenter.recorder import Recorder
@@ -103,6 +103,11 @@ class Dispatcher:
         # A task rescued from under this dispatcher (its lease expired in a stall) and claimed again is held for
         # its new attempt; the old claim's copy is then stale (see _attempt and Recorder.after_write).
         self._held: dict[int, int] = {}
+        # Claimed and not yet written back: task id -> until when (time.monotonic()) its lease is surely still this
+        # dispatcher's (the claim, or the last heartbeat that renewed it, plus three quarters of a lease). A loop
+        # that stalled past it (a paused VM, swapping, SIGSTOP) may have lost the task to the rescue: not sent.
+        self._leased: dict[int, float] = {}
+        self._lapsed_logged = -math.inf
         self._pacers: dict[str, State] = {}  # per host, this dispatcher's own send-time bucket (see _pace)
         self._background: set[asyncio.Task[None]] = set()
         self._claimed_last = 0
@@ -205,6 +210,7 @@ class Dispatcher:
             events=self.events,
             wake=self.wake,
             held=self._held,
+            leased=self._leased,
             cancels=self._cancels,
             notify=self.notify,
             purge=self.purge,
@@ -292,6 +298,7 @@ class Dispatcher:
                 self._claimed_last = 0
                 limit = min(room, cfg.claim_batch)
                 cancels.claiming = True
+                leased = time.monotonic() + cfg.lease_s * LEASE_SURE
                 try:
                     rows = await self._claim(limit)
                 except StorageError as exc:
@@ -301,7 +308,7 @@ class Dispatcher:
                     await self._parked(self._sleep(1.0))
                     continue
                 cancels.claiming = False
-                self._claimed(rows)
+                self._claimed(rows, leased=leased)
                 if max(self._claimed_last, len(rows)) == limit:
                     # A full batch (even if traffic control held some back): more may be due right now.
                     continue
@@ -347,10 +354,18 @@ class Dispatcher:
             admission=admission,
         )
 
-    def _claimed(self, rows: list[Mapping[str, Any]], *, count: bool = True) -> None:
-        """Buffer a claimed batch (one queue per business) and start what the free slots take."""
+    def _claimed(
+        self, rows: list[Mapping[str, Any]], *, count: bool = True, leased: float | None = None
+    ) -> None:
+        """Buffer a claimed batch (one queue per business) and start what the free slots take.
+
+        ``leased``: until when (``time.monotonic()``) the claim's leases are surely still this dispatcher's; None
+        for tasks buffered again (a give-back failed), whose leases are as sure as they were.
+        """
         if count:
             self.metrics.claimed.inc(len(rows))
+        if leased is not None:
+            self._leased.update(dict.fromkeys([row["id"] for row in rows], leased))
         for row in rows:
             self._held[row["id"]] = row["attempts"] + 1
             queued = self._ready.get(row["business_pk"])
@@ -523,6 +538,9 @@ class Dispatcher:
             self._dropped[row["id"]] = number
             self._cancels.release_soon()
             return
+        if time.monotonic() > self._leased.get(row["id"], math.inf):
+            self._lease_lapsed(row)
+            return
         started = self.clock()
         request_record: dict[str, Any] | None = None
         result_value: Any = None
@@ -564,6 +582,21 @@ class Dispatcher:
             attempt = AttemptResult(error_kind="network_error", error=f"internal error: {exc!r}"[:500])
             response, duration = None, None
         self._record(row, number, started, attempt, request_record, response, duration, result_value)
+
+    def _lease_lapsed(self, row: Mapping[str, Any]) -> None:
+        """A task whose lease may have run out unrenewed (the loop stalled past it, or the heartbeat failed for
+        most of a lease): the rescue may have recorded its attempt interrupted, another worker may be sending it, a
+        cancel may have ended it. Given back unsent instead (if it is still this dispatcher's: the give-back, like
+        every write, is guarded by the lease), at most once a second should that fail."""
+        now = time.monotonic()
+        if now - self._lapsed_logged > 10.0:
+            self._lapsed_logged = now
+            log.warning(
+                "dispatcher %s: leases not renewed in time (a stall, or the heartbeat failing): tasks claimed "
+                "before are given back unsent",
+                self.name,
+            )
+        self._give_backs.later([row], "whose lease may have lapsed")
 
     async def _outbound_after_reload(self, row: Mapping[str, Any], number: int) -> OutboundRequest | None:
         """The request of a task whose business's signer refused, built again once the business policies are

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,10 @@ from taskcenter.events import EventBus
 from taskcenter.signals import CANCEL_CHANNEL, NOTIFY_CHANNEL
 from taskcenter.storage import leases
 from taskcenter.storage.database import Database
+
+#: The share of a lease, from the claim or the heartbeat that renewed it, that a dispatcher counts as surely its
+#: own (``time.monotonic()``); the rest allows for the database's clock and the rescuers'.
+LEASE_SURE = 0.75
 
 log = logging.getLogger("taskcenter.dispatcher")
 
@@ -38,6 +43,9 @@ class Housekeeping:
     """Tells the dispatcher to look at the queue now."""
     held: Mapping[int, int]
     """The dispatcher's claimed tasks not yet written back, whose leases the heartbeat extends."""
+    leased: dict[int, float]
+    """Until when (``time.monotonic()``) each claimed task's lease is surely still the dispatcher's: pushed on by
+    each heartbeat that began before it ran out, pruned of the tasks no longer held."""
     cancels: Cancels
     notify: Callable[[Sequence[tuple[Mapping[Any, Any], str]]], Awaitable[int]] | None
     purge: Callable[[], Awaitable[int]] | None
@@ -123,19 +131,37 @@ class Housekeeping:
         while True:
             await asyncio.sleep(self.config.lease_s / 4)
             if not self.held:
+                self.leased.clear()
                 continue
+            ids = list(self.held)
+            began = time.monotonic()
             try:
                 await leases.extend_leases(
                     self.db,
                     worker=self.worker,
-                    ids=list(self.held),
+                    ids=ids,
                     until=self.clock() + timedelta(seconds=self.config.lease_s),
                 )
             except StorageError as exc:
                 log.warning("lease heartbeat failed: %s", exc)
+            else:
+                self._renewed(ids, began)
             if self.cancels.dropped:
                 await self.cancels.release()
             await self.cancels.read()
+
+    def _renewed(self, ids: list[int], began: float) -> None:
+        """The heartbeat that began at ``began`` (``time.monotonic()``) extended the leases of ``ids`` still held
+        by the dispatcher. Those surely its own then (a rescue may have taken the others during a stall) are surely
+        its own for three quarters of a lease more; the tasks no longer held are forgotten."""
+        leased, held = self.leased, self.held
+        renewed = began + self.config.lease_s * LEASE_SURE
+        for i in ids:
+            until = leased.get(i)
+            if until is not None and until >= began:
+                leased[i] = max(until, renewed)
+        for i in [i for i in leased if i not in held]:
+            del leased[i]
 
     async def _listen_loop(self) -> None:
         """LISTEN on PostgreSQL so tasks created by other processes wake the dispatcher at once, and tasks they
