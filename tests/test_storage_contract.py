@@ -781,6 +781,25 @@ async def test_release_puts_an_unsent_task_back_to_pending_without_charging_an_a
     assert await attempts_of(db, task_id) == []
 
 
+async def test_release_of_a_claim_leaves_the_same_worker_s_later_claim_of_the_task_alone(
+    db: Database, business: Business
+) -> None:
+    """A give-back that runs after its lease lapsed: the rescue recorded attempt 1 interrupted and the same worker
+    claimed the task again (attempt 2 in flight). Giving back the first claim must not release the second, which
+    another worker would then send again (attempt 2 twice, seen in tests/test_chaos.py)."""
+    task_id = await insert(db, business.pk)
+    await claim(db)
+    later = T0 + timedelta(seconds=LEASE_S + 1)
+    assert await leases.rescue(db, now=later) == [task_id]
+    due = later + timedelta(days=2)  # past any retry delay
+    assert await claim(db, now=due) == [task_id]
+    await leases.release(db, worker="w1", now=due, deferrals=[(task_id, due)], claimed={task_id: 0})
+    row = await row_of(db, task_id)
+    assert (row["status"], row["attempts"], row["lease_owner"]) == ("processing", 1, "w1")
+    await leases.release(db, worker="w1", now=due, deferrals=[(task_id, due)], claimed={task_id: 1})
+    assert (await row_of(db, task_id))["status"] == "retrying"
+
+
 async def test_release_of_a_task_already_tried_puts_it_back_to_retrying(
     db: Database, business: Business
 ) -> None:

@@ -94,7 +94,13 @@ class Cancels:
         try:
             # A task cancelled only needs its lease dropped; one retried by hand and claimed again since (a late
             # NOTIFY) is given back due now, uncharged.
-            await leases.release(self.db, worker=self.worker, now=now, deferrals=[(i, now) for i in dropped])
+            await leases.release(
+                self.db,
+                worker=self.worker,
+                now=now,
+                deferrals=[(i, now) for i in dropped],
+                claimed={i: number - 1 for i, number in dropped.items()},
+            )
         except StorageError as exc:
             log.warning("dropping the leases of %d cancelled tasks failed, retrying: %s", len(dropped), exc)
             return

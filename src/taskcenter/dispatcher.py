@@ -263,7 +263,11 @@ class Dispatcher:
         if unsent:
             with contextlib.suppress(StorageError):
                 await leases.release(
-                    self.db, worker=self.name, now=self.clock(), deferrals=[(i, self.clock()) for i in unsent]
+                    self.db,
+                    worker=self.name,
+                    now=self.clock(),
+                    deferrals=[(i, self.clock()) for i in unsent],
+                    claimed={i: self._held[i] - 1 for i in unsent},
                 )
             for i in unsent:
                 del self._held[i]

@@ -145,7 +145,10 @@ class GiveBacks:
             if hold is None:
                 due = now + timedelta(seconds=delay_s)
                 deferrals = [(r["id"], due) for r in rows]
-                await leases.release(self.db, worker=self.worker, now=now, deferrals=deferrals)
+                claimed = {r["id"]: r["attempts"] for r in rows}
+                await leases.release(
+                    self.db, worker=self.worker, now=now, deferrals=deferrals, claimed=claimed
+                )
             else:
                 until = now + timedelta(seconds=BUSINESS_HOLD_S)
                 await leases.hold(

@@ -86,7 +86,9 @@ async def held_cancelled(db: Database, *, worker: str) -> list[int]:
 
 # Deferred or released unsent: back to where it came from, due again at its time, no attempt charged; marked for
 # traffic control (``held_by``), so relaxing the host's (or business's) limits pulls it forward again. On the
-# driver directly, like the finish: a sick host's tasks are put back like this once per cool-down each.
+# driver directly, like the finish: a sick host's tasks are put back like this once per cool-down each. With the
+# attempts the task had when claimed, only that claim is given back: a give-back that runs after the lease lapsed,
+# the rescue took the task and this same worker claimed it again must leave the new claim alone.
 _SQLITE_RELEASE = """UPDATE tasks SET
     status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'retrying' END,
     next_attempt_at = ?2,
@@ -94,7 +96,7 @@ _SQLITE_RELEASE = """UPDATE tasks SET
     lease_owner = NULL,
     lease_expires_at = NULL,
     updated_at = ?4
-WHERE id = ?1 AND lease_owner = ?3 AND status = 'processing'"""
+WHERE id = ?1 AND lease_owner = ?3 AND status = 'processing' AND (?5 IS NULL OR attempts = ?5)"""
 _PG_RELEASE = """UPDATE tasks AS t SET
     status = CASE WHEN t.attempts = 0 THEN 'pending' ELSE 'retrying' END,
     next_attempt_at = r.at,
@@ -102,41 +104,59 @@ _PG_RELEASE = """UPDATE tasks AS t SET
     lease_owner = NULL,
     lease_expires_at = NULL,
     updated_at = $4
-FROM unnest($1::bigint[], $2::timestamptz[]) AS r (id, at)
-WHERE t.id = r.id AND t.lease_owner = $3 AND t.status = 'processing'"""
+FROM unnest($1::bigint[], $2::timestamptz[], $5::int[]) AS r (id, at, attempts)
+WHERE t.id = r.id AND t.lease_owner = $3 AND t.status = 'processing'
+    AND (r.attempts IS NULL OR t.attempts = r.attempts)"""
 
 
 async def put_back(
-    conn: AsyncConnection, worker: str, now: datetime, deferrals: Sequence[tuple[int, datetime]]
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    deferrals: Sequence[tuple[int, datetime]],
+    claimed: Mapping[int, int] | None = None,
 ) -> None:
+    """Put claimed tasks back unsent; with ``claimed`` (task id -> its attempts when claimed), only those claims."""
+    expected = [claimed.get(i) if claimed is not None else None for i, _ in deferrals]
     if conn.dialect.name == "postgresql":
         await conn.exec_driver_sql(
-            _PG_RELEASE, ([i for i, _ in deferrals], [at for _, at in deferrals], worker, now)
+            _PG_RELEASE, ([i for i, _ in deferrals], [at for _, at in deferrals], worker, now, expected)
         )
         return
     driver = await sqlite_driver(conn)
     updated_at = sqlite_time(now)
     await driver.executemany(
-        _SQLITE_RELEASE, [(i, sqlite_time(at), worker, updated_at) for i, at in deferrals]
+        _SQLITE_RELEASE,
+        [(i, sqlite_time(at), worker, updated_at, n) for (i, at), n in zip(deferrals, expected, strict=True)],
     )
 
 
 async def release(
-    db: Database, *, worker: str, now: datetime, deferrals: Sequence[tuple[int, datetime]]
+    db: Database,
+    *,
+    worker: str,
+    now: datetime,
+    deferrals: Sequence[tuple[int, datetime]],
+    claimed: Mapping[int, int] | None = None,
 ) -> None:
-    """Give claimed tasks back unsent, each due again at its given time (no attempt is charged)."""
+    """Give claimed tasks back unsent, each due again at its given time (no attempt is charged).
+
+    ``claimed`` (task id -> the attempts it had when claimed) gives back only those claims: a later claim of the
+    same task by the same worker (after a rescue) stays as it is.
+    """
     if not deferrals:
         return
     async with db.write() as conn:
-        await put_back(conn, worker, now, deferrals)
+        await put_back(conn, worker, now, deferrals, claimed)
         await _drop_cancelled(conn, worker, [i for i, _ in deferrals])
 
 
 async def _drop_cancelled(conn: AsyncConnection, worker: str, ids: list[int]) -> None:
-    # A task cancelled while it was held only needs its lease dropped.
+    # A task cancelled while it was held only needs its lease dropped. (Only a cancelled one: a task still
+    # processing that the release left alone is another claim of it, whose lease must stay.)
     await conn.execute(
         sa.update(tasks)
-        .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
+        .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker, tasks.c.status == "cancelled")
         .values(lease_owner=None, lease_expires_at=None)
     )
 
